@@ -1,0 +1,64 @@
+//! gRPC over HTTP/2, by hand on the `h2` crate.
+//!
+//! CONTRACT (filled in by the implementation; other modules rely on exactly
+//! these items):
+//! - `Request`, `Handler`, `ServerConfig`, `serve` (server side, glommio).
+//! - `Client` (client side, tokio) used by the CLI and the bench.
+//! - `codec`: the 5-byte length-prefixed message framing, `grpc-timeout`
+//!   parsing/formatting, `grpc-message` percent-encoding.
+
+pub mod status;
+
+pub use status::{Code, Status};
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::future::LocalBoxFuture;
+
+/// One unary call as the frontend hands it to the application.
+#[derive(Debug)]
+pub struct Request {
+    /// The `:path`, e.g. `/atomix.multiraft.v1.Node/Bootstrap`.
+    pub method: String,
+    /// The request message (protobuf bytes without the 5-byte gRPC prefix).
+    pub body: Bytes,
+    /// From `grpc-timeout`, if the client sent one.
+    pub deadline: Option<Instant>,
+}
+
+/// The application behind the frontend (one per shard; not `Send`).
+///
+/// Returns the response message bytes or a status. Unknown methods must be
+/// answered with `Code::Unimplemented` by the handler.
+pub trait Handler: 'static {
+    fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Bytes, Status>>;
+}
+
+/// Frontend limits.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest accepted request message (default 4 MiB); larger ones get
+    /// RESOURCE_EXHAUSTED.
+    pub max_message_size: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_message_size: 4 << 20,
+        }
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown` fires, serving each
+/// with `handler` on the current glommio executor.
+pub async fn serve(
+    _listener: glommio::net::TcpListener,
+    _handler: Rc<dyn Handler>,
+    _config: ServerConfig,
+    _shutdown: crate::shutdown::Shutdown,
+) {
+    todo!()
+}

@@ -1,0 +1,31 @@
+//! Socket helpers shared by the gRPC frontend and the peer transport.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Binds a fresh SO_REUSEPORT listener on `addr` for the calling shard.
+///
+/// Every shard calls this with the same address and gets its own socket, so
+/// the kernel spreads incoming connections across cores. (glommio's own
+/// `TcpListener::bind` also sets SO_REUSEPORT, but with port 0 every
+/// executor would get a different port; sharing one fd across executors is
+/// not supported, so each shard binds its own.)
+pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    let fd = socket.into_raw_fd();
+    // SAFETY: `fd` is a listening TCP socket we own exclusively: `into_raw_fd`
+    // released it from `socket`, and ownership passes to the listener.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(fd) })
+}
