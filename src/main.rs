@@ -1,1 +1,259 @@
-fn main() {}
+//! The `multiraft` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use multiraft::cli::{self, cluster};
+use multiraft::config::{parse_duration, NodeConfig, RaftConfig};
+
+#[derive(Parser)]
+#[command(name = "multiraft", version, about = "A thread-per-core multi-raft node server")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node.
+    Serve {
+        /// This node's id (non-zero, unique in the cluster).
+        #[arg(long)]
+        node_id: u64,
+        /// gRPC address (Node, Admin and KV services).
+        #[arg(long)]
+        api_addr: SocketAddr,
+        /// Peer address for raft traffic between nodes.
+        #[arg(long)]
+        raft_addr: SocketAddr,
+        /// Where the WAL, snapshots and node metadata live.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Shards (pinned executors); default: one per available CPU.
+        #[arg(long)]
+        shards: Option<usize>,
+        /// MultiRaftConfig as proto3 JSON, e.g.
+        /// {"heartbeatPeriod":"0.1s","electionTimeout":"1s"}.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Give a node the cluster layout: partitions 1..=N, each with all members.
+    Bootstrap {
+        /// The node's API address.
+        #[arg(long)]
+        addr: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        /// Members as ID=RAFT_HOST:PORT,...
+        #[arg(long)]
+        members: String,
+        /// How long to wait for leaders, e.g. "30s".
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// Add the node at --addr to an existing partition.
+    Join {
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        partition: u32,
+        /// The partition's members including the joining node, ID=RAFT_HOST:PORT,...
+        #[arg(long)]
+        members: String,
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
+    /// Remove the node at --addr from a partition and delete its replica.
+    Leave {
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        partition: u32,
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// Show the partitions a node hosts.
+    Status {
+        #[arg(long)]
+        addr: String,
+        /// Machine-readable output (proto3 JSON field names).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a local cluster of node processes, bootstrap it, run until Ctrl-C.
+    Cluster {
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        /// Data directory (default: a temporary one, removed on exit).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Node i listens on API port BASE+i and raft port BASE+100+i.
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+        #[arg(long)]
+        shards: Option<usize>,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn client_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn dur(s: &str) -> Result<Duration> {
+    parse_duration(s).map_err(|e| anyhow!("{e}"))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Serve {
+            node_id,
+            api_addr,
+            raft_addr,
+            data_dir,
+            shards,
+            config,
+        } => serve(node_id, api_addr, raft_addr, data_dir, shards, config),
+        Cmd::Bootstrap {
+            addr,
+            partitions,
+            members,
+            timeout,
+        } => {
+            let members = cli::parse_members(&members).map_err(|e| anyhow!(e))?;
+            client_runtime()?.block_on(cli::bootstrap(&addr, partitions, members, dur(&timeout)?))?;
+            println!("bootstrapped {partitions} partitions");
+            Ok(())
+        }
+        Cmd::Join {
+            addr,
+            partition,
+            members,
+            timeout,
+        } => {
+            let members = cli::parse_members(&members).map_err(|e| anyhow!(e))?;
+            client_runtime()?.block_on(cli::join(&addr, partition, members, dur(&timeout)?))?;
+            println!("joined partition {partition}");
+            Ok(())
+        }
+        Cmd::Leave {
+            addr,
+            partition,
+            timeout,
+        } => {
+            client_runtime()?.block_on(cli::leave(&addr, partition, dur(&timeout)?))?;
+            println!("left partition {partition}");
+            Ok(())
+        }
+        Cmd::Status { addr, json } => {
+            let st = client_runtime()?.block_on(cli::status(&addr, Duration::from_secs(10)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cli::status_json(&st))?);
+            } else {
+                print!("{}", cli::status_table(&st));
+            }
+            Ok(())
+        }
+        Cmd::Cluster {
+            nodes,
+            partitions,
+            dir,
+            base_port,
+            shards,
+        } => run_cluster(nodes, partitions, dir, base_port, shards),
+    }
+}
+
+fn serve(
+    node_id: u64,
+    api_addr: SocketAddr,
+    raft_addr: SocketAddr,
+    data_dir: PathBuf,
+    shards: Option<usize>,
+    config: Option<PathBuf>,
+) -> Result<()> {
+    let mut cfg = NodeConfig::new(node_id, api_addr, raft_addr, data_dir);
+    if let Some(s) = shards {
+        cfg.shards = s;
+    }
+    if let Some(path) = config {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        cfg.raft = RaftConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    }
+    // Block the signals before any thread starts, so only the waiting
+    // iterator below receives them.
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut node = multiraft::node::Node::start(cfg.clone()).map_err(|e| anyhow!(e))?;
+    tracing::info!(
+        node_id,
+        api = %cfg.api_addr,
+        raft = %cfg.raft_addr,
+        shards = cfg.shards,
+        data_dir = %cfg.data_dir.display(),
+        "node ready"
+    );
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down");
+    }
+    node.stop();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn run_cluster(nodes: u64, partitions: u32, dir: Option<PathBuf>, base_port: u16, shards: Option<usize>) -> Result<()> {
+    if nodes == 0 || partitions == 0 {
+        bail!("--nodes and --partitions must be at least 1");
+    }
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let rt = client_runtime()?;
+    let spec = cluster::ClusterSpec {
+        nodes,
+        shards,
+        dir,
+        base_port,
+        config_json: None,
+        rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    };
+    let c = rt.block_on(cluster::LocalCluster::start(&spec)).map_err(|e| anyhow!(e))?;
+    rt.block_on(cli::bootstrap(&c.nodes[0].api_addr, partitions, c.members(), Duration::from_secs(60)))?;
+    for n in &c.nodes[1..] {
+        rt.block_on(cli::bootstrap(&n.api_addr, partitions, c.members(), Duration::from_secs(60)))?;
+    }
+    for n in &c.nodes {
+        println!(
+            "node {}: api {} raft {} data {} log {}",
+            n.id,
+            n.api_addr,
+            n.raft_addr,
+            n.data_dir.display(),
+            n.log.display()
+        );
+    }
+    println!(
+        "ready: {nodes} nodes, {partitions} partitions, every partition has a leader; Ctrl-C stops the cluster"
+    );
+    signals.forever().next();
+    println!("stopping");
+    drop(c);
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! A local cluster of real `multiraft serve` processes on loopback ports:
+//! the `cluster` command, and the default target of `bench`.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One node process of a local cluster.
+pub struct LocalNode {
+    pub id: u64,
+    pub api_addr: String,
+    pub raft_addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A set of node processes; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct LocalCluster {
+    pub nodes: Vec<LocalNode>,
+    pub dir: PathBuf,
+    remove_dir: bool,
+}
+
+/// Settings of a local cluster.
+pub struct ClusterSpec {
+    pub nodes: u64,
+    pub shards: Option<usize>,
+    pub dir: Option<PathBuf>,
+    /// 0: pick free ports.
+    pub base_port: u16,
+    pub config_json: Option<String>,
+    /// Where the node processes' logs go: files under the cluster dir.
+    pub rust_log: String,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalCluster {
+    /// Starts the node processes and waits until each answers Status.
+    pub async fn start(spec: &ClusterSpec) -> Result<LocalCluster, String> {
+        let (dir, remove_dir) = match &spec.dir {
+            Some(d) => (d.clone(), false),
+            None => (
+                std::env::temp_dir().join(format!("multiraft-cluster-{}", std::process::id())),
+                true,
+            ),
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+        let config_file = match &spec.config_json {
+            Some(j) => {
+                let p = dir.join("raft-config.json");
+                std::fs::write(&p, j).map_err(|e| format!("write {}: {e}", p.display()))?;
+                Some(p)
+            }
+            None => None,
+        };
+        let mut cluster = LocalCluster {
+            nodes: Vec::new(),
+            dir: dir.clone(),
+            remove_dir,
+        };
+        for id in 1..=spec.nodes {
+            let (api, raft) = if spec.base_port == 0 {
+                (free_port().map_err(|e| e.to_string())?, free_port().map_err(|e| e.to_string())?)
+            } else {
+                (spec.base_port + id as u16, spec.base_port + 100 + id as u16)
+            };
+            let data_dir = dir.join(format!("node-{id}"));
+            let log = dir.join(format!("node-{id}.log"));
+            let mut node = LocalNode {
+                id,
+                api_addr: format!("127.0.0.1:{api}"),
+                raft_addr: format!("127.0.0.1:{raft}"),
+                data_dir,
+                log,
+                child: None,
+            };
+            node.spawn(&exe, spec.shards, config_file.as_deref(), &spec.rust_log)?;
+            cluster.nodes.push(node);
+        }
+        for n in &mut cluster.nodes {
+            n.wait_ready(Duration::from_secs(30)).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Member map for Bootstrap: every node in every partition.
+    pub fn members(&self) -> HashMap<u64, String> {
+        self.nodes.iter().map(|n| (n.id, n.raft_addr.clone())).collect()
+    }
+
+    pub fn api_addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.api_addr.clone()).collect()
+    }
+
+    /// Stops every node (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        for n in &mut self.nodes {
+            n.stop();
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop();
+        if self.remove_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl LocalNode {
+    fn spawn(&mut self, exe: &Path, shards: Option<usize>, config: Option<&Path>, rust_log: &str) -> Result<(), String> {
+        let log = std::fs::File::create(&self.log).map_err(|e| format!("create {}: {e}", self.log.display()))?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve")
+            .args(["--node-id", &self.id.to_string()])
+            .args(["--api-addr", &self.api_addr])
+            .args(["--raft-addr", &self.raft_addr])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        if let Some(s) = shards {
+            cmd.args(["--shards", &s.to_string()]);
+        }
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd.spawn().map_err(|e| format!("start node {}: {e}", self.id))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(c) = &mut self.child {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return Err(format!(
+                        "node {} exited during start-up ({st}); see {}",
+                        self.id,
+                        self.log.display()
+                    ));
+                }
+            }
+            if super::status(&self.api_addr, Duration::from_secs(1)).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                return Err(format!("node {} did not start within {limit:?}; see {}", self.id, self.log.display()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        // SAFETY: plain kill(2) on a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

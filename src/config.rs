@@ -1,0 +1,184 @@
+//! Node settings. Every default is documented where it is set.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Raft settings shared by every partition of the node: the atomix
+/// `MultiRaftConfig`, read at start-up from proto3 JSON.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RaftConfig {
+    /// Leader heartbeat period, also the raft tick (default 100 ms).
+    pub heartbeat_period: Duration,
+    /// Follower election timeout (default 1 s). raft-rs randomises each
+    /// election in [timeout, 2 * timeout).
+    pub election_timeout: Duration,
+    /// Applied entries after which a partition snapshots its state machine
+    /// and compacts its log (default 10000).
+    pub snapshot_entry_threshold: u64,
+    /// Entries kept behind a snapshot so that slightly lagging followers
+    /// catch up from the log instead of a snapshot (default 1000).
+    pub compaction_retain_entries: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_period: Duration::from_millis(100),
+            election_timeout: Duration::from_secs(1),
+            snapshot_entry_threshold: 10_000,
+            compaction_retain_entries: 1_000,
+        }
+    }
+}
+
+/// proto3 JSON of `MultiRaftConfig`: durations as "1.5s", uint64 as strings
+/// (numbers are accepted too).
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RaftConfigJson {
+    heartbeat_period: Option<String>,
+    election_timeout: Option<String>,
+    snapshot_entry_threshold: Option<serde_json::Value>,
+    compaction_retain_entries: Option<serde_json::Value>,
+}
+
+impl RaftConfig {
+    /// Parses `MultiRaftConfig` proto3 JSON; absent fields keep defaults.
+    pub fn from_json(text: &str) -> Result<RaftConfig, String> {
+        let j: RaftConfigJson = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut c = RaftConfig::default();
+        if let Some(s) = j.heartbeat_period {
+            c.heartbeat_period = parse_duration(&s).map_err(|e| format!("heartbeatPeriod: {e}"))?;
+        }
+        if let Some(s) = j.election_timeout {
+            c.election_timeout = parse_duration(&s).map_err(|e| format!("electionTimeout: {e}"))?;
+        }
+        if let Some(v) = j.snapshot_entry_threshold {
+            c.snapshot_entry_threshold =
+                parse_u64(&v).map_err(|e| format!("snapshotEntryThreshold: {e}"))?;
+        }
+        if let Some(v) = j.compaction_retain_entries {
+            c.compaction_retain_entries =
+                parse_u64(&v).map_err(|e| format!("compactionRetainEntries: {e}"))?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_period < Duration::from_millis(1) {
+            return Err("heartbeatPeriod must be at least 1ms".into());
+        }
+        if self.election_timeout < self.heartbeat_period * 2 {
+            return Err("electionTimeout must be at least twice heartbeatPeriod".into());
+        }
+        if self.snapshot_entry_threshold == 0 {
+            return Err("snapshotEntryThreshold must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Election timeout in ticks (one tick = one heartbeat period).
+    pub fn election_ticks(&self) -> usize {
+        let t = self.election_timeout.as_micros() / self.heartbeat_period.as_micros().max(1);
+        (t as usize).max(2)
+    }
+}
+
+/// Parses a proto3 JSON duration ("1s", "0.5s", "-"-less).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let num = s
+        .strip_suffix('s')
+        .ok_or_else(|| format!("{s:?} is not a proto3 JSON duration (like \"1.5s\")"))?;
+    let secs: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a proto3 JSON duration (like \"1.5s\")"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} must be a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_u64(v: &serde_json::Value) -> Result<u64, String> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| format!("{n} is not a uint64")),
+        serde_json::Value::String(s) => s.parse().map_err(|_| format!("{s:?} is not a uint64")),
+        other => Err(format!("{other} is not a uint64")),
+    }
+}
+
+/// Everything `multiraft serve` needs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: u64,
+    pub api_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Number of shards (pinned executors); default: one per available CPU.
+    pub shards: usize,
+    pub raft: RaftConfig,
+    /// Largest gRPC request message (default 4 MiB).
+    pub max_message_size: usize,
+    /// Largest KV key (default 64 KiB).
+    pub max_key_size: usize,
+    /// Largest KV value (default 1 MiB).
+    pub max_value_size: usize,
+    /// Proposals in flight per partition before new ones are refused with
+    /// RESOURCE_EXHAUSTED (default 8192): bounds memory under a flood.
+    pub max_inflight_proposals: usize,
+    /// Bytes of glommio's pinned I/O memory per shard (default 2 MiB; it
+    /// counts against RLIMIT_MEMLOCK for non-root users).
+    pub io_memory: usize,
+}
+
+impl NodeConfig {
+    pub fn new(node_id: u64, api_addr: SocketAddr, raft_addr: SocketAddr, data_dir: PathBuf) -> Self {
+        NodeConfig {
+            node_id,
+            api_addr,
+            raft_addr,
+            data_dir,
+            shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            raft: RaftConfig::default(),
+            max_message_size: 4 << 20,
+            max_key_size: 64 << 10,
+            max_value_size: 1 << 20,
+            max_inflight_proposals: 8192,
+            io_memory: 2 << 20,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proto3_json() {
+        let c = RaftConfig::from_json(
+            r#"{"heartbeatPeriod":"0.05s","electionTimeout":"0.5s","snapshotEntryThreshold":"200","compactionRetainEntries":50}"#,
+        )
+        .unwrap();
+        assert_eq!(c.heartbeat_period, Duration::from_millis(50));
+        assert_eq!(c.election_timeout, Duration::from_millis(500));
+        assert_eq!(c.snapshot_entry_threshold, 200);
+        assert_eq!(c.compaction_retain_entries, 50);
+        assert_eq!(c.election_ticks(), 10);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            r#"{"heartbeatPeriod":"fast"}"#,
+            r#"{"electionTimeout":"-1s"}"#,
+            r#"{"snapshotEntryThreshold":"x"}"#,
+            r#"{"heartbeatPeriod":"1s","electionTimeout":"1s"}"#,
+            r#"{"unknown":1}"#,
+        ] {
+            assert!(RaftConfig::from_json(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The per-shard gRPC application: decodes requests, routes them, encodes
+//! answers. One `Api` per shard serves both the public gRPC frontend and
+//! calls forwarded from other nodes over the peer links.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use futures::future::LocalBoxFuture;
+use prost::Message;
+
+use crate::grpc::{Code, Handler, Request, Status};
+use crate::proto::admin::{PartitionStatus, StatusResponse};
+use crate::proto::peer::{envelope, Envelope, PeerRequest, PeerResponse};
+use crate::shard::NodeShared;
+use crate::transport::PeerLinks;
+
+pub const NODE_BOOTSTRAP: &str = "/atomix.multiraft.v1.Node/Bootstrap";
+pub const NODE_JOIN: &str = "/atomix.multiraft.v1.Node/Join";
+pub const NODE_LEAVE: &str = "/atomix.multiraft.v1.Node/Leave";
+pub const ADMIN_STATUS: &str = "/multiraft.admin.v1.Admin/Status";
+pub const KV_PUT: &str = "/multiraft.kv.v1.KV/Put";
+pub const KV_GET: &str = "/multiraft.kv.v1.KV/Get";
+pub const KV_DELETE: &str = "/multiraft.kv.v1.KV/Delete";
+pub const KV_CAS: &str = "/multiraft.kv.v1.KV/CompareAndSwap";
+/// Internal methods: only reachable over the peer port.
+pub const PEER_ADD_VOTER: &str = "/multiraft.peer.v1.Internal/AddVoter";
+pub const PEER_CONF_QUERY: &str = "/multiraft.peer.v1.Internal/ConfQuery";
+
+/// How long a call waits when the client sent no deadline.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+
+pub struct ApiInner {
+    pub node: Arc<NodeShared>,
+    pub shard: usize,
+    pub links: Rc<PeerLinks>,
+    pub peer_pending: Rc<RefCell<HashMap<u64, oneshot::Sender<PeerResponse>>>>,
+    next_id: Cell<u64>,
+}
+
+/// Cheap handle to one shard's application.
+#[derive(Clone)]
+pub struct Api(pub Rc<ApiInner>);
+
+impl std::ops::Deref for Api {
+    type Target = ApiInner;
+    fn deref(&self) -> &ApiInner {
+        &self.0
+    }
+}
+
+impl Api {
+    pub fn new(
+        node: Arc<NodeShared>,
+        shard: usize,
+        links: Rc<PeerLinks>,
+        peer_pending: Rc<RefCell<HashMap<u64, oneshot::Sender<PeerResponse>>>>,
+    ) -> Api {
+        // Ids of commands and forwarded calls: node id in the top 16 bits
+        // and shard in the next 8 keep them unique across the cluster (a
+        // command's id is matched on every replica that applies it); the
+        // random start keeps a restarted node from reusing ids of commands
+        // still in the log.
+        let base = ((node.node_id() & 0xffff) << 48) | ((shard as u64 & 0xff) << 40) | (rand::random::<u64>() >> 34);
+        Api(Rc::new(ApiInner {
+            node,
+            shard,
+            links,
+            peer_pending,
+            next_id: Cell::new(base),
+        }))
+    }
+
+    pub fn next_id(&self) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        id
+    }
+
+    /// Routes one call. `from_peer` unlocks the internal methods.
+    pub async fn dispatch(&self, req: Request, from_peer: bool) -> Result<Bytes, Status> {
+        let deadline = req.deadline;
+        match req.method.as_str() {
+            NODE_BOOTSTRAP => reply(self.bootstrap(decode(&req.body)?, deadline).await),
+            NODE_JOIN => reply(self.join(decode(&req.body)?, deadline).await),
+            NODE_LEAVE => reply(self.leave(decode(&req.body)?, deadline).await),
+            ADMIN_STATUS => {
+                let _: crate::proto::admin::StatusRequest = decode(&req.body)?;
+                reply(self.status().await)
+            }
+            KV_PUT => reply(self.kv_put(decode(&req.body)?, &req).await),
+            KV_GET => reply(self.kv_get(decode(&req.body)?, &req).await),
+            KV_DELETE => reply(self.kv_delete(decode(&req.body)?, &req).await),
+            KV_CAS => reply(self.kv_cas(decode(&req.body)?, &req).await),
+            PEER_ADD_VOTER if from_peer => reply(self.add_voter(decode(&req.body)?, deadline).await),
+            PEER_CONF_QUERY if from_peer => reply(self.conf_query(decode(&req.body)?).await),
+            m => Err(Status::unimplemented(format!("unknown method {m}"))),
+        }
+    }
+
+    /// Every partition hosted on this node.
+    pub async fn status(&self) -> Result<StatusResponse, Status> {
+        let per_shard = self
+            .node
+            .call_all(|s| {
+                let shard = s.index as u32;
+                s.groups.values().map(|g| g.status(shard)).collect::<Vec<PartitionStatus>>()
+            })
+            .await?;
+        let mut partitions: Vec<PartitionStatus> = per_shard.into_iter().flatten().collect();
+        partitions.sort_by_key(|p| p.partition_id);
+        let meta = self.node.meta();
+        Ok(StatusResponse {
+            node_id: self.node.node_id(),
+            bootstrapped: meta.bootstrapped(),
+            shards: self.node.inboxes.len() as u32,
+            partitions,
+            api_addr: self.node.config.api_addr.to_string(),
+            raft_addr: self.node.config.raft_addr.to_string(),
+        })
+    }
+
+    /// Status of one local partition, if hosted.
+    pub async fn partition_status(&self, partition: u32) -> Result<Option<PartitionStatus>, Status> {
+        self.node
+            .call(self.node.shard_of(partition), move |s, tx| {
+                let shard = s.index as u32;
+                let _ = tx.send(Ok(s.groups.get(&partition).map(|g| g.status(shard))));
+            })
+            .await
+    }
+
+    /// Sends a call to another node over the peer links and waits for its
+    /// answer (at most `timeout`).
+    pub async fn peer_call(&self, to: u64, method: &str, body: Bytes, timeout: Duration) -> Result<Bytes, Status> {
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        self.peer_pending.borrow_mut().insert(id, tx);
+        self.links.send(
+            to,
+            Envelope {
+                body: Some(envelope::Body::Request(PeerRequest {
+                    id,
+                    origin_shard: self.shard as u32,
+                    method: method.to_string(),
+                    body,
+                    timeout_ms: timeout.as_millis() as u64,
+                })),
+            },
+        );
+        let answer = with_timeout(timeout, rx).await;
+        self.peer_pending.borrow_mut().remove(&id);
+        match answer {
+            Some(Ok(r)) if r.code == 0 => Ok(r.body),
+            Some(Ok(r)) => Err(Status::new(Code::from_u32(r.code), r.message)),
+            _ => Err(Status::unavailable(format!("node {to} did not answer within {timeout:?}"))),
+        }
+    }
+
+    /// Serves a call that arrived over the peer links and sends the answer
+    /// back to the caller's shard.
+    pub fn serve_peer_request(&self, from: u64, r: PeerRequest) {
+        let api = self.clone();
+        glommio::spawn_local(async move {
+            let deadline = (r.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(r.timeout_ms));
+            let req = Request {
+                method: r.method,
+                body: r.body,
+                deadline,
+            };
+            let result = match deadline {
+                Some(d) => with_deadline(d, api.dispatch(req, true))
+                    .await
+                    .unwrap_or_else(|| Err(Status::deadline_exceeded("forwarded call timed out"))),
+                None => api.dispatch(req, true).await,
+            };
+            let (code, message, body) = match result {
+                Ok(b) => (0, String::new(), b),
+                Err(s) => (s.code as u32, s.message, Bytes::new()),
+            };
+            api.links.send(
+                from,
+                Envelope {
+                    body: Some(envelope::Body::Response(PeerResponse {
+                        id: r.id,
+                        origin_shard: r.origin_shard,
+                        code,
+                        message,
+                        body,
+                    })),
+                },
+            );
+        })
+        .detach();
+    }
+}
+
+impl Handler for Api {
+    fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Bytes, Status>> {
+        let api = self.clone();
+        Box::pin(async move { api.dispatch(req, false).await })
+    }
+}
+
+/// Decodes a request message; a bad one is the caller's fault.
+pub fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
+    M::decode(body).map_err(|e| {
+        Status::invalid_argument(format!(
+            "cannot decode {}: {e}",
+            std::any::type_name::<M>().rsplit("::").next().unwrap_or("request")
+        ))
+    })
+}
+
+fn reply<M: Message>(r: Result<M, Status>) -> Result<Bytes, Status> {
+    r.map(|m| Bytes::from(m.encode_to_vec()))
+}
+
+/// Awaits `fut` for at most `timeout`; `None` when it ran out.
+pub async fn with_timeout<F: std::future::Future>(timeout: Duration, fut: F) -> Option<F::Output> {
+    let sleep = glommio::timer::sleep(timeout);
+    futures::pin_mut!(fut);
+    futures::pin_mut!(sleep);
+    match futures::future::select(fut, sleep).await {
+        futures::future::Either::Left((v, _)) => Some(v),
+        futures::future::Either::Right(_) => None,
+    }
+}
+
+/// Awaits `fut` until `deadline`; `None` when it passed.
+pub async fn with_deadline<F: std::future::Future>(deadline: Instant, fut: F) -> Option<F::Output> {
+    with_timeout(deadline.saturating_duration_since(Instant::now()), fut).await
+}
+
+/// When a call that waits on raft should give up: a little before the
+/// client's deadline, so the client gets an informative UNAVAILABLE rather
+/// than a bare DEADLINE_EXCEEDED from the frontend's timer.
+pub fn wait_until(deadline: Option<Instant>) -> Instant {
+    let now = Instant::now();
+    match deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(now);
+            now + left.saturating_sub((left / 20).max(Duration::from_millis(2)))
+        }
+        None => now + DEFAULT_WAIT,
+    }
+}

@@ -1,0 +1,383 @@
+//! The Node service: Bootstrap, Join and Leave (DESIGN.md §1), plus the
+//! internal calls members answer for them (AddVoter, ConfQuery).
+//!
+//! All three serialise on the node's control lock. Each first makes the
+//! node's metadata durable and only then changes replicas, so a crash in
+//! between is repaired at start-up (see `node::start`): a hosted partition
+//! without a replica gets one, a replica no longer hosted is removed.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use raft::eraftpb::{ConfChange, ConfChangeType};
+
+use crate::grpc::Status;
+use crate::proto::node::{BootstrapRequest, BootstrapResponse, JoinRequest, JoinResponse, LeaveRequest, LeaveResponse};
+use crate::proto::peer::{AddVoterRequest, AddVoterResponse, ConfQueryRequest, ConfQueryResponse};
+use crate::raft::GroupInit;
+
+use super::api::{decode, with_deadline, Api, PEER_ADD_VOTER, PEER_CONF_QUERY};
+use super::meta::{validate_layout, validate_partition, Members, NodeMeta};
+
+/// Poll period while waiting for a cluster condition.
+const POLL: Duration = Duration::from_millis(20);
+/// Per-attempt timeout of a call to another member.
+const PEER_ATTEMPT: Duration = Duration::from_secs(2);
+
+impl Api {
+    pub async fn bootstrap(&self, req: BootstrapRequest, deadline: Option<Instant>) -> Result<BootstrapResponse, Status> {
+        let layout = validate_layout(&req.partitions)?;
+        let addresses = address_book(&layout)?;
+        let me = self.node.node_id();
+        let hosted: Vec<(u32, Vec<u64>)> = layout
+            .iter()
+            .filter(|(_, m)| m.contains_key(&me))
+            .map(|(p, m)| (*p, m.keys().copied().collect()))
+            .collect();
+        {
+            let _guard = self.node.control.lock().await;
+            let current = self.node.meta().bootstrap.clone();
+            match current {
+                Some(existing) if existing == layout => {}
+                Some(existing) => {
+                    return Err(Status::failed_precondition(format!(
+                        "node {me} is already bootstrapped with a different layout ({} partitions: {}); \
+                         the requested one has {} partitions: {}",
+                        existing.len(),
+                        describe(&existing),
+                        layout.len(),
+                        describe(&layout)
+                    )))
+                }
+                None => {
+                    let mut meta = self.node.meta().clone();
+                    meta.bootstrap = Some(layout.clone());
+                    meta.members = layout.clone();
+                    meta.hosted = hosted.iter().map(|(p, _)| *p).collect();
+                    meta.addresses.extend(addresses.clone());
+                    self.store_meta(meta)?;
+                    for (node, addr) in addresses {
+                        self.node.broadcast_address(node, addr);
+                    }
+                    let creates = hosted.iter().map(|(p, voters)| {
+                        let (p, voters) = (*p, voters.clone());
+                        self.node.call(self.node.shard_of(p), move |s, tx| {
+                            s.create_group(p, GroupInit::bootstrap(voters), move |r| {
+                                let _ = tx.send(r);
+                            })
+                        })
+                    });
+                    futures::future::try_join_all(creates).await?;
+                    tracing::info!(partitions = layout.len(), hosted = hosted.len(), "bootstrapped");
+                }
+            }
+        }
+        // Done when every hosted partition has elected a leader.
+        let ids: Vec<u32> = hosted.iter().map(|(p, _)| *p).collect();
+        self.wait_for(deadline, "every hosted partition to elect a leader", || async {
+            let st = self.status().await?;
+            Ok(ids
+                .iter()
+                .all(|p| st.partitions.iter().any(|s| s.partition_id == *p && s.leader_id != 0)))
+        })
+        .await?;
+        Ok(BootstrapResponse {})
+    }
+
+    pub async fn join(&self, req: JoinRequest, deadline: Option<Instant>) -> Result<JoinResponse, Status> {
+        let p = req
+            .partition
+            .ok_or_else(|| Status::invalid_argument("partition is required"))?;
+        let members = validate_partition(&p, "partition")?;
+        let me = self.node.node_id();
+        let Some(my_addr) = members.get(&me).cloned() else {
+            return Err(Status::invalid_argument(format!(
+                "partition.members must include this node (id {me}) (partition {})",
+                p.partition_id
+            )));
+        };
+        let pid = p.partition_id;
+        {
+            let _guard = self.node.control.lock().await;
+            let mut meta = self.node.meta().clone();
+            if !meta.bootstrapped() {
+                return Err(Status::failed_precondition("node is not bootstrapped; call Bootstrap first"));
+            }
+            if !meta.hosted.contains(&pid) {
+                meta.hosted.insert(pid);
+                meta.members.insert(pid, members.clone());
+                for (n, a) in &members {
+                    if *n != me {
+                        meta.addresses.insert(*n, a.clone());
+                    }
+                }
+                self.store_meta(meta)?;
+                for (n, a) in &members {
+                    if *n != me {
+                        self.node.broadcast_address(*n, a.clone());
+                    }
+                }
+                self.node
+                    .call(self.node.shard_of(pid), move |s, tx| {
+                        s.create_group(pid, GroupInit::joining(), move |r| {
+                            let _ = tx.send(r);
+                        })
+                    })
+                    .await?;
+                tracing::info!(partition = pid, "joining partition");
+            }
+        }
+        // Ask the current members to add this node, then wait to catch up.
+        let others: Vec<u64> = members.keys().copied().filter(|n| *n != me).collect();
+        let body = Bytes::from(
+            AddVoterRequest {
+                partition_id: pid,
+                node_id: me,
+                raft_addr: my_addr,
+            }
+            .encode_to_vec(),
+        );
+        let until = super::api::wait_until(deadline);
+        let mut asked = false;
+        let mut next = 0;
+        loop {
+            if let Some(st) = self.partition_status(pid).await? {
+                if st.voters.contains(&me) && st.leader_id != 0 && st.applied_index >= st.commit_index {
+                    break;
+                }
+            }
+            if !asked && !others.is_empty() {
+                let to = others[next % others.len()];
+                next += 1;
+                match self.peer_call(to, PEER_ADD_VOTER, body.clone(), PEER_ATTEMPT).await {
+                    Ok(_) => asked = true,
+                    Err(e) => tracing::debug!(partition = pid, "AddVoter via node {to}: {e}"),
+                }
+            }
+            if Instant::now() >= until {
+                return Err(Status::deadline_exceeded(
+                    "timed out waiting for this replica to become a voter and catch up",
+                ));
+            }
+            glommio::timer::sleep(POLL).await;
+        }
+        Ok(JoinResponse {})
+    }
+
+    pub async fn leave(&self, req: LeaveRequest, deadline: Option<Instant>) -> Result<LeaveResponse, Status> {
+        let pid = req.partition_id;
+        if pid == 0 {
+            return Err(Status::invalid_argument("partition_id must be non-zero"));
+        }
+        let me = self.node.node_id();
+        let _guard = self.node.control.lock().await;
+        {
+            let meta = self.node.meta();
+            if !meta.bootstrapped() {
+                return Err(Status::failed_precondition("node is not bootstrapped; call Bootstrap first"));
+            }
+            if !meta.hosted.contains(&pid) {
+                return Err(Status::not_found(format!("partition {pid} is not hosted on node {me}")));
+            }
+        }
+        let mut last_proposal: Option<Instant> = None;
+        self.wait_for(deadline, "the removal of this replica to commit", || {
+            let propose = last_proposal.is_none_or(|t| t.elapsed() > Duration::from_secs(1));
+            if propose {
+                last_proposal = Some(Instant::now());
+            }
+            async move { self.leave_step(pid, propose).await }
+        })
+        .await?;
+
+        let mut meta = self.node.meta().clone();
+        meta.hosted.remove(&pid);
+        if let Some(m) = meta.members.get_mut(&pid) {
+            m.remove(&me);
+        }
+        self.store_meta(meta)?;
+        self.node
+            .call(self.node.shard_of(pid), move |s, tx| {
+                s.remove_group(pid, move |r| {
+                    let _ = tx.send(r);
+                })
+            })
+            .await?;
+        tracing::info!(partition = pid, "left partition");
+        Ok(LeaveResponse {})
+    }
+
+    /// One step of Leave: true once this node is no longer a voter.
+    async fn leave_step(&self, pid: u32, propose: bool) -> Result<bool, Status> {
+        let me = self.node.node_id();
+        let Some(st) = self.partition_status(pid).await? else {
+            return Ok(true);
+        };
+        if !st.voters.contains(&me) && !st.voters.is_empty() {
+            return Ok(true);
+        }
+        let others: Vec<u64> = st.voters.iter().copied().filter(|v| *v != me).collect();
+        if others.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "node {me} is the last voter of partition {pid}; it cannot leave"
+            )));
+        }
+        // Members stop talking to a removed node, so it may never learn that
+        // its removal committed: ask them.
+        let q = Bytes::from(ConfQueryRequest { partition_id: pid }.encode_to_vec());
+        for o in &others {
+            if let Ok(b) = self.peer_call(*o, PEER_CONF_QUERY, q.clone(), Duration::from_millis(500)).await {
+                let r: ConfQueryResponse = decode(&b)?;
+                if !r.voters.is_empty() && !r.voters.contains(&me) {
+                    return Ok(true);
+                }
+                break;
+            }
+        }
+        if !propose {
+            return Ok(false);
+        }
+        if st.leader_id == me {
+            // A leader removing itself would stop leading mid-change; hand
+            // leadership to another voter first.
+            let to = others[0];
+            self.node
+                .call(self.node.shard_of(pid), move |s, tx| {
+                    if let Some(g) = s.groups.get_mut(&pid) {
+                        g.transfer_leader(to);
+                    }
+                    let _ = tx.send(Ok(()));
+                })
+                .await?;
+            return Ok(false);
+        }
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::RemoveNode);
+        cc.node_id = me;
+        // The waiter is answered only if this replica applies the change;
+        // ConfQuery covers the case where it never hears of it.
+        let _ = self
+            .node
+            .call(self.node.shard_of(pid), move |s, tx| match s.groups.get_mut(&pid) {
+                Some(g) => {
+                    g.propose_conf_change(cc, futures::channel::oneshot::channel().0);
+                    let _ = tx.send(Ok(()));
+                }
+                None => {
+                    let _ = tx.send(Ok(()));
+                }
+            })
+            .await;
+        Ok(false)
+    }
+
+    /// Internal: a joining node asks a member to add it as a voter.
+    pub async fn add_voter(&self, req: AddVoterRequest, deadline: Option<Instant>) -> Result<AddVoterResponse, Status> {
+        let pid = req.partition_id;
+        if !self.node.meta().hosted.contains(&pid) {
+            return Err(Status::not_found(format!("partition {pid} is not hosted here")));
+        }
+        if req.node_id == 0 || !super::meta::check_address(&req.raft_addr) {
+            return Err(Status::invalid_argument("AddVoter needs a node id and a host:port address"));
+        }
+        // Learn the address at once: if this node leads, it must reach the
+        // new voter as soon as the change applies.
+        self.node.broadcast_address(req.node_id, req.raft_addr.clone());
+        let node = req.node_id;
+        let addr = req.raft_addr.clone();
+        let rx = self
+            .node
+            .call(self.node.shard_of(pid), move |s, tx| {
+                let Some(g) = s.groups.get_mut(&pid) else {
+                    let _ = tx.send(Err(Status::not_found(format!("partition {pid} is not hosted here"))));
+                    return;
+                };
+                let (ctx, crx) = futures::channel::oneshot::channel();
+                if g.voters().contains(&node) {
+                    let _ = ctx.send(Ok(Default::default()));
+                } else {
+                    let mut cc = ConfChange::default();
+                    cc.set_change_type(ConfChangeType::AddNode);
+                    cc.node_id = node;
+                    cc.context = addr.into_bytes().into();
+                    g.propose_conf_change(cc, ctx);
+                }
+                let _ = tx.send(Ok(crx));
+            })
+            .await?;
+        let until = super::api::wait_until(deadline);
+        match with_deadline(until, rx).await {
+            Some(Ok(Ok(_))) => Ok(AddVoterResponse {}),
+            Some(Ok(Err(s))) => Err(s),
+            Some(Err(_)) => Err(Status::unavailable("partition stopped")),
+            None => Err(Status::unavailable(format!("adding node {node} to partition {pid} did not commit in time"))),
+        }
+    }
+
+    /// Internal: the voters of a partition as this member sees them.
+    pub async fn conf_query(&self, req: ConfQueryRequest) -> Result<ConfQueryResponse, Status> {
+        match self.partition_status(req.partition_id).await? {
+            Some(st) => Ok(ConfQueryResponse {
+                voters: st.voters,
+                applied_index: st.applied_index,
+                commit_index: st.commit_index,
+            }),
+            None => Err(Status::not_found(format!("partition {} is not hosted here", req.partition_id))),
+        }
+    }
+
+    /// Polls `cond` every [`POLL`] until it holds or the deadline passes.
+    async fn wait_for<F, Fut>(&self, deadline: Option<Instant>, what: &str, mut cond: F) -> Result<(), Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, Status>>,
+    {
+        let until = super::api::wait_until(deadline);
+        loop {
+            if cond().await? {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(Status::deadline_exceeded(format!("timed out waiting for {what}")));
+            }
+            glommio::timer::sleep(POLL).await;
+        }
+    }
+
+    fn store_meta(&self, meta: NodeMeta) -> Result<(), Status> {
+        meta.store(&self.node.config.data_dir)
+            .map_err(|e| Status::internal(format!("storing node metadata: {e}")))?;
+        *self.node.meta() = meta;
+        Ok(())
+    }
+}
+
+/// One address per node across the layout; a node listed with two
+/// different addresses is a mistake in the request.
+fn address_book(layout: &BTreeMap<u32, Members>) -> Result<BTreeMap<u64, String>, Status> {
+    let mut book = BTreeMap::new();
+    for (p, members) in layout {
+        for (n, a) in members {
+            if let Some(prev) = book.insert(*n, a.clone()) {
+                if &prev != a {
+                    return Err(Status::invalid_argument(format!(
+                        "partitions: member {n} has two addresses ({prev:?} and {a:?}, partition {p})"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(book)
+}
+
+fn describe(layout: &BTreeMap<u32, Members>) -> String {
+    let parts: Vec<String> = layout
+        .iter()
+        .take(4)
+        .map(|(p, m)| format!("{p}:{:?}", m.keys().collect::<Vec<_>>()))
+        .collect();
+    let more = if layout.len() > 4 { ", ..." } else { "" };
+    format!("[{}{more}]", parts.join(", "))
+}

@@ -1,0 +1,228 @@
+//! A running node: its metadata, its shards, and start-up/shutdown.
+//!
+//! Start-up, per shard, in order:
+//! 1. replay the shard's WAL (refusing to start on corruption);
+//! 2. reconcile the recovered replicas with the node metadata (a crash
+//!    between a metadata change and the replica change is finished here);
+//! 3. bind the shard's own SO_REUSEPORT sockets on the API and raft ports;
+//! 4. serve gRPC and peer traffic, and run the shard loop.
+
+pub mod api;
+pub mod control;
+pub mod meta;
+
+use std::rc::Rc;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+
+use futures::channel::mpsc;
+
+use crate::config::NodeConfig;
+use crate::proto::peer::envelope;
+use crate::raft::{Group, GroupInit};
+use crate::shard::{NodeShared, Shard, ShardMsg};
+use crate::shutdown::{Shutdown, ShutdownTrigger};
+use crate::transport::PeerLinks;
+use crate::wal::{Wal, WalConfig};
+
+use api::Api;
+use meta::NodeMeta;
+
+/// A started node; dropping it does not stop it, call [`Node::stop`].
+pub struct Node {
+    triggers: Vec<ShutdownTrigger>,
+    threads: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts every shard and returns once all of them serve, or with the
+    /// first start-up error (e.g. a corrupt WAL, a port in use).
+    pub fn start(config: NodeConfig) -> Result<Node, String> {
+        if config.node_id == 0 {
+            return Err("--node-id must be non-zero".into());
+        }
+        if config.shards == 0 {
+            return Err("--shards must be at least 1".into());
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("create {}: {e}", config.data_dir.display()))?;
+        let meta = match NodeMeta::load(&config.data_dir)? {
+            Some(m) => {
+                if m.node_id != config.node_id {
+                    return Err(format!(
+                        "{} belongs to node {}, not node {}",
+                        config.data_dir.display(),
+                        m.node_id,
+                        config.node_id
+                    ));
+                }
+                if m.shards != config.shards {
+                    return Err(format!(
+                        "{} was laid out for {} shards; start with --shards {}",
+                        config.data_dir.display(),
+                        m.shards,
+                        m.shards
+                    ));
+                }
+                m
+            }
+            None => {
+                let m = NodeMeta {
+                    node_id: config.node_id,
+                    shards: config.shards,
+                    ..Default::default()
+                };
+                m.store(&config.data_dir)
+                    .map_err(|e| format!("write {}: {e}", NodeMeta::path(&config.data_dir).display()))?;
+                m
+            }
+        };
+
+        let n = config.shards;
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded()).unzip();
+        let node = Arc::new(NodeShared {
+            config: config.clone(),
+            inboxes: senders,
+            meta: Mutex::new(meta),
+            control: futures::lock::Mutex::new(()),
+        });
+        let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+        let (ready_tx, ready_rx) = std_mpsc::channel::<Result<(), String>>();
+        let mut triggers = Vec::new();
+        let mut threads = Vec::new();
+        for (k, inbox) in receivers.into_iter().enumerate() {
+            let (trigger, shutdown) = Shutdown::new();
+            triggers.push(trigger);
+            let node = node.clone();
+            let ready = ready_tx.clone();
+            let handle = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(k % cpus))
+                .name(&format!("shard-{k}"))
+                .io_memory(config.io_memory)
+                .spawn(move || async move {
+                    match shard_start(k, node, shutdown.clone()).await {
+                        Ok(shard) => {
+                            let _ = ready.send(Ok(()));
+                            shard.run(inbox, shutdown).await;
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("shard {k}: {e}")));
+                        }
+                    }
+                })
+                .map_err(|e| format!("starting shard {k}: {e}"))?;
+            threads.push(handle);
+        }
+        drop(ready_tx);
+        let mut node_handle = Node { triggers, threads };
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    node_handle.stop();
+                    return Err(e);
+                }
+                Err(_) => {
+                    node_handle.stop();
+                    return Err("a shard exited during start-up".into());
+                }
+            }
+        }
+        Ok(node_handle)
+    }
+
+    /// Stops every shard and waits for their threads.
+    pub fn stop(&mut self) {
+        for t in &mut self.triggers {
+            t.trigger();
+        }
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Result<Shard, String> {
+    let cfg = &node.config;
+    let dir = cfg.data_dir.join(format!("shard-{k}"));
+    let (wal, recovered) = Wal::open(dir, WalConfig::default()).await.map_err(|e| e.to_string())?;
+    let links = PeerLinks::new(cfg.node_id, shutdown.clone());
+    let meta = node.meta().clone();
+    for (n, a) in &meta.addresses {
+        if *n != cfg.node_id {
+            links.set_address(*n, a);
+        }
+    }
+    let mut shard = Shard::new(k, node.clone(), wal, links.clone());
+
+    // Reconcile replicas with the metadata.
+    let mut removed = Vec::new();
+    for (gid, gs) in recovered.groups {
+        let p = gid as u32;
+        if !meta.hosted.contains(&p) || node.shard_of(p) != k {
+            removed.push(p);
+            continue;
+        }
+        let init = GroupInit {
+            hard_state: gs.hard_state,
+            conf_state: gs.conf_state,
+            snapshot: gs.snapshot,
+            entries: gs.entries,
+        };
+        let g = Group::new(p, cfg.node_id, &cfg.raft, cfg.max_inflight_proposals, init)?;
+        shard.groups.insert(p, g);
+    }
+    for p in removed {
+        tracing::info!(partition = p, "replica not hosted any more: removing its state");
+        shard.wal.remove_group(p as u64);
+        shard.remove_group(p, |_| {});
+    }
+    for p in meta.hosted.iter().copied().filter(|p| node.shard_of(*p) == k) {
+        if shard.groups.contains_key(&p) {
+            continue;
+        }
+        let bootstrapped = meta
+            .bootstrap
+            .as_ref()
+            .and_then(|l| l.get(&p))
+            .filter(|m| m.contains_key(&cfg.node_id));
+        let init = match bootstrapped {
+            Some(m) => GroupInit::bootstrap(m.keys().copied().collect()),
+            None => GroupInit::joining(),
+        };
+        shard.create_group(p, init, |_| {});
+    }
+    tracing::info!(shard = k, partitions = shard.groups.len(), "shard recovered");
+
+    let api_listener = crate::net::reuseport_listener(cfg.api_addr).map_err(|e| format!("bind API address {}: {e}", cfg.api_addr))?;
+    let raft_listener =
+        crate::net::reuseport_listener(cfg.raft_addr).map_err(|e| format!("bind raft address {}: {e}", cfg.raft_addr))?;
+    let api = Api::new(node.clone(), k, links.clone(), shard.peer_pending.clone());
+    let grpc_config = crate::grpc::ServerConfig {
+        max_message_size: cfg.max_message_size,
+        ..Default::default()
+    };
+    glommio::spawn_local(crate::grpc::serve(api_listener, Rc::new(api.clone()), grpc_config, shutdown.clone())).detach();
+
+    let sink_api = api.clone();
+    let sink_node = node.clone();
+    let sink = Rc::new(move |from: u64, env: crate::proto::peer::Envelope| match env.body {
+        Some(envelope::Body::Raft(m)) => {
+            let _ = sink_node.send(
+                sink_node.shard_of(m.partition_id),
+                ShardMsg::Raft {
+                    partition: m.partition_id,
+                    data: m.message,
+                },
+            );
+        }
+        Some(envelope::Body::Request(r)) => sink_api.serve_peer_request(from, r),
+        Some(envelope::Body::Response(r)) => {
+            let s = r.origin_shard as usize;
+            if s < sink_node.inboxes.len() {
+                let _ = sink_node.send(s, ShardMsg::PeerResponse(r));
+            }
+        }
+        None => tracing::debug!(from, "empty peer envelope dropped"),
+    });
+    glommio::spawn_local(crate::transport::serve(raft_listener, sink, shutdown)).detach();
+    Ok(shard)
+}

@@ -1,0 +1,524 @@
+//! One raft group (partition) on its shard: the `RawNode`, the state
+//! machine, and everyone waiting on either.
+//!
+//! A group never blocks and never does I/O itself: the shard loop
+//! ([`crate::shard`]) feeds it proposals and messages, takes its `Ready`,
+//! makes it durable and hands back what raft says may be applied. What the
+//! group produces for the outside world (messages to send, WAL records,
+//! learned peer addresses) goes into an [`Outbox`].
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Snapshot};
+use raft::{RawNode, StateRole};
+
+use crate::config::RaftConfig;
+use crate::grpc::Status;
+use crate::kv::command::{self, Command};
+use crate::kv::{Applied, KvStore};
+use crate::proto::admin::{PartitionStatus, Role};
+
+use super::storage::GroupStorage;
+
+/// Index (and term) of the snapshot every bootstrapped group starts from.
+///
+/// Starting above zero means the log's first entry is never index 1, so a
+/// replica added later by Join cannot be caught up from the log alone: it
+/// always receives a snapshot first, and with it the group's conf state.
+/// (A log replayed from index 1 would lack the initial voters, which are
+/// set by bootstrap, not by log entries.)
+pub const INIT_INDEX: u64 = 5;
+
+/// A caller waiting for a result.
+pub type Reply<T> = oneshot::Sender<Result<T, Status>>;
+
+/// The answer to a write.
+#[derive(Debug)]
+pub struct WriteResult {
+    pub applied: Applied,
+    pub index: u64,
+}
+
+/// The answer to a read.
+#[derive(Debug)]
+pub struct ReadResult {
+    pub value: Option<Bytes>,
+    pub index: u64,
+}
+
+struct ReadWaiter {
+    key: Bytes,
+    reply: Reply<ReadResult>,
+}
+
+/// A batch of linearizable reads waiting for its ReadIndex.
+struct ReadBatch {
+    reads: Vec<ReadWaiter>,
+    /// Tick at which the ReadIndex request was last sent (raft drops it
+    /// silently when there is no leader, so it is re-sent).
+    sent_tick: u64,
+}
+
+/// What a group hands to its shard during a turn.
+#[derive(Default)]
+pub struct Outbox {
+    /// Raft messages to send (each carries its destination).
+    pub messages: Vec<Message>,
+    /// (node, raft address) pairs learned from applied conf changes.
+    pub learned: Vec<(u64, String)>,
+}
+
+pub struct Group {
+    pub id: u32,
+    raw: RawNode<GroupStorage>,
+    storage: GroupStorage,
+    kv: KvStore,
+    applied: u64,
+    applied_term: u64,
+    /// Conf state as of `applied`, stored in snapshots taken at `applied`.
+    applied_conf: ConfState,
+    snapshot_index: u64,
+    /// Proposals of this turn, proposed together as one entry.
+    queued: Vec<(Command, Reply<WriteResult>)>,
+    /// Proposed commands waiting to be applied, by command id.
+    waiting: HashMap<u64, Reply<WriteResult>>,
+    /// Linearizable reads of this turn, sent as one ReadIndex request.
+    read_queue: Vec<ReadWaiter>,
+    read_batches: HashMap<u64, ReadBatch>,
+    /// Reads whose ReadIndex is known, waiting for apply to reach it.
+    ready_reads: Vec<(u64, Vec<ReadWaiter>)>,
+    /// Conf changes proposed here, waiting to be applied, by id.
+    conf_waiters: HashMap<u64, Reply<ConfState>>,
+    next_ctx: u64,
+    ticks: u64,
+    max_inflight: usize,
+    snapshot_threshold: u64,
+    retain_entries: u64,
+}
+
+/// Everything a group is built from (fresh or recovered).
+pub struct GroupInit {
+    pub hard_state: HardState,
+    pub conf_state: ConfState,
+    pub snapshot: Option<Snapshot>,
+    pub entries: Vec<Entry>,
+}
+
+impl GroupInit {
+    /// The initial state of a bootstrapped replica: a snapshot at
+    /// [`INIT_INDEX`] holding the voters and an empty map.
+    pub fn bootstrap(voters: Vec<u64>) -> GroupInit {
+        let mut cs = ConfState::default();
+        cs.voters = voters;
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = INIT_INDEX;
+        snap.mut_metadata().term = INIT_INDEX;
+        snap.mut_metadata().set_conf_state(cs.clone());
+        let mut hs = HardState::default();
+        hs.term = INIT_INDEX;
+        hs.commit = INIT_INDEX;
+        GroupInit {
+            hard_state: hs,
+            conf_state: cs,
+            snapshot: Some(snap),
+            entries: Vec::new(),
+        }
+    }
+
+    /// A replica joining an existing group: empty, not a voter yet; the
+    /// leader sends it a snapshot.
+    pub fn joining() -> GroupInit {
+        GroupInit {
+            hard_state: HardState::default(),
+            conf_state: ConfState::default(),
+            snapshot: None,
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl Group {
+    pub fn new(id: u32, node_id: u64, cfg: &RaftConfig, max_inflight: usize, init: GroupInit) -> Result<Group, String> {
+        let (kv, snap_index, snap_term, snap_conf) = match &init.snapshot {
+            Some(s) => (
+                KvStore::restore(&s.data).map_err(|e| format!("partition {id}: snapshot: {e}"))?,
+                s.get_metadata().index,
+                s.get_metadata().term,
+                s.get_metadata().get_conf_state().clone(),
+            ),
+            None => (KvStore::default(), 0, 0, ConfState::default()),
+        };
+        let storage = GroupStorage::new(init.hard_state, init.conf_state, init.snapshot, init.entries);
+        let config = raft::Config {
+            id: node_id,
+            election_tick: cfg.election_ticks(),
+            heartbeat_tick: 1,
+            // Entries up to the snapshot are already in the state machine;
+            // everything after it is re-applied from the log on start.
+            applied: snap_index,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        let raw = RawNode::new(&config, storage.clone(), &super::logger::group_logger(id))
+            .map_err(|e| format!("partition {id}: {e}"))?;
+        Ok(Group {
+            id,
+            raw,
+            storage,
+            kv,
+            applied: snap_index,
+            applied_term: snap_term,
+            applied_conf: snap_conf,
+            snapshot_index: snap_index,
+            queued: Vec::new(),
+            waiting: HashMap::new(),
+            read_queue: Vec::new(),
+            read_batches: HashMap::new(),
+            ready_reads: Vec::new(),
+            conf_waiters: HashMap::new(),
+            next_ctx: rand::random::<u64>() >> 1,
+            ticks: 0,
+            max_inflight,
+            snapshot_threshold: cfg.snapshot_entry_threshold,
+            retain_entries: cfg.compaction_retain_entries,
+        })
+    }
+
+    pub fn raw(&mut self) -> &mut RawNode<GroupStorage> {
+        &mut self.raw
+    }
+
+    pub fn storage(&self) -> &GroupStorage {
+        &self.storage
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn leader_id(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    pub fn voters(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn status(&self, shard: u32) -> PartitionStatus {
+        let role = match self.raw.raft.state {
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::PreCandidate => Role::PreCandidate,
+            StateRole::Leader => Role::Leader,
+        };
+        PartitionStatus {
+            partition_id: self.id,
+            shard,
+            role: role as i32,
+            leader_id: self.raw.raft.leader_id,
+            term: self.raw.raft.term,
+            commit_index: self.raw.raft.raft_log.committed,
+            applied_index: self.applied,
+            voters: self.voters(),
+            snapshot_index: self.snapshot_index,
+        }
+    }
+
+    // ---- inputs ---------------------------------------------------------
+
+    /// One raft tick; also retries ReadIndex requests that got no answer
+    /// and forgets waiters whose callers have gone away.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+        self.ticks += 1;
+        let now = self.ticks;
+        let mut resend = Vec::new();
+        for (ctx, b) in self.read_batches.iter_mut() {
+            b.reads.retain(|r| !r.reply.is_canceled());
+            if now - b.sent_tick >= 3 && !b.reads.is_empty() {
+                b.sent_tick = now;
+                resend.push(*ctx);
+            }
+        }
+        self.read_batches.retain(|_, b| !b.reads.is_empty());
+        for ctx in resend {
+            self.raw.read_index(ctx.to_le_bytes().to_vec());
+        }
+        if now % 16 == 0 {
+            self.waiting.retain(|_, r| !r.is_canceled());
+            self.conf_waiters.retain(|_, r| !r.is_canceled());
+        }
+    }
+
+    pub fn step(&mut self, msg: Message) {
+        if let Err(e) = self.raw.step(msg) {
+            tracing::debug!(partition = self.id, "step: {e}");
+        }
+    }
+
+    /// Queues a write for this turn's batch. Refused with RESOURCE_EXHAUSTED
+    /// when too many writes of the partition are already in flight.
+    pub fn propose(&mut self, cmd: Command, reply: Reply<WriteResult>) {
+        if self.waiting.len() + self.queued.len() >= self.max_inflight {
+            let _ = reply.send(Err(Status::resource_exhausted(format!(
+                "partition {}: {} writes in flight; retry later",
+                self.id, self.max_inflight
+            ))));
+            return;
+        }
+        self.queued.push((cmd, reply));
+    }
+
+    /// Queues a linearizable read for this turn's ReadIndex request.
+    pub fn read(&mut self, key: Bytes, reply: Reply<ReadResult>) {
+        self.read_queue.push(ReadWaiter { key, reply });
+    }
+
+    /// Serves a read from the local replica as it is now.
+    pub fn read_local(&self, key: &[u8]) -> ReadResult {
+        ReadResult {
+            value: self.kv.get(key).cloned(),
+            index: self.applied,
+        }
+    }
+
+    /// Proposes a membership change; `reply` is answered once it is applied
+    /// here. Followers forward the proposal to the leader through raft.
+    pub fn propose_conf_change(&mut self, cc: ConfChange, reply: Reply<ConfState>) {
+        let id = self.next_ctx;
+        self.next_ctx += 1;
+        match self.raw.propose_conf_change(id.to_le_bytes().to_vec(), cc) {
+            Ok(()) => {
+                self.conf_waiters.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(Status::unavailable(format!(
+                    "partition {}: conf change not accepted ({e}); no leader known yet",
+                    self.id
+                ))));
+            }
+        }
+    }
+
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+    }
+
+    /// Turns this turn's queued writes and reads into raft requests.
+    pub fn flush(&mut self) {
+        if !self.queued.is_empty() && self.raw.raft.leader_id != raft::INVALID_ID {
+            let batch: Vec<_> = std::mem::take(&mut self.queued);
+            let cmds: Vec<Command> = batch.iter().map(|(c, _)| c.clone()).collect();
+            let data = command::encode_batch(&cmds);
+            match self.raw.propose(Vec::new(), data.to_vec()) {
+                Ok(()) => {
+                    for (c, r) in batch {
+                        self.waiting.insert(c.id, r);
+                    }
+                }
+                // Dropped (e.g. a leader transfer in progress): keep them
+                // queued and try again next turn; their callers' deadlines
+                // bound the wait.
+                Err(_) => self.queued = batch,
+            }
+        }
+        self.queued.retain(|(_, r)| !r.is_canceled());
+        if !self.read_queue.is_empty() {
+            let ctx = self.next_ctx;
+            self.next_ctx += 1;
+            let reads = std::mem::take(&mut self.read_queue);
+            self.raw.read_index(ctx.to_le_bytes().to_vec());
+            self.read_batches.insert(
+                ctx,
+                ReadBatch {
+                    reads,
+                    sent_tick: self.ticks,
+                },
+            );
+        }
+    }
+
+    /// Matches ReadIndex answers to their batches.
+    pub fn on_read_states(&mut self, states: Vec<raft::ReadState>) {
+        for rs in states {
+            let Ok(ctx) = <[u8; 8]>::try_from(&rs.request_ctx[..]) else {
+                continue;
+            };
+            if let Some(b) = self.read_batches.remove(&u64::from_le_bytes(ctx)) {
+                self.ready_reads.push((rs.index, b.reads));
+            }
+        }
+        self.serve_reads();
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.applied;
+        let mut i = 0;
+        while i < self.ready_reads.len() {
+            if self.ready_reads[i].0 <= applied {
+                let (_, reads) = self.ready_reads.swap_remove(i);
+                for r in reads {
+                    let _ = r.reply.send(Ok(self.read_local(&r.key)));
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Installs a snapshot from the leader into the state machine.
+    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), String> {
+        let kv = KvStore::restore(&snap.data).map_err(|e| format!("partition {}: snapshot: {e}", self.id))?;
+        let meta = snap.get_metadata();
+        self.storage.apply_snapshot(snap.clone());
+        self.kv = kv;
+        self.applied = meta.index;
+        self.applied_term = meta.term;
+        self.applied_conf = meta.get_conf_state().clone();
+        self.snapshot_index = meta.index;
+        self.serve_reads();
+        Ok(())
+    }
+
+    /// Applies committed entries. Conf changes update raft's configuration
+    /// and are returned so the shard can persist the new conf state.
+    pub fn apply(&mut self, entries: Vec<Entry>, out: &mut Outbox) -> Option<ConfState> {
+        let mut new_conf = None;
+        for e in entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal if !e.data.is_empty() => self.apply_normal(&e),
+                EntryType::EntryNormal => {}
+                EntryType::EntryConfChange => {
+                    if let Some(cs) = self.apply_conf_change(&e, out) {
+                        new_conf = Some(cs);
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    tracing::warn!(partition = self.id, index = e.index, "ignoring ConfChangeV2 entry");
+                }
+            }
+            self.applied = e.index;
+            self.applied_term = e.term;
+        }
+        self.serve_reads();
+        new_conf
+    }
+
+    fn apply_normal(&mut self, e: &Entry) {
+        let cmds = match command::decode_batch(&e.data) {
+            Ok(c) => c,
+            Err(err) => {
+                // CRC-checked data that does not decode is a bug, not input:
+                // skipping it on every replica keeps them identical.
+                tracing::error!(partition = self.id, index = e.index, "undecodable entry skipped: {err}");
+                return;
+            }
+        };
+        for cmd in cmds {
+            let id = cmd.id;
+            let applied = self.kv.apply(cmd);
+            if let Some(r) = self.waiting.remove(&id) {
+                let _ = r.send(Ok(WriteResult { applied, index: e.index }));
+            }
+        }
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry, out: &mut Outbox) -> Option<ConfState> {
+        let waiter = <[u8; 8]>::try_from(&e.context[..])
+            .ok()
+            .and_then(|c| self.conf_waiters.remove(&u64::from_le_bytes(c)));
+        let cc = match ConfChange::parse_from_bytes(&e.data) {
+            Ok(cc) => cc,
+            Err(err) => {
+                tracing::error!(partition = self.id, index = e.index, "undecodable conf change: {err}");
+                return None;
+            }
+        };
+        if cc.get_change_type() == ConfChangeType::AddNode && !cc.context.is_empty() {
+            if let Ok(addr) = std::str::from_utf8(&cc.context) {
+                out.learned.push((cc.node_id, addr.to_string()));
+            }
+        }
+        match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => {
+                tracing::info!(
+                    partition = self.id,
+                    index = e.index,
+                    "membership change {:?} node {} applied; voters now {:?}",
+                    cc.get_change_type(),
+                    cc.node_id,
+                    cs.voters
+                );
+                self.storage.set_conf_state(cs.clone());
+                self.applied_conf = cs.clone();
+                if let Some(w) = waiter {
+                    let _ = w.send(Ok(cs.clone()));
+                }
+                Some(cs)
+            }
+            Err(err) => {
+                tracing::warn!(partition = self.id, index = e.index, "conf change rejected: {err}");
+                if let Some(w) = waiter {
+                    let _ = w.send(Err(Status::failed_precondition(format!("conf change rejected: {err}"))));
+                }
+                None
+            }
+        }
+    }
+
+    /// A snapshot of the state machine when `snapshot_entry_threshold`
+    /// entries were applied since the last one; the caller persists it and
+    /// compacts the log to `applied - compaction_retain_entries`.
+    pub fn maybe_snapshot(&mut self) -> Option<(Snapshot, u64)> {
+        if self.applied < self.snapshot_index + self.snapshot_threshold {
+            return None;
+        }
+        let mut snap = Snapshot::default();
+        snap.data = self.kv.snapshot();
+        let meta = snap.mut_metadata();
+        meta.index = self.applied;
+        meta.term = self.applied_term;
+        meta.set_conf_state(self.applied_conf.clone());
+        self.snapshot_index = self.applied;
+        self.storage.set_snapshot(snap.clone());
+        let compact_to = self.applied.saturating_sub(self.retain_entries);
+        self.storage.compact(compact_to);
+        Some((snap, compact_to))
+    }
+
+    /// Fails every waiter (the group is being removed or the node stops).
+    pub fn fail_all(&mut self, status: Status) {
+        for (_, r) in self.queued.drain(..) {
+            let _ = r.send(Err(status.clone()));
+        }
+        for (_, r) in self.waiting.drain() {
+            let _ = r.send(Err(status.clone()));
+        }
+        for (_, r) in self.conf_waiters.drain() {
+            let _ = r.send(Err(status.clone()));
+        }
+        let reads = self
+            .read_queue
+            .drain(..)
+            .chain(self.read_batches.drain().flat_map(|(_, b)| b.reads))
+            .chain(self.ready_reads.drain(..).flat_map(|(_, r)| r));
+        for r in reads {
+            let _ = r.reply.send(Err(status.clone()));
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! `raft::Storage` for one group: an in-memory index over what the shard's
+//! WAL has made durable.
+//!
+//! The shard loop writes every change twice, in the same turn: into the WAL
+//! buffer (made durable by the turn's single fdatasync) and into this index
+//! (which raft reads). Raft only learns that entries are persisted from
+//! `advance` after the fsync, so reading them here earlier is safe: a leader
+//! may send entries to followers before its own sync, never count itself
+//! in the quorum before it.
+//!
+//! Entries live in memory from the last compaction point on. Compaction
+//! follows every snapshot (`snapshot_entry_threshold`), which bounds the
+//! entries held per group to about threshold + `compaction_retain_entries`.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+#[derive(Default)]
+struct Core {
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// The latest snapshot, metadata and data; index 0 when there is none.
+    snapshot: Snapshot,
+    /// Index and term of the entry just before `entries[0]`.
+    compact_index: u64,
+    compact_term: u64,
+    entries: Vec<Entry>,
+}
+
+/// Shared handle: the group mutates it, raft reads it.
+#[derive(Clone, Default)]
+pub struct GroupStorage(Rc<RefCell<Core>>);
+
+impl GroupStorage {
+    /// Storage for a recovered (or freshly bootstrapped) group.
+    pub fn new(hs: HardState, cs: ConfState, snapshot: Option<Snapshot>, entries: Vec<Entry>) -> GroupStorage {
+        let snapshot = snapshot.unwrap_or_default();
+        let (ci, ct) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
+        GroupStorage(Rc::new(RefCell::new(Core {
+            hard_state: hs,
+            conf_state: cs,
+            snapshot,
+            compact_index: ci,
+            compact_term: ct,
+            entries,
+        })))
+    }
+
+    pub fn hard_state(&self) -> HardState {
+        self.0.borrow().hard_state.clone()
+    }
+
+    pub fn set_hard_state(&self, hs: HardState) {
+        self.0.borrow_mut().hard_state = hs;
+    }
+
+    pub fn set_commit(&self, commit: u64) {
+        self.0.borrow_mut().hard_state.commit = commit;
+    }
+
+    pub fn conf_state(&self) -> ConfState {
+        self.0.borrow().conf_state.clone()
+    }
+
+    pub fn set_conf_state(&self, cs: ConfState) {
+        self.0.borrow_mut().conf_state = cs;
+    }
+
+    pub fn snapshot_index(&self) -> u64 {
+        self.0.borrow().snapshot.get_metadata().index
+    }
+
+    pub fn first_index(&self) -> u64 {
+        self.0.borrow().compact_index + 1
+    }
+
+    pub fn last_index(&self) -> u64 {
+        let c = self.0.borrow();
+        c.entries.last().map_or(c.compact_index, |e| e.index)
+    }
+
+    /// Appends entries, replacing any conflicting suffix (raft's rule).
+    pub fn append(&self, ents: &[Entry]) {
+        if ents.is_empty() {
+            return;
+        }
+        let mut c = self.0.borrow_mut();
+        let first = ents[0].index;
+        let keep = first.saturating_sub(c.compact_index + 1) as usize;
+        c.entries.truncate(keep);
+        c.entries.extend_from_slice(ents);
+    }
+
+    /// Installs a snapshot received from the leader: the log restarts after it.
+    pub fn apply_snapshot(&self, snap: Snapshot) {
+        let mut c = self.0.borrow_mut();
+        let meta = snap.get_metadata();
+        c.compact_index = meta.index;
+        c.compact_term = meta.term;
+        c.entries.clear();
+        c.conf_state = meta.get_conf_state().clone();
+        c.hard_state.term = c.hard_state.term.max(meta.term);
+        c.hard_state.commit = c.hard_state.commit.max(meta.index);
+        c.snapshot = snap;
+    }
+
+    /// Records a snapshot the group took of its own state machine (the log
+    /// is compacted separately by [`GroupStorage::compact`]).
+    pub fn set_snapshot(&self, snap: Snapshot) {
+        self.0.borrow_mut().snapshot = snap;
+    }
+
+    /// Drops entries up to and including `index` (at most up to the last
+    /// entry, and only what exists).
+    pub fn compact(&self, index: u64) {
+        let mut c = self.0.borrow_mut();
+        if index <= c.compact_index {
+            return;
+        }
+        let last = c.entries.last().map_or(c.compact_index, |e| e.index);
+        let index = index.min(last);
+        let n = (index - c.compact_index) as usize;
+        if n == 0 {
+            return;
+        }
+        c.compact_term = c.entries[n - 1].term;
+        c.compact_index = index;
+        c.entries.drain(..n);
+    }
+
+    /// Term of the entry at `idx`, if held.
+    pub fn entry_term(&self, idx: u64) -> Option<u64> {
+        raft::Storage::term(self, idx).ok()
+    }
+}
+
+impl raft::Storage for GroupStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let c = self.0.borrow();
+        Ok(RaftState::new(c.hard_state.clone(), c.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let c = self.0.borrow();
+        if low <= c.compact_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        let last = c.entries.last().map_or(c.compact_index, |e| e.index);
+        if high > last + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let lo = (low - c.compact_index - 1) as usize;
+        let hi = (high - c.compact_index - 1) as usize;
+        let max = max_size.into().unwrap_or(u64::MAX);
+        let mut out = Vec::with_capacity(hi - lo);
+        let mut size = 0u64;
+        for e in &c.entries[lo..hi] {
+            size += (e.data.len() + e.context.len() + 16) as u64;
+            // At least one entry is always returned, as raft expects.
+            if !out.is_empty() && size > max {
+                break;
+            }
+            out.push(e.clone());
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let c = self.0.borrow();
+        if idx == c.compact_index {
+            return Ok(c.compact_term);
+        }
+        if idx < c.compact_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match c.entries.get((idx - c.compact_index - 1) as usize) {
+            Some(e) => Ok(e.term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(GroupStorage::first_index(self))
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(GroupStorage::last_index(self))
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let c = self.0.borrow();
+        if c.snapshot.get_metadata().index < request_index {
+            // The group snapshots on its own schedule; raft retries later.
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        Ok(c.snapshot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e
+    }
+
+    #[test]
+    fn append_truncates_conflicts_and_compacts() {
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 5;
+        snap.mut_metadata().term = 5;
+        let s = GroupStorage::new(HardState::default(), ConfState::default(), Some(snap), vec![]);
+        assert_eq!((s.first_index(), s.last_index()), (6, 5));
+        assert_eq!(Storage::term(&s, 5).unwrap(), 5);
+        s.append(&[entry(6, 5), entry(7, 5), entry(8, 5)]);
+        s.append(&[entry(7, 6)]);
+        assert_eq!(s.last_index(), 7);
+        assert_eq!(Storage::term(&s, 7).unwrap(), 6);
+        let got = s.entries(6, 8, None, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(got.len(), 2);
+        s.compact(6);
+        assert_eq!(s.first_index(), 7);
+        assert_eq!(Storage::term(&s, 6).unwrap(), 5);
+        assert!(s.entries(6, 8, None, GetEntriesContext::empty(false)).is_err());
+        assert!(Storage::term(&s, 5).is_err());
+        // The snapshot at 5 is older than a request for index 6.
+        assert!(s.snapshot(6, 2).is_err());
+        assert_eq!(s.snapshot(5, 2).unwrap().get_metadata().index, 5);
+    }
+}

@@ -1,0 +1,281 @@
+//! Shards: one pinned glommio executor per core, each owning its
+//! partitions outright.
+//!
+//! A shard's state ([`Shard`]) is owned by a single task, its loop
+//! ([`Shard::run`]). Everything else reaches it by message: the gRPC
+//! frontends and peer listeners of every core send [`ShardMsg`]s into the
+//! shard's inbox, and callers wait on a oneshot for the answer. There are no
+//! locks on this path; the only shared structure is [`NodeShared`], which
+//! is read-only except for the control plane (Bootstrap/Join/Leave).
+
+mod turn;
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::channel::{mpsc, oneshot};
+use futures::StreamExt;
+use protobuf::Message as _;
+
+use crate::config::NodeConfig;
+use crate::grpc::Status;
+use crate::node::meta::NodeMeta;
+use crate::proto::peer::PeerResponse;
+use crate::raft::{Group, GroupInit};
+use crate::shutdown::Shutdown;
+use crate::transport::PeerLinks;
+use crate::wal::Wal;
+
+/// A closure run by a shard's loop with exclusive access to the shard.
+pub type Job = Box<dyn FnOnce(&mut Shard) + Send>;
+
+/// What reaches a shard's inbox.
+pub enum ShardMsg {
+    /// A raft message for one of this shard's partitions (raft-rs encoding).
+    Raft { partition: u32, data: Bytes },
+    /// Run this on the shard.
+    Exec(Job),
+    /// The answer to a call this shard forwarded to another node.
+    PeerResponse(PeerResponse),
+    /// Time for a raft tick.
+    Tick,
+    /// Stop the loop.
+    Stop,
+}
+
+/// Node-wide state every shard can see.
+pub struct NodeShared {
+    pub config: NodeConfig,
+    /// Inbox of every shard, by shard index.
+    pub inboxes: Vec<mpsc::UnboundedSender<ShardMsg>>,
+    /// Control-plane metadata. Locked briefly by Bootstrap/Join/Leave and
+    /// by calls that need the layout; never on the raft path.
+    pub meta: Mutex<NodeMeta>,
+    /// Serialises Bootstrap, Join and Leave across cores.
+    pub control: futures::lock::Mutex<()>,
+}
+
+impl NodeShared {
+    pub fn node_id(&self) -> u64 {
+        self.config.node_id
+    }
+
+    /// The shard that owns `partition` on this node. The placement is a
+    /// pure function of the id, so every core agrees without coordination.
+    pub fn shard_of(&self, partition: u32) -> usize {
+        partition as usize % self.inboxes.len()
+    }
+
+    pub fn meta(&self) -> std::sync::MutexGuard<'_, NodeMeta> {
+        // A poisoned lock means a panic in a control-plane section that
+        // only replaces whole values; the data is still consistent.
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `msg` to shard `shard`. Fails only when the node is stopping.
+    pub fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), Status> {
+        self.inboxes[shard]
+            .unbounded_send(msg)
+            .map_err(|_| Status::unavailable("node is shutting down"))
+    }
+
+    /// Runs `f` on shard `shard` and waits for the value it sends back.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        shard: usize,
+        f: impl FnOnce(&mut Shard, oneshot::Sender<Result<T, Status>>) + Send + 'static,
+    ) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.send(shard, ShardMsg::Exec(Box::new(move |s| f(s, tx))))?;
+        rx.await
+            .unwrap_or_else(|_| Err(Status::unavailable("request dropped: node is shutting down")))
+    }
+
+    /// Runs `f` on every shard and collects the answers in shard order.
+    pub async fn call_all<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut Shard) -> T + Send + Sync + Clone + 'static,
+    ) -> Result<Vec<T>, Status> {
+        let mut out = Vec::with_capacity(self.inboxes.len());
+        for k in 0..self.inboxes.len() {
+            let f = f.clone();
+            out.push(self.call(k, move |s, tx| {
+                let _ = tx.send(Ok(f(s)));
+            }));
+        }
+        futures::future::try_join_all(out).await
+    }
+
+    /// Tells every shard's peer links about a node's raft address.
+    pub fn broadcast_address(&self, node: u64, addr: String) {
+        for k in 0..self.inboxes.len() {
+            let addr = addr.clone();
+            let _ = self.send(k, ShardMsg::Exec(Box::new(move |s| s.links.set_address(node, &addr))));
+        }
+    }
+}
+
+/// One core's share of the node.
+pub struct Shard {
+    pub index: usize,
+    pub node: Arc<NodeShared>,
+    pub groups: BTreeMap<u32, Group>,
+    pub wal: Wal,
+    pub links: Rc<PeerLinks>,
+    /// Forwarded calls waiting for a PeerResponse, by request id.
+    pub peer_pending: Rc<std::cell::RefCell<std::collections::HashMap<u64, oneshot::Sender<PeerResponse>>>>,
+    /// Callbacks to run once the current turn's WAL sync has completed
+    /// (answers that promise durability).
+    after_sync: Vec<Box<dyn FnOnce(&mut Shard)>>,
+    /// Snapshots to write (their own files) before this turn's sync.
+    pending_snapshot_saves: Vec<(u32, raft::eraftpb::Snapshot)>,
+    /// Set when the WAL has buffered records to sync this turn.
+    wal_dirty: bool,
+    turns_since_purge: u64,
+}
+
+impl Shard {
+    pub fn new(index: usize, node: Arc<NodeShared>, wal: Wal, links: Rc<PeerLinks>) -> Shard {
+        Shard {
+            index,
+            node,
+            groups: BTreeMap::new(),
+            wal,
+            links,
+            peer_pending: Default::default(),
+            after_sync: Vec::new(),
+            pending_snapshot_saves: Vec::new(),
+            wal_dirty: false,
+            turns_since_purge: 0,
+        }
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node.node_id()
+    }
+
+    /// Creates (and makes durable, this turn) a new replica. `done` runs
+    /// after the WAL sync that persisted its initial state.
+    pub fn create_group(&mut self, partition: u32, init: GroupInit, done: impl FnOnce(Result<(), Status>) + 'static) {
+        if self.groups.contains_key(&partition) {
+            done(Ok(()));
+            return;
+        }
+        if let Some(s) = &init.snapshot {
+            self.pending_snapshot_saves.push((partition, s.clone()));
+        }
+        self.wal.set_hard_state(partition as u64, &init.hard_state);
+        self.wal.set_conf_state(partition as u64, &init.conf_state);
+        self.wal_dirty = true;
+        let cfg = &self.node.config;
+        match Group::new(partition, cfg.node_id, &cfg.raft, cfg.max_inflight_proposals, init) {
+            Ok(g) => {
+                self.groups.insert(partition, g);
+                tracing::info!(partition, shard = self.index, "replica created");
+                self.after_sync.push(Box::new(move |_| done(Ok(()))));
+            }
+            Err(e) => done(Err(Status::internal(e))),
+        }
+    }
+
+    /// Removes a replica and its state. `done` runs after the removal is
+    /// durable.
+    pub fn remove_group(&mut self, partition: u32, done: impl FnOnce(Result<(), Status>) + 'static) {
+        if let Some(mut g) = self.groups.remove(&partition) {
+            g.fail_all(Status::unavailable(format!("partition {partition} left this node")));
+            self.wal.remove_group(partition as u64);
+            self.wal_dirty = true;
+            tracing::info!(partition, shard = self.index, "replica removed");
+        }
+        self.after_sync.push(Box::new(move |_| done(Ok(()))));
+    }
+
+    fn handle(&mut self, msg: ShardMsg) -> bool {
+        match msg {
+            ShardMsg::Raft { partition, data } => match self.groups.get_mut(&partition) {
+                Some(g) => match raft::eraftpb::Message::parse_from_bytes(&data) {
+                    Ok(m) => g.step(m),
+                    Err(e) => tracing::debug!(partition, "undecodable raft message dropped: {e}"),
+                },
+                None => tracing::debug!(partition, "raft message for a partition not hosted here dropped"),
+            },
+            ShardMsg::Exec(job) => job(self),
+            ShardMsg::PeerResponse(r) => {
+                if let Some(tx) = self.peer_pending.borrow_mut().remove(&r.id) {
+                    let _ = tx.send(r);
+                }
+            }
+            ShardMsg::Tick => {
+                for g in self.groups.values_mut() {
+                    g.tick();
+                }
+            }
+            ShardMsg::Stop => return false,
+        }
+        true
+    }
+
+    /// The shard loop. Each turn:
+    /// 1. waits for the first message, then drains the inbox (bounded), so
+    ///    everything that arrived meanwhile is handled together;
+    /// 2. runs the ready cycle over every group (see `turn.rs`): one WAL
+    ///    append and one fdatasync for all of them.
+    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<ShardMsg>, shutdown: Shutdown) {
+        let tick = self.node.config.raft.heartbeat_period;
+        spawn_ticker(self.node.inboxes[self.index].clone(), tick, shutdown.clone());
+        'outer: loop {
+            let Some(first) = inbox.next().await else { break };
+            if !self.handle(first) {
+                break;
+            }
+            // Bounded, so a flood of messages cannot starve the ready cycle.
+            for _ in 0..16_384 {
+                match inbox.try_recv() {
+                    Ok(m) => {
+                        if !self.handle(m) {
+                            break 'outer;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            self.turn().await;
+        }
+        for g in self.groups.values_mut() {
+            g.fail_all(Status::unavailable("node is shutting down"));
+        }
+        tracing::debug!(shard = self.index, "shard loop stopped");
+    }
+}
+
+/// Sends a Tick into the shard's inbox every heartbeat period, then a Stop
+/// at shutdown.
+fn spawn_ticker(inbox: mpsc::UnboundedSender<ShardMsg>, period: Duration, shutdown: Shutdown) {
+    glommio::spawn_local(async move {
+        let mut next = std::time::Instant::now() + period;
+        loop {
+            let now = std::time::Instant::now();
+            let sleep = glommio::timer::sleep(next.saturating_duration_since(now));
+            futures::pin_mut!(sleep);
+            let stop = shutdown.wait();
+            futures::pin_mut!(stop);
+            if let futures::future::Either::Right(_) = futures::future::select(sleep, stop).await {
+                let _ = inbox.unbounded_send(ShardMsg::Stop);
+                return;
+            }
+            if inbox.unbounded_send(ShardMsg::Tick).is_err() {
+                return;
+            }
+            next += period;
+            // After a long stall, don't fire a burst of catch-up ticks (that
+            // would expire election timeouts at once).
+            if next < std::time::Instant::now() {
+                next = std::time::Instant::now() + period;
+            }
+        }
+    })
+    .detach();
+}

@@ -1,0 +1,197 @@
+//! The ready cycle of one shard: every group's `Ready`, one WAL append and
+//! one fdatasync for all of them, then what raft allows after persistence.
+//!
+//! Numbered as in raft-rs's `five_mem_node` example:
+//! 1. turn each group's queued proposals and reads into raft requests;
+//! 2. take the `Ready` of every group that has one;
+//! 3. send the messages a leader may send before persisting (appends,
+//!    heartbeats) — DESIGN.md: "a leader may send appends before its own
+//!    sync";
+//! 4. install snapshots, apply entries raft already reports committed,
+//!    append new entries and hard state to the storage index and the WAL;
+//! 5. one `Wal::sync` for the whole shard: the group commit;
+//! 6. per group: send the messages that must wait for persistence (votes,
+//!    append responses: "followers answer only after their own sync"),
+//!    advance raft, apply what became committed, take snapshots.
+
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+
+use crate::proto::peer::{envelope, Envelope, RaftMessage};
+use crate::raft::Outbox;
+use crate::transport::PeerLinks;
+
+use super::Shard;
+
+/// Turns between purges of WAL segments no group needs.
+const PURGE_EVERY_TURNS: u64 = 1024;
+
+impl Shard {
+    pub(super) async fn turn(&mut self) {
+        let mut out = Outbox::default();
+        let mut readies = Vec::new();
+
+        // 1-4.
+        let ids: Vec<u32> = self.groups.keys().copied().collect();
+        for id in &ids {
+            let g = self.groups.get_mut(id).expect("listed above");
+            g.flush();
+            if !g.raw().has_ready() {
+                continue;
+            }
+            let mut rd = g.raw().ready();
+            send_all(&self.links, *id, rd.take_messages());
+            if !rd.snapshot().is_empty() {
+                let snap = rd.snapshot().clone();
+                if let Err(e) = g.install_snapshot(&snap) {
+                    tracing::error!(partition = id, "cannot install snapshot: {e}");
+                }
+                self.pending_snapshot_saves.push((*id, snap));
+                self.wal_dirty = true;
+            }
+            if let Some(cs) = g.apply(rd.take_committed_entries(), &mut out) {
+                self.wal.set_conf_state(*id as u64, &cs);
+                self.wal_dirty = true;
+            }
+            if !rd.entries().is_empty() {
+                g.storage().append(rd.entries());
+                self.wal.append_entries(*id as u64, rd.entries());
+                self.wal_dirty = true;
+            }
+            if let Some(hs) = rd.hs() {
+                g.storage().set_hard_state(hs.clone());
+                self.wal.set_hard_state(*id as u64, hs);
+                self.wal_dirty = true;
+            }
+            g.on_read_states(rd.take_read_states());
+            readies.push((*id, rd));
+        }
+
+        // 5.
+        self.sync().await;
+
+        // 6.
+        for (id, mut rd) in readies {
+            let Some(g) = self.groups.get_mut(&id) else { continue };
+            send_all(&self.links, id, rd.take_persisted_messages());
+            let mut light = g.raw().advance(rd);
+            if let Some(commit) = light.commit_index() {
+                // Persisted with the next sync; a lost commit index is
+                // re-learned from the leader, so it need not wait for this one.
+                g.storage().set_commit(commit);
+                self.wal.set_hard_state(id as u64, &g.storage().hard_state());
+                self.wal_dirty = true;
+            }
+            send_all(&self.links, id, light.take_messages());
+            if let Some(cs) = g.apply(light.take_committed_entries(), &mut out) {
+                self.wal.set_conf_state(id as u64, &cs);
+                self.wal_dirty = true;
+            }
+            g.raw().advance_apply();
+            if let Some((snap, compact_to)) = g.maybe_snapshot() {
+                tracing::debug!(partition = id, index = snap.get_metadata().index, "snapshot taken");
+                self.pending_snapshot_saves.push((id, snap));
+                self.wal.compact(id as u64, compact_to);
+                self.wal_dirty = true;
+            }
+        }
+
+        for (node, addr) in out.learned {
+            self.learn_address(node, addr);
+        }
+
+        self.turns_since_purge += 1;
+        if self.turns_since_purge >= PURGE_EVERY_TURNS {
+            self.turns_since_purge = 0;
+            if let Err(e) = self.wal.purge().await {
+                tracing::warn!(shard = self.index, "WAL purge: {e}");
+            }
+        }
+    }
+
+    /// Writes pending snapshots and syncs the WAL, then runs the callbacks
+    /// that waited for durability.
+    ///
+    /// A failed fdatasync leaves the state of the written pages unknown, so
+    /// it is never retried: the process stops rather than acknowledge
+    /// anything that may not be on disk. A full disk is retried until space
+    /// returns; meanwhile nothing advances and callers time out with a
+    /// retryable status.
+    async fn sync(&mut self) {
+        let saves = std::mem::take(&mut self.pending_snapshot_saves);
+        for (id, snap) in &saves {
+            if let Err(e) = self.wal.save_snapshot(*id as u64, snap).await {
+                fatal_storage_error(self.index, &e);
+            }
+        }
+        if self.wal_dirty {
+            let mut delay = std::time::Duration::from_millis(50);
+            loop {
+                match self.wal.sync().await {
+                    Ok(()) => break,
+                    Err(crate::wal::WalError::NoSpace { .. }) => {
+                        tracing::warn!(shard = self.index, "WAL: no space left on device; retrying in {delay:?}");
+                        glommio::timer::sleep(delay).await;
+                        delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                    }
+                    Err(e) => fatal_storage_error(self.index, &e),
+                }
+            }
+            self.wal_dirty = false;
+        }
+        for f in std::mem::take(&mut self.after_sync) {
+            f(self);
+        }
+    }
+
+    /// Records a node's raft address learned from a conf change, in every
+    /// shard's links and in the node's metadata.
+    fn learn_address(&mut self, node: u64, addr: String) {
+        if node == self.node_id() {
+            return;
+        }
+        let changed = {
+            let mut meta = self.node.meta();
+            if meta.addresses.get(&node) != Some(&addr) {
+                meta.addresses.insert(node, addr.clone());
+                let r = meta.store(&self.node.config.data_dir);
+                if let Err(e) = r {
+                    tracing::warn!("storing node metadata: {e}");
+                }
+                true
+            } else {
+                false
+            }
+        };
+        if changed {
+            self.node.broadcast_address(node, addr);
+        }
+    }
+}
+
+fn send_all(links: &PeerLinks, partition: u32, msgs: Vec<Message>) {
+    for m in msgs {
+        let to = m.to;
+        match m.write_to_bytes() {
+            Ok(b) => links.send(
+                to,
+                Envelope {
+                    body: Some(envelope::Body::Raft(RaftMessage {
+                        partition_id: partition,
+                        message: b.into(),
+                    })),
+                },
+            ),
+            Err(e) => tracing::error!(partition, "cannot encode raft message: {e}"),
+        }
+    }
+}
+
+fn fatal_storage_error(shard: usize, e: &crate::wal::WalError) -> ! {
+    // Deliberate: after a failed write or fsync the log's durable contents
+    // are unknown; carrying on could acknowledge lost writes. Restarting
+    // replays the log from what is really on disk.
+    tracing::error!(shard, "fatal WAL error, stopping the node: {e}");
+    eprintln!("multiraft: fatal WAL error on shard {shard}: {e}");
+    std::process::exit(70);
+}
