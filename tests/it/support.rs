@@ -345,7 +345,8 @@ impl Node {
 
     /// A channel to the API port (connecting with retry if needed).
     pub async fn channel(&self) -> Channel {
-        if let Some(ch) = self.channel.lock().unwrap().clone() {
+        let cached = self.channel.lock().unwrap().clone();
+        if let Some(ch) = cached {
             return ch;
         }
         let ch = connect(self.api_addr, Duration::from_secs(10)).await;
@@ -371,7 +372,8 @@ impl Node {
         if !self.is_running() {
             return Err(format!("node {} is not running", self.id));
         }
-        let channel = match self.channel.lock().unwrap().clone() {
+        let cached = self.channel.lock().unwrap().clone();
+        let channel = match cached {
             Some(ch) => ch,
             None => endpoint(self.api_addr)
                 .connect()
