@@ -19,7 +19,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut};
@@ -822,4 +823,155 @@ pub fn open_rw(path: &Path) -> File {
         .write(true)
         .open(path)
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// One acknowledged write: (partition, key, value).
+pub type Acked = (u32, Vec<u8>, Vec<u8>);
+
+/// Concurrent writers putting unique keys round-robin over `clients` and
+/// `partitions`, recording every acknowledged Put. Failed or timed-out Puts
+/// are not retried (their keys are never reused), so the record holds
+/// exactly the writes the cluster promised to keep.
+pub struct WriteLoad {
+    acked: Arc<Mutex<Vec<Acked>>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+impl WriteLoad {
+    pub fn start(
+        clients: &[KvClient<Channel>],
+        partitions: &[u32],
+        writers: usize,
+        prefix: &str,
+    ) -> WriteLoad {
+        let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        // Backstop so that a wedged test cannot write forever.
+        let hard_stop = Instant::now() + Duration::from_secs(120);
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let clients = clients.to_vec();
+            let partitions = partitions.to_vec();
+            let (acked, stop) = (acked.clone(), stop.clone());
+            let prefix = prefix.to_string();
+            tasks.push(tokio::spawn(async move {
+                let mut errors = 0u64;
+                let mut seq = 0usize;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < hard_stop {
+                    seq += 1;
+                    let partition = partitions[seq % partitions.len()];
+                    let key = format!("{prefix}-w{w}-{seq}").into_bytes();
+                    let value = format!("{prefix}-value-{w}-{seq}").into_bytes();
+                    // Spread over all nodes; a dead one just fails fast.
+                    let mut kv = clients[(w + seq) % clients.len()].clone();
+                    let call = kv.put(req(
+                        PutRequest {
+                            key: key.clone(),
+                            value: value.clone(),
+                            partition_id: partition,
+                        },
+                        Duration::from_secs(2),
+                    ));
+                    match tokio::time::timeout(Duration::from_secs(3), call).await {
+                        Ok(Ok(_)) => acked.lock().unwrap().push((partition, key, value)),
+                        _ => {
+                            errors += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+                errors
+            }));
+        }
+        WriteLoad { acked, stop, tasks }
+    }
+
+    pub fn acked_count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Acknowledged writes to `partition` among the ones after the first `from`.
+    pub fn acked_since(&self, from: usize, partition: u32) -> usize {
+        let acked = self.acked.lock().unwrap();
+        acked[from.min(acked.len())..]
+            .iter()
+            .filter(|(p, _, _)| *p == partition)
+            .count()
+    }
+
+    /// Waits until `n` more writes are acknowledged on each of `partitions`.
+    pub async fn wait_progress(&self, partitions: &[u32], n: usize, timeout: Duration) {
+        let from = self.acked_count();
+        wait_for(
+            timeout,
+            &format!("{n} more acknowledged writes on partitions {partitions:?}"),
+            async || {
+                for &p in partitions {
+                    let got = self.acked_since(from, p);
+                    if got < n {
+                        return Err(format!("partition {p}: {got} of {n}"));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// Stops the writers; returns the acknowledged writes and the failure count.
+    pub async fn stop(self) -> (Vec<Acked>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = 0;
+        for task in self.tasks {
+            errors += task.await.expect("writer task");
+        }
+        let acked = std::mem::take(&mut *self.acked.lock().unwrap());
+        (acked, errors)
+    }
+}
+
+/// Reads every write in `acked` from node `id` and checks its value, with
+/// up to 16 reads in flight.
+pub async fn assert_all_readable(node: &Node, acked: &[Acked], serializable: bool) {
+    use futures::stream::{self, StreamExt};
+    let kv = node.kv().await;
+    let id = node.id;
+    let missing: Vec<String> = stream::iter(acked.iter().cloned())
+        .map(|(p, key, value)| {
+            let mut kv = kv.clone();
+            async move {
+                let request = GetRequest {
+                    key: key.clone(),
+                    partition_id: p,
+                    serializable,
+                };
+                match kv.get(req(request, KV_TIMEOUT)).await {
+                    Ok(r) if r.get_ref().found && r.get_ref().value == value => None,
+                    Ok(r) => Some(format!(
+                        "{} (partition {p}): found={} value={:?}",
+                        String::from_utf8_lossy(&key),
+                        r.get_ref().found,
+                        String::from_utf8_lossy(&r.get_ref().value)
+                    )),
+                    Err(s) => Some(format!(
+                        "{} (partition {p}): {:?} {}",
+                        String::from_utf8_lossy(&key),
+                        s.code(),
+                        s.message()
+                    )),
+                }
+            }
+        })
+        .buffer_unordered(16)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await;
+    assert!(
+        missing.is_empty(),
+        "node {id}: {} of {} acknowledged writes unreadable (serializable={serializable}), e.g. {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(10)]
+    );
 }
