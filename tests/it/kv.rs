@@ -604,7 +604,7 @@ async fn acknowledged_writes_survive_leader_kill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_runs_end_to_end() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let out = cli_in(
         &[
             "bench",

@@ -63,6 +63,28 @@ fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
+/// A fresh directory for one test's node data and logs.
+///
+/// It lives under `MULTIRAFT_TEST_DIR` if set, else under cargo's
+/// `target/tmp`, not the system temp dir: the WAL uses O_DIRECT, which a
+/// tmpfs `/tmp` may not support, and a real disk is what the durability
+/// tests are about. Set `MULTIRAFT_KEEP_TEST_DIRS=1` to keep it afterwards.
+pub fn test_dir() -> tempfile::TempDir {
+    let base = std::env::var_os("MULTIRAFT_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    std::fs::create_dir_all(&base).expect("create test base dir");
+    let mut dir = tempfile::Builder::new()
+        .prefix("multiraft-it-")
+        .tempdir_in(&base)
+        .expect("tempdir");
+    if std::env::var_os("MULTIRAFT_KEEP_TEST_DIRS").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("test directory kept: {}", dir.path().display());
+    }
+    dir
+}
+
 /// Polls `probe` every ~50 ms until it returns `Ok`, and returns that value.
 /// Panics naming `what` and the probe's last error once `timeout` has passed.
 pub async fn wait_for<T>(
@@ -448,13 +470,7 @@ impl Cluster {
     /// Starts `n` nodes with `--shards shards` and, if given, `config_json`
     /// as `--config`, and waits until all answer `Admin/Status`.
     pub async fn start(n: usize, shards: u32, config_json: Option<&str>) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("multiraft-it-")
-            .tempdir()
-            .expect("tempdir");
-        if std::env::var_os("MULTIRAFT_KEEP_TEST_DIRS").is_some() {
-            eprintln!("test directory kept: {}", dir.path().display());
-        }
+        let dir = test_dir();
         let config_path = config_json.map(|json| {
             let path = dir.path().join("config.json");
             std::fs::write(&path, json).expect("write config");
