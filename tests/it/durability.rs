@@ -298,7 +298,10 @@ async fn corrupted_wal_segment_refuses_to_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_joined_after_compaction_catches_up_from_snapshot() {
-    let config = r#"{"heartbeatPeriod":"0.05s","electionTimeout":"0.5s","snapshotEntryThreshold":"200","compactionRetainEntries":"50"}"#;
+    let config = concat!(
+        r#"{"heartbeatPeriod":"0.05s","electionTimeout":"0.5s","#,
+        r#""snapshotEntryThreshold":"200","compactionRetainEntries":"50"}"#
+    );
     let mut cluster = Cluster::start(3, 1, Some(config)).await;
     let layout = cluster.layout([1]);
     cluster.bootstrap(&layout).await;
