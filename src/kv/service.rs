@@ -40,7 +40,7 @@ impl Api {
     }
 
     fn route(&self, partition_id: u32, key: &[u8]) -> Result<Route, Status> {
-        let meta = self.node.meta();
+        let meta = self.meta();
         if !meta.bootstrapped() {
             return Err(Status::failed_precondition("node is not bootstrapped; call Bootstrap first"));
         }

@@ -14,6 +14,7 @@ use futures::future::LocalBoxFuture;
 use prost::Message;
 
 use crate::grpc::{Code, Handler, Request, Status};
+use crate::node::meta::NodeMeta;
 use crate::proto::admin::{PartitionStatus, StatusResponse};
 use crate::proto::peer::{envelope, Envelope, PeerRequest, PeerResponse};
 use crate::shard::NodeShared;
@@ -40,6 +41,9 @@ pub struct ApiInner {
     pub links: Rc<PeerLinks>,
     pub peer_pending: Rc<RefCell<HashMap<u64, oneshot::Sender<PeerResponse>>>>,
     next_id: Cell<u64>,
+    /// This shard's copy of the node metadata and the version it was
+    /// taken at (see `NodeShared::meta_version`).
+    meta_cache: RefCell<(u64, Rc<NodeMeta>)>,
 }
 
 /// Cheap handle to one shard's application.
@@ -72,7 +76,19 @@ impl Api {
             links,
             peer_pending,
             next_id: Cell::new(base),
+            meta_cache: RefCell::new((u64::MAX, Rc::new(NodeMeta::default()))),
         }))
+    }
+
+    /// The node metadata as of now, without taking the lock unless it
+    /// changed since the last call on this shard.
+    pub fn meta(&self) -> Rc<NodeMeta> {
+        let v = self.node.meta_version.load(std::sync::atomic::Ordering::Acquire);
+        let mut c = self.meta_cache.borrow_mut();
+        if c.0 != v {
+            *c = (v, Rc::new(self.node.meta().clone()));
+        }
+        c.1.clone()
     }
 
     pub fn next_id(&self) -> u64 {

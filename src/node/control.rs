@@ -52,12 +52,13 @@ impl Api {
                     )))
                 }
                 None => {
-                    let mut meta = self.node.meta().clone();
-                    meta.bootstrap = Some(layout.clone());
-                    meta.members = layout.clone();
-                    meta.hosted = hosted.iter().map(|(p, _)| *p).collect();
-                    meta.addresses.extend(addresses.clone());
-                    self.store_meta(meta)?;
+                    self.update_meta(|meta| {
+                        meta.bootstrap = Some(layout.clone());
+                        meta.members = layout.clone();
+                        meta.hosted = hosted.iter().map(|(p, _)| *p).collect();
+                        meta.addresses.extend(addresses.clone());
+                        meta.addresses.remove(&me);
+                    })?;
                     for (node, addr) in addresses {
                         self.node.broadcast_address(node, addr);
                     }
@@ -101,19 +102,20 @@ impl Api {
         let pid = p.partition_id;
         {
             let _guard = self.node.control.lock().await;
-            let mut meta = self.node.meta().clone();
+            let meta = self.node.meta().clone();
             if !meta.bootstrapped() {
                 return Err(Status::failed_precondition("node is not bootstrapped; call Bootstrap first"));
             }
             if !meta.hosted.contains(&pid) {
-                meta.hosted.insert(pid);
-                meta.members.insert(pid, members.clone());
-                for (n, a) in &members {
-                    if *n != me {
-                        meta.addresses.insert(*n, a.clone());
+                self.update_meta(|meta| {
+                    meta.hosted.insert(pid);
+                    meta.members.insert(pid, members.clone());
+                    for (n, a) in &members {
+                        if *n != me {
+                            meta.addresses.insert(*n, a.clone());
+                        }
                     }
-                }
-                self.store_meta(meta)?;
+                })?;
                 for (n, a) in &members {
                     if *n != me {
                         self.node.broadcast_address(*n, a.clone());
@@ -192,12 +194,12 @@ impl Api {
         })
         .await?;
 
-        let mut meta = self.node.meta().clone();
-        meta.hosted.remove(&pid);
-        if let Some(m) = meta.members.get_mut(&pid) {
-            m.remove(&me);
-        }
-        self.store_meta(meta)?;
+        self.update_meta(|meta| {
+            meta.hosted.remove(&pid);
+            if let Some(m) = meta.members.get_mut(&pid) {
+                m.remove(&me);
+            }
+        })?;
         self.node
             .call(self.node.shard_of(pid), move |s, tx| {
                 s.remove_group(pid, move |r| {
@@ -346,11 +348,10 @@ impl Api {
         }
     }
 
-    fn store_meta(&self, meta: NodeMeta) -> Result<(), Status> {
-        meta.store(&self.node.config.data_dir)
-            .map_err(|e| Status::internal(format!("storing node metadata: {e}")))?;
-        *self.node.meta() = meta;
-        Ok(())
+    fn update_meta(&self, f: impl FnOnce(&mut NodeMeta)) -> Result<(), Status> {
+        self.node
+            .update_meta(f)
+            .map_err(|e| Status::internal(format!("storing node metadata: {e}")))
     }
 }
 

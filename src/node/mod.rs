@@ -84,6 +84,7 @@ impl Node {
             inboxes: senders,
             meta: Mutex::new(meta),
             control: futures::lock::Mutex::new(()),
+            meta_version: Default::default(),
         });
         let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
         let (ready_tx, ready_rx) = std_mpsc::channel::<Result<(), String>>();
@@ -172,7 +173,6 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     }
     for p in removed {
         tracing::info!(partition = p, "replica not hosted any more: removing its state");
-        shard.wal.remove_group(p as u64);
         shard.remove_group(p, |_| {});
     }
     for p in meta.hosted.iter().copied().filter(|p| node.shard_of(*p) == k) {

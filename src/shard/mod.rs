@@ -56,6 +56,10 @@ pub struct NodeShared {
     pub meta: Mutex<NodeMeta>,
     /// Serialises Bootstrap, Join and Leave across cores.
     pub control: futures::lock::Mutex<()>,
+    /// Bumped on every change of `meta`, so that shards can keep a private
+    /// copy for the data path and check it with one atomic load instead of
+    /// taking the lock on every call.
+    pub meta_version: std::sync::atomic::AtomicU64,
 }
 
 impl NodeShared {
@@ -67,6 +71,22 @@ impl NodeShared {
     /// pure function of the id, so every core agrees without coordination.
     pub fn shard_of(&self, partition: u32) -> usize {
         partition as usize % self.inboxes.len()
+    }
+
+    /// Changes the metadata atomically: applies `f` to a copy, stores the
+    /// copy durably, then publishes it; all under the lock, so concurrent
+    /// updates from the control plane and from shards never lose each
+    /// other's changes. On a storage error nothing changes.
+    pub fn update_meta<T>(&self, f: impl FnOnce(&mut NodeMeta) -> T) -> std::io::Result<T> {
+        let mut guard = self.meta();
+        let mut next = guard.clone();
+        let out = f(&mut next);
+        if next != *guard {
+            next.store(&self.config.data_dir)?;
+            *guard = next;
+            self.meta_version.fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+        Ok(out)
     }
 
     pub fn meta(&self) -> std::sync::MutexGuard<'_, NodeMeta> {
@@ -186,10 +206,10 @@ impl Shard {
     pub fn remove_group(&mut self, partition: u32, done: impl FnOnce(Result<(), Status>) + 'static) {
         if let Some(mut g) = self.groups.remove(&partition) {
             g.fail_all(Status::unavailable(format!("partition {partition} left this node")));
-            self.wal.remove_group(partition as u64);
-            self.wal_dirty = true;
             tracing::info!(partition, shard = self.index, "replica removed");
         }
+        self.wal.remove_group(partition as u64);
+        self.wal_dirty = true;
         self.after_sync.push(Box::new(move |_| done(Ok(()))));
     }
 

@@ -150,22 +150,15 @@ impl Shard {
         if node == self.node_id() {
             return;
         }
-        let changed = {
-            let mut meta = self.node.meta();
-            if meta.addresses.get(&node) != Some(&addr) {
-                meta.addresses.insert(node, addr.clone());
-                let r = meta.store(&self.node.config.data_dir);
-                if let Err(e) = r {
-                    tracing::warn!("storing node metadata: {e}");
-                }
-                true
-            } else {
-                false
-            }
-        };
-        if changed {
-            self.node.broadcast_address(node, addr);
+        let changed = self
+            .node
+            .update_meta(|m| m.addresses.insert(node, addr.clone()).as_ref() != Some(&addr));
+        match changed {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => tracing::warn!("storing node metadata: {e}"),
         }
+        self.node.broadcast_address(node, addr);
     }
 }
 
