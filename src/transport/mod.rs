@@ -30,6 +30,8 @@ pub mod frame;
 mod server;
 mod writer;
 
+#[cfg(test)]
+mod tests;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
