@@ -33,7 +33,9 @@ fn main() {
                     Command {
                         id,
                         key: Bytes::from(format!("key-{}", id % 10_000)),
-                        op: Op::Put { value: value.clone() },
+                        op: Op::Put {
+                            value: value.clone(),
+                        },
                     },
                     tx,
                 );
@@ -42,7 +44,10 @@ fn main() {
             g.flush();
             drive(&mut g);
             for mut rx in rxs.drain(..) {
-                assert!(matches!(rx.try_recv(), Ok(Some(Ok(_)))), "write not applied");
+                assert!(
+                    matches!(rx.try_recv(), Ok(Some(Ok(_)))),
+                    "write not applied"
+                );
             }
         }
         let el = start.elapsed();

@@ -135,13 +135,20 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    pub fn new(node_id: u64, api_addr: SocketAddr, raft_addr: SocketAddr, data_dir: PathBuf) -> Self {
+    pub fn new(
+        node_id: u64,
+        api_addr: SocketAddr,
+        raft_addr: SocketAddr,
+        data_dir: PathBuf,
+    ) -> Self {
         NodeConfig {
             node_id,
             api_addr,
             raft_addr,
             data_dir,
-            shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            shards: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             raft: RaftConfig::default(),
             max_message_size: 4 << 20,
             max_key_size: 64 << 10,

@@ -11,7 +11,11 @@ use multiraft::cli::{self, cluster};
 use multiraft::config::{parse_duration, NodeConfig, RaftConfig};
 
 #[derive(Parser)]
-#[command(name = "multiraft", version, about = "A thread-per-core multi-raft node server")]
+#[command(
+    name = "multiraft",
+    version,
+    about = "A thread-per-core multi-raft node server"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -117,7 +121,9 @@ fn main() {
 }
 
 fn client_runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn dur(s: &str) -> Result<Duration> {
@@ -141,7 +147,12 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
         } => {
             let members = cli::parse_members(&members).map_err(|e| anyhow!(e))?;
-            client_runtime()?.block_on(cli::bootstrap(&addr, partitions, members, dur(&timeout)?))?;
+            client_runtime()?.block_on(cli::bootstrap(
+                &addr,
+                partitions,
+                members,
+                dur(&timeout)?,
+            ))?;
             println!("bootstrapped {partitions} partitions");
             Ok(())
         }
@@ -197,12 +208,16 @@ fn serve(
         cfg.shards = s;
     }
     if let Some(path) = config {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
         cfg.raft = RaftConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     }
     // Block the signals before any thread starts, so only the waiting
     // iterator below receives them.
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     let mut node = multiraft::node::Node::start(cfg.clone()).map_err(|e| anyhow!(e))?;
     tracing::info!(
         node_id,
@@ -220,11 +235,20 @@ fn serve(
     Ok(())
 }
 
-fn run_cluster(nodes: u64, partitions: u32, dir: Option<PathBuf>, base_port: u16, shards: Option<usize>) -> Result<()> {
+fn run_cluster(
+    nodes: u64,
+    partitions: u32,
+    dir: Option<PathBuf>,
+    base_port: u16,
+    shards: Option<usize>,
+) -> Result<()> {
     if nodes == 0 || partitions == 0 {
         bail!("--nodes and --partitions must be at least 1");
     }
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     let rt = client_runtime()?;
     let spec = cluster::ClusterSpec {
         nodes,
@@ -234,10 +258,22 @@ fn run_cluster(nodes: u64, partitions: u32, dir: Option<PathBuf>, base_port: u16
         config_json: None,
         rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
     };
-    let c = rt.block_on(cluster::LocalCluster::start(&spec)).map_err(|e| anyhow!(e))?;
-    rt.block_on(cli::bootstrap(&c.nodes[0].api_addr, partitions, c.members(), Duration::from_secs(60)))?;
+    let c = rt
+        .block_on(cluster::LocalCluster::start(&spec))
+        .map_err(|e| anyhow!(e))?;
+    rt.block_on(cli::bootstrap(
+        &c.nodes[0].api_addr,
+        partitions,
+        c.members(),
+        Duration::from_secs(60),
+    ))?;
     for n in &c.nodes[1..] {
-        rt.block_on(cli::bootstrap(&n.api_addr, partitions, c.members(), Duration::from_secs(60)))?;
+        rt.block_on(cli::bootstrap(
+            &n.api_addr,
+            partitions,
+            c.members(),
+            Duration::from_secs(60),
+        ))?;
     }
     for n in &c.nodes {
         println!(

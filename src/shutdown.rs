@@ -17,7 +17,10 @@ pub struct ShutdownTrigger {
 impl Shutdown {
     pub fn new() -> (ShutdownTrigger, Shutdown) {
         let (tx, rx) = oneshot::channel();
-        (ShutdownTrigger { tx: Some(tx) }, Shutdown { rx: rx.shared() })
+        (
+            ShutdownTrigger { tx: Some(tx) },
+            Shutdown { rx: rx.shared() },
+        )
     }
 
     /// True once shutdown was requested.

@@ -51,7 +51,8 @@ impl LocalCluster {
             ),
         };
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
         let config_file = match &spec.config_json {
             Some(j) => {
                 let p = dir.join("raft-config.json");
@@ -67,7 +68,10 @@ impl LocalCluster {
         };
         for id in 1..=spec.nodes {
             let (api, raft) = if spec.base_port == 0 {
-                (free_port().map_err(|e| e.to_string())?, free_port().map_err(|e| e.to_string())?)
+                (
+                    free_port().map_err(|e| e.to_string())?,
+                    free_port().map_err(|e| e.to_string())?,
+                )
             } else {
                 (spec.base_port + id as u16, spec.base_port + 100 + id as u16)
             };
@@ -92,7 +96,10 @@ impl LocalCluster {
 
     /// Member map for Bootstrap: every node in every partition.
     pub fn members(&self) -> HashMap<u64, String> {
-        self.nodes.iter().map(|n| (n.id, n.raft_addr.clone())).collect()
+        self.nodes
+            .iter()
+            .map(|n| (n.id, n.raft_addr.clone()))
+            .collect()
     }
 
     pub fn api_addrs(&self) -> Vec<String> {
@@ -117,8 +124,15 @@ impl Drop for LocalCluster {
 }
 
 impl LocalNode {
-    fn spawn(&mut self, exe: &Path, shards: Option<usize>, config: Option<&Path>, rust_log: &str) -> Result<(), String> {
-        let log = std::fs::File::create(&self.log).map_err(|e| format!("create {}: {e}", self.log.display()))?;
+    fn spawn(
+        &mut self,
+        exe: &Path,
+        shards: Option<usize>,
+        config: Option<&Path>,
+        rust_log: &str,
+    ) -> Result<(), String> {
+        let log = std::fs::File::create(&self.log)
+            .map_err(|e| format!("create {}: {e}", self.log.display()))?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(exe);
         cmd.arg("serve")
@@ -137,7 +151,9 @@ impl LocalNode {
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
-        let child = cmd.spawn().map_err(|e| format!("start node {}: {e}", self.id))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("start node {}: {e}", self.id))?;
         self.child = Some(child);
         Ok(())
     }
@@ -154,18 +170,27 @@ impl LocalNode {
                     ));
                 }
             }
-            if super::status(&self.api_addr, Duration::from_secs(1)).await.is_ok() {
+            if super::status(&self.api_addr, Duration::from_secs(1))
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > until {
-                return Err(format!("node {} did not start within {limit:?}; see {}", self.id, self.log.display()));
+                return Err(format!(
+                    "node {} did not start within {limit:?}; see {}",
+                    self.id,
+                    self.log.display()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         // SAFETY: plain kill(2) on a child we spawned and have not reaped.
         unsafe {
             libc::kill(child.id() as i32, libc::SIGTERM);

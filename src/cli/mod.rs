@@ -18,7 +18,10 @@ pub fn parse_members(s: &str) -> Result<HashMap<u64, String>, String> {
         let (id, addr) = part
             .split_once('=')
             .ok_or_else(|| format!("member {part:?} is not ID=HOST:PORT"))?;
-        let id: u64 = id.trim().parse().map_err(|_| format!("member id {id:?} is not a number"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("member id {id:?} is not a number"))?;
         out.insert(id, addr.trim().to_string());
     }
     if out.is_empty() {
@@ -31,7 +34,12 @@ pub async fn connect(addr: &str) -> Result<Client, Status> {
     Client::connect(addr).await
 }
 
-pub async fn bootstrap(addr: &str, partitions: u32, members: HashMap<u64, String>, timeout: Duration) -> Result<(), Status> {
+pub async fn bootstrap(
+    addr: &str,
+    partitions: u32,
+    members: HashMap<u64, String>,
+    timeout: Duration,
+) -> Result<(), Status> {
     let req = BootstrapRequest {
         partitions: (1..=partitions)
             .map(|p| PartitionConfig {
@@ -41,11 +49,17 @@ pub async fn bootstrap(addr: &str, partitions: u32, members: HashMap<u64, String
             .collect(),
     };
     let c = connect(addr).await?;
-    let _: crate::proto::node::BootstrapResponse = c.call(NODE_BOOTSTRAP, &req, Some(timeout)).await?;
+    let _: crate::proto::node::BootstrapResponse =
+        c.call(NODE_BOOTSTRAP, &req, Some(timeout)).await?;
     Ok(())
 }
 
-pub async fn join(addr: &str, partition: u32, members: HashMap<u64, String>, timeout: Duration) -> Result<(), Status> {
+pub async fn join(
+    addr: &str,
+    partition: u32,
+    members: HashMap<u64, String>,
+    timeout: Duration,
+) -> Result<(), Status> {
     let req = JoinRequest {
         partition: Some(PartitionConfig {
             partition_id: partition,
@@ -60,7 +74,13 @@ pub async fn join(addr: &str, partition: u32, members: HashMap<u64, String>, tim
 pub async fn leave(addr: &str, partition: u32, timeout: Duration) -> Result<(), Status> {
     let c = connect(addr).await?;
     let _: crate::proto::node::LeaveResponse = c
-        .call(NODE_LEAVE, &LeaveRequest { partition_id: partition }, Some(timeout))
+        .call(
+            NODE_LEAVE,
+            &LeaveRequest {
+                partition_id: partition,
+            },
+            Some(timeout),
+        )
         .await?;
     Ok(())
 }
@@ -71,7 +91,9 @@ pub async fn status(addr: &str, timeout: Duration) -> Result<StatusResponse, Sta
 }
 
 pub fn role_name(role: i32) -> &'static str {
-    Role::try_from(role).map(|r| r.as_str_name()).unwrap_or("ROLE_UNKNOWN")
+    Role::try_from(role)
+        .map(|r| r.as_str_name())
+        .unwrap_or("ROLE_UNKNOWN")
 }
 
 /// StatusResponse as proto3 JSON (camelCase names, enums by name).
@@ -104,9 +126,15 @@ pub fn status_table(s: &StatusResponse) -> String {
         s.api_addr,
         s.raft_addr,
         s.shards,
-        if s.bootstrapped { "bootstrapped" } else { "not bootstrapped" }
+        if s.bootstrapped {
+            "bootstrapped"
+        } else {
+            "not bootstrapped"
+        }
     );
-    out.push_str("PARTITION SHARD ROLE         LEADER TERM   COMMIT     APPLIED    SNAPSHOT   VOTERS\n");
+    out.push_str(
+        "PARTITION SHARD ROLE         LEADER TERM   COMMIT     APPLIED    SNAPSHOT   VOTERS\n",
+    );
     for p in &s.partitions {
         out.push_str(&format!(
             "{:<9} {:<5} {:<12} {:<6} {:<6} {:<10} {:<10} {:<10} {:?}\n",

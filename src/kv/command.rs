@@ -20,9 +20,14 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Put { value: Bytes },
+    Put {
+        value: Bytes,
+    },
     Delete,
-    Cas { expected: Option<Bytes>, value: Bytes },
+    Cas {
+        expected: Option<Bytes>,
+        value: Bytes,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,10 +150,32 @@ mod tests {
     fn batch_round_trip() {
         let b = |s: &str| Bytes::copy_from_slice(s.as_bytes());
         let cmds = vec![
-            Command { id: 7, key: b("k1"), op: Op::Put { value: b("v1") } },
-            Command { id: 8, key: b("k2"), op: Op::Delete },
-            Command { id: 9, key: b(""), op: Op::Cas { expected: None, value: b("") } },
-            Command { id: u64::MAX, key: b("k"), op: Op::Cas { expected: Some(b("e")), value: b("n") } },
+            Command {
+                id: 7,
+                key: b("k1"),
+                op: Op::Put { value: b("v1") },
+            },
+            Command {
+                id: 8,
+                key: b("k2"),
+                op: Op::Delete,
+            },
+            Command {
+                id: 9,
+                key: b(""),
+                op: Op::Cas {
+                    expected: None,
+                    value: b(""),
+                },
+            },
+            Command {
+                id: u64::MAX,
+                key: b("k"),
+                op: Op::Cas {
+                    expected: Some(b("e")),
+                    value: b("n"),
+                },
+            },
         ];
         let enc = encode_batch(&cmds);
         assert_eq!(decode_batch(&enc).unwrap(), cmds);

@@ -16,9 +16,16 @@ use command::{Command, Op};
 /// What applying one command produced, returned to the caller that proposed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
-    Put { previous: Option<Bytes> },
-    Delete { previous: Option<Bytes> },
-    Cas { succeeded: bool, current: Option<Bytes> },
+    Put {
+        previous: Option<Bytes>,
+    },
+    Delete {
+        previous: Option<Bytes>,
+    },
+    Cas {
+        succeeded: bool,
+        current: Option<Bytes>,
+    },
 }
 
 /// One partition's map.
@@ -127,25 +134,65 @@ mod tests {
     fn put_delete_cas() {
         let mut s = KvStore::default();
         let v = |x: &str| Bytes::copy_from_slice(x.as_bytes());
-        assert_eq!(s.apply(cmd("a", Op::Put { value: v("1") })), Applied::Put { previous: None });
+        assert_eq!(
+            s.apply(cmd("a", Op::Put { value: v("1") })),
+            Applied::Put { previous: None }
+        );
         assert_eq!(
             s.apply(cmd("a", Op::Put { value: v("2") })),
-            Applied::Put { previous: Some(v("1")) }
+            Applied::Put {
+                previous: Some(v("1"))
+            }
         );
         assert_eq!(
-            s.apply(cmd("a", Op::Cas { expected: Some(v("1")), value: v("3") })),
-            Applied::Cas { succeeded: false, current: Some(v("2")) }
+            s.apply(cmd(
+                "a",
+                Op::Cas {
+                    expected: Some(v("1")),
+                    value: v("3")
+                }
+            )),
+            Applied::Cas {
+                succeeded: false,
+                current: Some(v("2"))
+            }
         );
         assert_eq!(
-            s.apply(cmd("a", Op::Cas { expected: Some(v("2")), value: v("3") })),
-            Applied::Cas { succeeded: true, current: Some(v("2")) }
+            s.apply(cmd(
+                "a",
+                Op::Cas {
+                    expected: Some(v("2")),
+                    value: v("3")
+                }
+            )),
+            Applied::Cas {
+                succeeded: true,
+                current: Some(v("2"))
+            }
         );
         assert_eq!(
-            s.apply(cmd("b", Op::Cas { expected: None, value: v("x") })),
-            Applied::Cas { succeeded: true, current: None }
+            s.apply(cmd(
+                "b",
+                Op::Cas {
+                    expected: None,
+                    value: v("x")
+                }
+            )),
+            Applied::Cas {
+                succeeded: true,
+                current: None
+            }
         );
-        assert_eq!(s.apply(cmd("a", Op::Delete)), Applied::Delete { previous: Some(v("3")) });
-        assert_eq!(s.apply(cmd("a", Op::Delete)), Applied::Delete { previous: None });
+        assert_eq!(
+            s.apply(cmd("a", Op::Delete)),
+            Applied::Delete {
+                previous: Some(v("3"))
+            }
+        );
+        assert_eq!(
+            s.apply(cmd("a", Op::Delete)),
+            Applied::Delete { previous: None }
+        );
         let snap = s.snapshot();
         let r = KvStore::restore(&snap).unwrap();
         assert_eq!(r.len(), 1);

@@ -6,8 +6,8 @@ use bytes::Bytes;
 use crate::grpc::{Request, Status};
 use crate::node::api::{with_deadline, Api};
 use crate::proto::kv::{
-    CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest,
-    PutResponse,
+    CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse, GetRequest,
+    GetResponse, PutRequest, PutResponse,
 };
 use crate::raft::{ReadResult, WriteResult};
 
@@ -26,7 +26,10 @@ impl Api {
     fn check_key(&self, key: &[u8]) -> Result<(), Status> {
         let max = self.node.config.max_key_size;
         if key.len() > max {
-            return Err(Status::invalid_argument(format!("key is {} bytes; the limit is {max}", key.len())));
+            return Err(Status::invalid_argument(format!(
+                "key is {} bytes; the limit is {max}",
+                key.len()
+            )));
         }
         Ok(())
     }
@@ -34,7 +37,10 @@ impl Api {
     fn check_value(&self, field: &str, value: &[u8]) -> Result<(), Status> {
         let max = self.node.config.max_value_size;
         if value.len() > max {
-            return Err(Status::invalid_argument(format!("{field} is {} bytes; the limit is {max}", value.len())));
+            return Err(Status::invalid_argument(format!(
+                "{field} is {} bytes; the limit is {max}",
+                value.len()
+            )));
         }
         Ok(())
     }
@@ -42,7 +48,9 @@ impl Api {
     fn route(&self, partition_id: u32, key: &[u8]) -> Result<Route, Status> {
         let meta = self.meta();
         if !meta.bootstrapped() {
-            return Err(Status::failed_precondition("node is not bootstrapped; call Bootstrap first"));
+            return Err(Status::failed_precondition(
+                "node is not bootstrapped; call Bootstrap first",
+            ));
         }
         let p = if partition_id == 0 {
             meta.partition_for_key(key)
@@ -68,7 +76,10 @@ impl Api {
             if left.is_zero() {
                 break;
             }
-            match self.peer_call(*to, &req.method, req.body.clone(), left).await {
+            match self
+                .peer_call(*to, &req.method, req.body.clone(), left)
+                .await
+            {
                 Ok(b) => return Ok(b),
                 // Only a node that did not answer is worth another try;
                 // any real answer (even an error) is the answer.
@@ -87,7 +98,9 @@ impl Api {
                 match s.groups.get_mut(&p) {
                     Some(g) => g.propose(cmd, wtx),
                     None => {
-                        let _ = wtx.send(Err(Status::not_found(format!("partition {p} is not hosted here"))));
+                        let _ = wtx.send(Err(Status::not_found(format!(
+                            "partition {p} is not hosted here"
+                        ))));
                     }
                 }
                 let _ = tx.send(Ok(wrx));
@@ -102,7 +115,13 @@ impl Api {
         }
     }
 
-    async fn read(&self, p: u32, key: Bytes, serializable: bool, req: &Request) -> Result<ReadResult, Status> {
+    async fn read(
+        &self,
+        p: u32,
+        key: Bytes,
+        serializable: bool,
+        req: &Request,
+    ) -> Result<ReadResult, Status> {
         let rx = self
             .node
             .call(self.node.shard_of(p), move |s, tx| {
@@ -113,7 +132,9 @@ impl Api {
                     }
                     Some(g) => g.read(key, rtx),
                     None => {
-                        let _ = rtx.send(Err(Status::not_found(format!("partition {p} is not hosted here"))));
+                        let _ = rtx.send(Err(Status::not_found(format!(
+                            "partition {p} is not hosted here"
+                        ))));
                     }
                 }
                 let _ = tx.send(Ok(rrx));
@@ -153,7 +174,11 @@ impl Api {
         }
     }
 
-    pub async fn kv_delete(&self, r: DeleteRequest, req: &Request) -> Result<DeleteResponse, Status> {
+    pub async fn kv_delete(
+        &self,
+        r: DeleteRequest,
+        req: &Request,
+    ) -> Result<DeleteResponse, Status> {
         self.check_key(&r.key)?;
         match self.route(r.partition_id, &r.key)? {
             Route::Forward(p, m) => crate::node::api::decode(&self.forward(p, m, req).await?),
@@ -177,7 +202,11 @@ impl Api {
         }
     }
 
-    pub async fn kv_cas(&self, r: CompareAndSwapRequest, req: &Request) -> Result<CompareAndSwapResponse, Status> {
+    pub async fn kv_cas(
+        &self,
+        r: CompareAndSwapRequest,
+        req: &Request,
+    ) -> Result<CompareAndSwapResponse, Status> {
         self.check_key(&r.key)?;
         self.check_value("value", &r.value)?;
         if let Some(e) = &r.expected {

@@ -69,7 +69,9 @@ impl Api {
         // command's id is matched on every replica that applies it); the
         // random start keeps a restarted node from reusing ids of commands
         // still in the log.
-        let base = ((node.node_id() & 0xffff) << 48) | ((shard as u64 & 0xff) << 40) | (rand::random::<u64>() >> 34);
+        let base = ((node.node_id() & 0xffff) << 48)
+            | ((shard as u64 & 0xff) << 40)
+            | (rand::random::<u64>() >> 34);
         Api(Rc::new(ApiInner {
             node,
             shard,
@@ -83,7 +85,10 @@ impl Api {
     /// The node metadata as of now, without taking the lock unless it
     /// changed since the last call on this shard.
     pub fn meta(&self) -> Rc<NodeMeta> {
-        let v = self.node.meta_version.load(std::sync::atomic::Ordering::Acquire);
+        let v = self
+            .node
+            .meta_version
+            .load(std::sync::atomic::Ordering::Acquire);
         let mut c = self.meta_cache.borrow_mut();
         if c.0 != v {
             *c = (v, Rc::new(self.node.meta().clone()));
@@ -112,7 +117,9 @@ impl Api {
             KV_GET => reply(self.kv_get(decode(&req.body)?, &req).await),
             KV_DELETE => reply(self.kv_delete(decode(&req.body)?, &req).await),
             KV_CAS => reply(self.kv_cas(decode(&req.body)?, &req).await),
-            PEER_ADD_VOTER if from_peer => reply(self.add_voter(decode(&req.body)?, deadline).await),
+            PEER_ADD_VOTER if from_peer => {
+                reply(self.add_voter(decode(&req.body)?, deadline).await)
+            }
             PEER_CONF_QUERY if from_peer => reply(self.conf_query(decode(&req.body)?).await),
             m => Err(Status::unimplemented(format!("unknown method {m}"))),
         }
@@ -124,7 +131,10 @@ impl Api {
             .node
             .call_all(|s| {
                 let shard = s.index as u32;
-                s.groups.values().map(|g| g.status(shard)).collect::<Vec<PartitionStatus>>()
+                s.groups
+                    .values()
+                    .map(|g| g.status(shard))
+                    .collect::<Vec<PartitionStatus>>()
             })
             .await?;
         let mut partitions: Vec<PartitionStatus> = per_shard.into_iter().flatten().collect();
@@ -141,7 +151,10 @@ impl Api {
     }
 
     /// Status of one local partition, if hosted.
-    pub async fn partition_status(&self, partition: u32) -> Result<Option<PartitionStatus>, Status> {
+    pub async fn partition_status(
+        &self,
+        partition: u32,
+    ) -> Result<Option<PartitionStatus>, Status> {
         self.node
             .call(self.node.shard_of(partition), move |s, tx| {
                 let shard = s.index as u32;
@@ -152,7 +165,13 @@ impl Api {
 
     /// Sends a call to another node over the peer links and waits for its
     /// answer (at most `timeout`).
-    pub async fn peer_call(&self, to: u64, method: &str, body: Bytes, timeout: Duration) -> Result<Bytes, Status> {
+    pub async fn peer_call(
+        &self,
+        to: u64,
+        method: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, Status> {
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
         self.peer_pending.borrow_mut().insert(id, tx);
@@ -173,7 +192,9 @@ impl Api {
         match answer {
             Some(Ok(r)) if r.code == 0 => Ok(r.body),
             Some(Ok(r)) => Err(Status::new(Code::from_u32(r.code), r.message)),
-            _ => Err(Status::unavailable(format!("node {to} did not answer within {timeout:?}"))),
+            _ => Err(Status::unavailable(format!(
+                "node {to} did not answer within {timeout:?}"
+            ))),
         }
     }
 
@@ -182,7 +203,8 @@ impl Api {
     pub fn serve_peer_request(&self, from: u64, r: PeerRequest) {
         let api = self.clone();
         glommio::spawn_local(async move {
-            let deadline = (r.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(r.timeout_ms));
+            let deadline =
+                (r.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(r.timeout_ms));
             let req = Request {
                 method: r.method,
                 body: r.body,
@@ -227,7 +249,10 @@ pub fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
     M::decode(body).map_err(|e| {
         Status::invalid_argument(format!(
             "cannot decode {}: {e}",
-            std::any::type_name::<M>().rsplit("::").next().unwrap_or("request")
+            std::any::type_name::<M>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("request")
         ))
     })
 }

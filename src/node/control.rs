@@ -14,7 +14,9 @@ use prost::Message;
 use raft::eraftpb::{ConfChange, ConfChangeType};
 
 use crate::grpc::Status;
-use crate::proto::node::{BootstrapRequest, BootstrapResponse, JoinRequest, JoinResponse, LeaveRequest, LeaveResponse};
+use crate::proto::node::{
+    BootstrapRequest, BootstrapResponse, JoinRequest, JoinResponse, LeaveRequest, LeaveResponse,
+};
 use crate::proto::peer::{AddVoterRequest, AddVoterResponse, ConfQueryRequest, ConfQueryResponse};
 use crate::raft::GroupInit;
 
@@ -27,7 +29,11 @@ const POLL: Duration = Duration::from_millis(20);
 const PEER_ATTEMPT: Duration = Duration::from_secs(2);
 
 impl Api {
-    pub async fn bootstrap(&self, req: BootstrapRequest, deadline: Option<Instant>) -> Result<BootstrapResponse, Status> {
+    pub async fn bootstrap(
+        &self,
+        req: BootstrapRequest,
+        deadline: Option<Instant>,
+    ) -> Result<BootstrapResponse, Status> {
         let layout = validate_layout(&req.partitions)?;
         let addresses = address_book(&layout)?;
         let me = self.node.node_id();
@@ -77,17 +83,27 @@ impl Api {
         }
         // Done when every hosted partition has elected a leader.
         let ids: Vec<u32> = hosted.iter().map(|(p, _)| *p).collect();
-        self.wait_for(deadline, "every hosted partition to elect a leader", || async {
-            let st = self.status().await?;
-            Ok(ids
-                .iter()
-                .all(|p| st.partitions.iter().any(|s| s.partition_id == *p && s.leader_id != 0)))
-        })
+        self.wait_for(
+            deadline,
+            "every hosted partition to elect a leader",
+            || async {
+                let st = self.status().await?;
+                Ok(ids.iter().all(|p| {
+                    st.partitions
+                        .iter()
+                        .any(|s| s.partition_id == *p && s.leader_id != 0)
+                }))
+            },
+        )
         .await?;
         Ok(BootstrapResponse {})
     }
 
-    pub async fn join(&self, req: JoinRequest, deadline: Option<Instant>) -> Result<JoinResponse, Status> {
+    pub async fn join(
+        &self,
+        req: JoinRequest,
+        deadline: Option<Instant>,
+    ) -> Result<JoinResponse, Status> {
         let p = req
             .partition
             .ok_or_else(|| Status::invalid_argument("partition is required"))?;
@@ -104,7 +120,9 @@ impl Api {
             let _guard = self.node.control.lock().await;
             let meta = self.node.meta().clone();
             if !meta.bootstrapped() {
-                return Err(Status::failed_precondition("node is not bootstrapped; call Bootstrap first"));
+                return Err(Status::failed_precondition(
+                    "node is not bootstrapped; call Bootstrap first",
+                ));
             }
             if !meta.hosted.contains(&pid) {
                 self.update_meta(|meta| {
@@ -146,14 +164,20 @@ impl Api {
         let mut next = 0;
         loop {
             if let Some(st) = self.partition_status(pid).await? {
-                if st.voters.contains(&me) && st.leader_id != 0 && st.applied_index >= st.commit_index {
+                if st.voters.contains(&me)
+                    && st.leader_id != 0
+                    && st.applied_index >= st.commit_index
+                {
                     break;
                 }
             }
             if !asked && !others.is_empty() {
                 let to = others[next % others.len()];
                 next += 1;
-                match self.peer_call(to, PEER_ADD_VOTER, body.clone(), PEER_ATTEMPT).await {
+                match self
+                    .peer_call(to, PEER_ADD_VOTER, body.clone(), PEER_ATTEMPT)
+                    .await
+                {
                     Ok(_) => asked = true,
                     Err(e) => tracing::debug!(partition = pid, "AddVoter via node {to}: {e}"),
                 }
@@ -168,7 +192,11 @@ impl Api {
         Ok(JoinResponse {})
     }
 
-    pub async fn leave(&self, req: LeaveRequest, deadline: Option<Instant>) -> Result<LeaveResponse, Status> {
+    pub async fn leave(
+        &self,
+        req: LeaveRequest,
+        deadline: Option<Instant>,
+    ) -> Result<LeaveResponse, Status> {
         let pid = req.partition_id;
         if pid == 0 {
             return Err(Status::invalid_argument("partition_id must be non-zero"));
@@ -178,10 +206,14 @@ impl Api {
         {
             let meta = self.node.meta();
             if !meta.bootstrapped() {
-                return Err(Status::failed_precondition("node is not bootstrapped; call Bootstrap first"));
+                return Err(Status::failed_precondition(
+                    "node is not bootstrapped; call Bootstrap first",
+                ));
             }
             if !meta.hosted.contains(&pid) {
-                return Err(Status::not_found(format!("partition {pid} is not hosted on node {me}")));
+                return Err(Status::not_found(format!(
+                    "partition {pid} is not hosted on node {me}"
+                )));
             }
         }
         let mut last_proposal: Option<Instant> = None;
@@ -230,7 +262,10 @@ impl Api {
         // its removal committed: ask them.
         let q = Bytes::from(ConfQueryRequest { partition_id: pid }.encode_to_vec());
         for o in &others {
-            if let Ok(b) = self.peer_call(*o, PEER_CONF_QUERY, q.clone(), Duration::from_millis(500)).await {
+            if let Ok(b) = self
+                .peer_call(*o, PEER_CONF_QUERY, q.clone(), Duration::from_millis(500))
+                .await
+            {
                 let r: ConfQueryResponse = decode(&b)?;
                 if !r.voters.is_empty() && !r.voters.contains(&me) {
                     return Ok(true);
@@ -262,13 +297,15 @@ impl Api {
         // ConfQuery covers the case where it never hears of it.
         let _ = self
             .node
-            .call(self.node.shard_of(pid), move |s, tx| match s.groups.get_mut(&pid) {
-                Some(g) => {
-                    g.propose_conf_change(cc, futures::channel::oneshot::channel().0);
-                    let _ = tx.send(Ok(()));
-                }
-                None => {
-                    let _ = tx.send(Ok(()));
+            .call(self.node.shard_of(pid), move |s, tx| {
+                match s.groups.get_mut(&pid) {
+                    Some(g) => {
+                        g.propose_conf_change(cc, futures::channel::oneshot::channel().0);
+                        let _ = tx.send(Ok(()));
+                    }
+                    None => {
+                        let _ = tx.send(Ok(()));
+                    }
                 }
             })
             .await;
@@ -276,24 +313,35 @@ impl Api {
     }
 
     /// Internal: a joining node asks a member to add it as a voter.
-    pub async fn add_voter(&self, req: AddVoterRequest, deadline: Option<Instant>) -> Result<AddVoterResponse, Status> {
+    pub async fn add_voter(
+        &self,
+        req: AddVoterRequest,
+        deadline: Option<Instant>,
+    ) -> Result<AddVoterResponse, Status> {
         let pid = req.partition_id;
         if !self.node.meta().hosted.contains(&pid) {
-            return Err(Status::not_found(format!("partition {pid} is not hosted here")));
+            return Err(Status::not_found(format!(
+                "partition {pid} is not hosted here"
+            )));
         }
         if req.node_id == 0 || !super::meta::check_address(&req.raft_addr) {
-            return Err(Status::invalid_argument("AddVoter needs a node id and a host:port address"));
+            return Err(Status::invalid_argument(
+                "AddVoter needs a node id and a host:port address",
+            ));
         }
         // Learn the address at once: if this node leads, it must reach the
         // new voter as soon as the change applies.
-        self.node.broadcast_address(req.node_id, req.raft_addr.clone());
+        self.node
+            .broadcast_address(req.node_id, req.raft_addr.clone());
         let node = req.node_id;
         let addr = req.raft_addr.clone();
         let rx = self
             .node
             .call(self.node.shard_of(pid), move |s, tx| {
                 let Some(g) = s.groups.get_mut(&pid) else {
-                    let _ = tx.send(Err(Status::not_found(format!("partition {pid} is not hosted here"))));
+                    let _ = tx.send(Err(Status::not_found(format!(
+                        "partition {pid} is not hosted here"
+                    ))));
                     return;
                 };
                 let (ctx, crx) = futures::channel::oneshot::channel();
@@ -314,7 +362,9 @@ impl Api {
             Some(Ok(Ok(_))) => Ok(AddVoterResponse {}),
             Some(Ok(Err(s))) => Err(s),
             Some(Err(_)) => Err(Status::unavailable("partition stopped")),
-            None => Err(Status::unavailable(format!("adding node {node} to partition {pid} did not commit in time"))),
+            None => Err(Status::unavailable(format!(
+                "adding node {node} to partition {pid} did not commit in time"
+            ))),
         }
     }
 
@@ -326,12 +376,20 @@ impl Api {
                 applied_index: st.applied_index,
                 commit_index: st.commit_index,
             }),
-            None => Err(Status::not_found(format!("partition {} is not hosted here", req.partition_id))),
+            None => Err(Status::not_found(format!(
+                "partition {} is not hosted here",
+                req.partition_id
+            ))),
         }
     }
 
     /// Polls `cond` every [`POLL`] until it holds or the deadline passes.
-    async fn wait_for<F, Fut>(&self, deadline: Option<Instant>, what: &str, mut cond: F) -> Result<(), Status>
+    async fn wait_for<F, Fut>(
+        &self,
+        deadline: Option<Instant>,
+        what: &str,
+        mut cond: F,
+    ) -> Result<(), Status>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<bool, Status>>,
@@ -342,7 +400,9 @@ impl Api {
                 return Ok(());
             }
             if Instant::now() >= until {
-                return Err(Status::deadline_exceeded(format!("timed out waiting for {what}")));
+                return Err(Status::deadline_exceeded(format!(
+                    "timed out waiting for {what}"
+                )));
             }
             glommio::timer::sleep(POLL).await;
         }

@@ -94,7 +94,9 @@ pub fn check_address(addr: &str) -> bool {
 /// (e.g. "partitions[2]").
 pub fn validate_partition(p: &PartitionConfig, field: &str) -> Result<Members, Status> {
     if p.partition_id == 0 {
-        return Err(Status::invalid_argument(format!("{field}.partition_id must be non-zero")));
+        return Err(Status::invalid_argument(format!(
+            "{field}.partition_id must be non-zero"
+        )));
     }
     if p.members.is_empty() {
         return Err(Status::invalid_argument(format!(
@@ -161,7 +163,10 @@ mod tests {
             (vec![pc(1, &[(0, "a:1")])], "member id must be non-zero"),
             (vec![pc(1, &[(1, "not-an-address")])], "is not host:port"),
             (vec![pc(1, &[(1, "a:0")])], "is not host:port"),
-            (vec![pc(1, &ok), pc(1, &ok)], "partitions[1].partition_id 1 is a duplicate"),
+            (
+                vec![pc(1, &ok), pc(1, &ok)],
+                "partitions[1].partition_id 1 is a duplicate",
+            ),
         ];
         for (layout, want) in cases {
             let err = validate_layout(&layout).unwrap_err();

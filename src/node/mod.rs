@@ -71,8 +71,9 @@ impl Node {
                     shards: config.shards,
                     ..Default::default()
                 };
-                m.store(&config.data_dir)
-                    .map_err(|e| format!("write {}: {e}", NodeMeta::path(&config.data_dir).display()))?;
+                m.store(&config.data_dir).map_err(|e| {
+                    format!("write {}: {e}", NodeMeta::path(&config.data_dir).display())
+                })?;
                 m
             }
         };
@@ -86,7 +87,9 @@ impl Node {
             control: futures::lock::Mutex::new(()),
             meta_version: Default::default(),
         });
-        let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|c| c.get())
+            .unwrap_or(1);
         let (ready_tx, ready_rx) = std_mpsc::channel::<Result<(), String>>();
         let mut triggers = Vec::new();
         let mut threads = Vec::new();
@@ -144,7 +147,9 @@ impl Node {
 async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Result<Shard, String> {
     let cfg = &node.config;
     let dir = cfg.data_dir.join(format!("shard-{k}"));
-    let (wal, recovered) = Wal::open(dir, WalConfig::default()).await.map_err(|e| e.to_string())?;
+    let (wal, recovered) = Wal::open(dir, WalConfig::default())
+        .await
+        .map_err(|e| e.to_string())?;
     let links = PeerLinks::new(cfg.node_id, shutdown.clone());
     let meta = node.meta().clone();
     for (n, a) in &meta.addresses {
@@ -172,10 +177,18 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
         shard.groups.insert(p, g);
     }
     for p in removed {
-        tracing::info!(partition = p, "replica not hosted any more: removing its state");
+        tracing::info!(
+            partition = p,
+            "replica not hosted any more: removing its state"
+        );
         shard.remove_group(p, |_| {});
     }
-    for p in meta.hosted.iter().copied().filter(|p| node.shard_of(*p) == k) {
+    for p in meta
+        .hosted
+        .iter()
+        .copied()
+        .filter(|p| node.shard_of(*p) == k)
+    {
         if shard.groups.contains_key(&p) {
             continue;
         }
@@ -190,39 +203,52 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
         };
         shard.create_group(p, init, |_| {});
     }
-    tracing::info!(shard = k, partitions = shard.groups.len(), "shard recovered");
+    tracing::info!(
+        shard = k,
+        partitions = shard.groups.len(),
+        "shard recovered"
+    );
 
-    let api_listener = crate::net::reuseport_listener(cfg.api_addr).map_err(|e| format!("bind API address {}: {e}", cfg.api_addr))?;
-    let raft_listener =
-        crate::net::reuseport_listener(cfg.raft_addr).map_err(|e| format!("bind raft address {}: {e}", cfg.raft_addr))?;
+    let api_listener = crate::net::reuseport_listener(cfg.api_addr)
+        .map_err(|e| format!("bind API address {}: {e}", cfg.api_addr))?;
+    let raft_listener = crate::net::reuseport_listener(cfg.raft_addr)
+        .map_err(|e| format!("bind raft address {}: {e}", cfg.raft_addr))?;
     let api = Api::new(node.clone(), k, links.clone(), shard.peer_pending.clone());
     let grpc_config = crate::grpc::ServerConfig {
         max_message_size: cfg.max_message_size,
         ..Default::default()
     };
-    glommio::spawn_local(crate::grpc::serve(api_listener, Rc::new(api.clone()), grpc_config, shutdown.clone())).detach();
+    glommio::spawn_local(crate::grpc::serve(
+        api_listener,
+        Rc::new(api.clone()),
+        grpc_config,
+        shutdown.clone(),
+    ))
+    .detach();
 
     let sink_api = api.clone();
     let sink_node = node.clone();
-    let sink = Rc::new(move |from: u64, env: crate::proto::peer::Envelope| match env.body {
-        Some(envelope::Body::Raft(m)) => {
-            let _ = sink_node.send(
-                sink_node.shard_of(m.partition_id),
-                ShardMsg::Raft {
-                    partition: m.partition_id,
-                    data: m.message,
-                },
-            );
-        }
-        Some(envelope::Body::Request(r)) => sink_api.serve_peer_request(from, r),
-        Some(envelope::Body::Response(r)) => {
-            let s = r.origin_shard as usize;
-            if s < sink_node.inboxes.len() {
-                let _ = sink_node.send(s, ShardMsg::PeerResponse(r));
+    let sink = Rc::new(
+        move |from: u64, env: crate::proto::peer::Envelope| match env.body {
+            Some(envelope::Body::Raft(m)) => {
+                let _ = sink_node.send(
+                    sink_node.shard_of(m.partition_id),
+                    ShardMsg::Raft {
+                        partition: m.partition_id,
+                        data: m.message,
+                    },
+                );
             }
-        }
-        None => tracing::debug!(from, "empty peer envelope dropped"),
-    });
+            Some(envelope::Body::Request(r)) => sink_api.serve_peer_request(from, r),
+            Some(envelope::Body::Response(r)) => {
+                let s = r.origin_shard as usize;
+                if s < sink_node.inboxes.len() {
+                    let _ = sink_node.send(s, ShardMsg::PeerResponse(r));
+                }
+            }
+            None => tracing::debug!(from, "empty peer envelope dropped"),
+        },
+    );
     glommio::spawn_local(crate::transport::serve(raft_listener, sink, shutdown)).detach();
     Ok(shard)
 }

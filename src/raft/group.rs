@@ -12,7 +12,9 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use futures::channel::oneshot;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Snapshot};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+};
 use raft::{RawNode, StateRole};
 
 use crate::config::RaftConfig;
@@ -141,7 +143,13 @@ impl GroupInit {
 }
 
 impl Group {
-    pub fn new(id: u32, node_id: u64, cfg: &RaftConfig, max_inflight: usize, init: GroupInit) -> Result<Group, String> {
+    pub fn new(
+        id: u32,
+        node_id: u64,
+        cfg: &RaftConfig,
+        max_inflight: usize,
+        init: GroupInit,
+    ) -> Result<Group, String> {
         let (kv, snap_index, snap_term, snap_conf) = match &init.snapshot {
             Some(s) => (
                 KvStore::restore(&s.data).map_err(|e| format!("partition {id}: snapshot: {e}"))?,
@@ -151,7 +159,12 @@ impl Group {
             ),
             None => (KvStore::default(), 0, 0, ConfState::default()),
         };
-        let storage = GroupStorage::new(init.hard_state, init.conf_state, init.snapshot, init.entries);
+        let storage = GroupStorage::new(
+            init.hard_state,
+            init.conf_state,
+            init.snapshot,
+            init.entries,
+        );
         let config = raft::Config {
             id: node_id,
             election_tick: cfg.election_ticks(),
@@ -380,7 +393,8 @@ impl Group {
 
     /// Installs a snapshot from the leader into the state machine.
     pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), String> {
-        let kv = KvStore::restore(&snap.data).map_err(|e| format!("partition {}: snapshot: {e}", self.id))?;
+        let kv = KvStore::restore(&snap.data)
+            .map_err(|e| format!("partition {}: snapshot: {e}", self.id))?;
         let meta = snap.get_metadata();
         self.storage.apply_snapshot(snap.clone());
         self.kv = kv;
@@ -409,7 +423,11 @@ impl Group {
                     }
                 }
                 EntryType::EntryConfChangeV2 => {
-                    tracing::warn!(partition = self.id, index = e.index, "ignoring ConfChangeV2 entry");
+                    tracing::warn!(
+                        partition = self.id,
+                        index = e.index,
+                        "ignoring ConfChangeV2 entry"
+                    );
                 }
             }
             self.applied = e.index;
@@ -425,7 +443,11 @@ impl Group {
             Err(err) => {
                 // CRC-checked data that does not decode is a bug, not input:
                 // skipping it on every replica keeps them identical.
-                tracing::error!(partition = self.id, index = e.index, "undecodable entry skipped: {err}");
+                tracing::error!(
+                    partition = self.id,
+                    index = e.index,
+                    "undecodable entry skipped: {err}"
+                );
                 return;
             }
         };
@@ -433,7 +455,10 @@ impl Group {
             let id = cmd.id;
             let applied = self.kv.apply(cmd);
             if let Some(r) = self.waiting.remove(&id) {
-                let _ = r.send(Ok(WriteResult { applied, index: e.index }));
+                let _ = r.send(Ok(WriteResult {
+                    applied,
+                    index: e.index,
+                }));
             }
         }
     }
@@ -445,7 +470,11 @@ impl Group {
         let cc = match ConfChange::parse_from_bytes(&e.data) {
             Ok(cc) => cc,
             Err(err) => {
-                tracing::error!(partition = self.id, index = e.index, "undecodable conf change: {err}");
+                tracing::error!(
+                    partition = self.id,
+                    index = e.index,
+                    "undecodable conf change: {err}"
+                );
                 return None;
             }
         };
@@ -472,9 +501,15 @@ impl Group {
                 Some(cs)
             }
             Err(err) => {
-                tracing::warn!(partition = self.id, index = e.index, "conf change rejected: {err}");
+                tracing::warn!(
+                    partition = self.id,
+                    index = e.index,
+                    "conf change rejected: {err}"
+                );
                 if let Some(w) = waiter {
-                    let _ = w.send(Err(Status::failed_precondition(format!("conf change rejected: {err}"))));
+                    let _ = w.send(Err(Status::failed_precondition(format!(
+                        "conf change rejected: {err}"
+                    ))));
                 }
                 None
             }

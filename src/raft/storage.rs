@@ -36,7 +36,12 @@ pub struct GroupStorage(Rc<RefCell<Core>>);
 
 impl GroupStorage {
     /// Storage for a recovered (or freshly bootstrapped) group.
-    pub fn new(hs: HardState, cs: ConfState, snapshot: Option<Snapshot>, entries: Vec<Entry>) -> GroupStorage {
+    pub fn new(
+        hs: HardState,
+        cs: ConfState,
+        snapshot: Option<Snapshot>,
+        entries: Vec<Entry>,
+    ) -> GroupStorage {
         let snapshot = snapshot.unwrap_or_default();
         let (ci, ct) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
         GroupStorage(Rc::new(RefCell::new(Core {
@@ -200,7 +205,9 @@ impl raft::Storage for GroupStorage {
         let c = self.0.borrow();
         if c.snapshot.get_metadata().index < request_index {
             // The group snapshots on its own schedule; raft retries later.
-            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
         }
         Ok(c.snapshot.clone())
     }
@@ -223,19 +230,28 @@ mod tests {
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = 5;
         snap.mut_metadata().term = 5;
-        let s = GroupStorage::new(HardState::default(), ConfState::default(), Some(snap), vec![]);
+        let s = GroupStorage::new(
+            HardState::default(),
+            ConfState::default(),
+            Some(snap),
+            vec![],
+        );
         assert_eq!((s.first_index(), s.last_index()), (6, 5));
         assert_eq!(Storage::term(&s, 5).unwrap(), 5);
         s.append(&[entry(6, 5), entry(7, 5), entry(8, 5)]);
         s.append(&[entry(7, 6)]);
         assert_eq!(s.last_index(), 7);
         assert_eq!(Storage::term(&s, 7).unwrap(), 6);
-        let got = s.entries(6, 8, None, GetEntriesContext::empty(false)).unwrap();
+        let got = s
+            .entries(6, 8, None, GetEntriesContext::empty(false))
+            .unwrap();
         assert_eq!(got.len(), 2);
         s.compact(6);
         assert_eq!(s.first_index(), 7);
         assert_eq!(Storage::term(&s, 6).unwrap(), 5);
-        assert!(s.entries(6, 8, None, GetEntriesContext::empty(false)).is_err());
+        assert!(s
+            .entries(6, 8, None, GetEntriesContext::empty(false))
+            .is_err());
         assert!(Storage::term(&s, 5).is_err());
         // The snapshot at 5 is older than a request for index 6.
         assert!(s.snapshot(6, 2).is_err());

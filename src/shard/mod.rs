@@ -84,7 +84,8 @@ impl NodeShared {
         if next != *guard {
             next.store(&self.config.data_dir)?;
             *guard = next;
-            self.meta_version.fetch_add(1, std::sync::atomic::Ordering::Release);
+            self.meta_version
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
         }
         Ok(out)
     }
@@ -110,8 +111,11 @@ impl NodeShared {
     ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.send(shard, ShardMsg::Exec(Box::new(move |s| f(s, tx))))?;
-        rx.await
-            .unwrap_or_else(|_| Err(Status::unavailable("request dropped: node is shutting down")))
+        rx.await.unwrap_or_else(|_| {
+            Err(Status::unavailable(
+                "request dropped: node is shutting down",
+            ))
+        })
     }
 
     /// Runs `f` on every shard and collects the answers in shard order.
@@ -133,7 +137,10 @@ impl NodeShared {
     pub fn broadcast_address(&self, node: u64, addr: String) {
         for k in 0..self.inboxes.len() {
             let addr = addr.clone();
-            let _ = self.send(k, ShardMsg::Exec(Box::new(move |s| s.links.set_address(node, &addr))));
+            let _ = self.send(
+                k,
+                ShardMsg::Exec(Box::new(move |s| s.links.set_address(node, &addr))),
+            );
         }
     }
 }
@@ -146,7 +153,8 @@ pub struct Shard {
     pub wal: Wal,
     pub links: Rc<PeerLinks>,
     /// Forwarded calls waiting for a PeerResponse, by request id.
-    pub peer_pending: Rc<std::cell::RefCell<std::collections::HashMap<u64, oneshot::Sender<PeerResponse>>>>,
+    pub peer_pending:
+        Rc<std::cell::RefCell<std::collections::HashMap<u64, oneshot::Sender<PeerResponse>>>>,
     /// Callbacks to run once the current turn's WAL sync has completed
     /// (answers that promise durability).
     after_sync: Vec<Box<dyn FnOnce(&mut Shard)>>,
@@ -179,7 +187,12 @@ impl Shard {
 
     /// Creates (and makes durable, this turn) a new replica. `done` runs
     /// after the WAL sync that persisted its initial state.
-    pub fn create_group(&mut self, partition: u32, init: GroupInit, done: impl FnOnce(Result<(), Status>) + 'static) {
+    pub fn create_group(
+        &mut self,
+        partition: u32,
+        init: GroupInit,
+        done: impl FnOnce(Result<(), Status>) + 'static,
+    ) {
         if self.groups.contains_key(&partition) {
             done(Ok(()));
             return;
@@ -191,7 +204,13 @@ impl Shard {
         self.wal.set_conf_state(partition as u64, &init.conf_state);
         self.wal_dirty = true;
         let cfg = &self.node.config;
-        match Group::new(partition, cfg.node_id, &cfg.raft, cfg.max_inflight_proposals, init) {
+        match Group::new(
+            partition,
+            cfg.node_id,
+            &cfg.raft,
+            cfg.max_inflight_proposals,
+            init,
+        ) {
             Ok(g) => {
                 self.groups.insert(partition, g);
                 tracing::info!(partition, shard = self.index, "replica created");
@@ -203,9 +222,15 @@ impl Shard {
 
     /// Removes a replica and its state. `done` runs after the removal is
     /// durable.
-    pub fn remove_group(&mut self, partition: u32, done: impl FnOnce(Result<(), Status>) + 'static) {
+    pub fn remove_group(
+        &mut self,
+        partition: u32,
+        done: impl FnOnce(Result<(), Status>) + 'static,
+    ) {
         if let Some(mut g) = self.groups.remove(&partition) {
-            g.fail_all(Status::unavailable(format!("partition {partition} left this node")));
+            g.fail_all(Status::unavailable(format!(
+                "partition {partition} left this node"
+            )));
             tracing::info!(partition, shard = self.index, "replica removed");
         }
         self.wal.remove_group(partition as u64);
@@ -220,7 +245,10 @@ impl Shard {
                     Ok(m) => g.step(m),
                     Err(e) => tracing::debug!(partition, "undecodable raft message dropped: {e}"),
                 },
-                None => tracing::debug!(partition, "raft message for a partition not hosted here dropped"),
+                None => tracing::debug!(
+                    partition,
+                    "raft message for a partition not hosted here dropped"
+                ),
             },
             ShardMsg::Exec(job) => job(self),
             ShardMsg::PeerResponse(r) => {
@@ -245,9 +273,15 @@ impl Shard {
     ///    append and one fdatasync for all of them.
     pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<ShardMsg>, shutdown: Shutdown) {
         let tick = self.node.config.raft.heartbeat_period;
-        spawn_ticker(self.node.inboxes[self.index].clone(), tick, shutdown.clone());
+        spawn_ticker(
+            self.node.inboxes[self.index].clone(),
+            tick,
+            shutdown.clone(),
+        );
         'outer: loop {
-            let Some(first) = inbox.next().await else { break };
+            let Some(first) = inbox.next().await else {
+                break;
+            };
             if !self.handle(first) {
                 break;
             }

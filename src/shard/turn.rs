@@ -72,14 +72,17 @@ impl Shard {
 
         // 6.
         for (id, mut rd) in readies {
-            let Some(g) = self.groups.get_mut(&id) else { continue };
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
             send_all(&self.links, id, rd.take_persisted_messages());
             let mut light = g.raw().advance(rd);
             if let Some(commit) = light.commit_index() {
                 // Persisted with the next sync; a lost commit index is
                 // re-learned from the leader, so it need not wait for this one.
                 g.storage().set_commit(commit);
-                self.wal.set_hard_state(id as u64, &g.storage().hard_state());
+                self.wal
+                    .set_hard_state(id as u64, &g.storage().hard_state());
                 self.wal_dirty = true;
             }
             send_all(&self.links, id, light.take_messages());
@@ -89,7 +92,11 @@ impl Shard {
             }
             g.raw().advance_apply();
             if let Some((snap, compact_to)) = g.maybe_snapshot() {
-                tracing::debug!(partition = id, index = snap.get_metadata().index, "snapshot taken");
+                tracing::debug!(
+                    partition = id,
+                    index = snap.get_metadata().index,
+                    "snapshot taken"
+                );
                 self.pending_snapshot_saves.push((id, snap));
                 self.wal.compact(id as u64, compact_to);
                 self.wal_dirty = true;
@@ -130,7 +137,10 @@ impl Shard {
                 match self.wal.sync().await {
                     Ok(()) => break,
                     Err(crate::wal::WalError::NoSpace { .. }) => {
-                        tracing::warn!(shard = self.index, "WAL: no space left on device; retrying in {delay:?}");
+                        tracing::warn!(
+                            shard = self.index,
+                            "WAL: no space left on device; retrying in {delay:?}"
+                        );
                         glommio::timer::sleep(delay).await;
                         delay = (delay * 2).min(std::time::Duration::from_secs(2));
                     }
