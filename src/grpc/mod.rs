@@ -7,6 +7,7 @@
 //! - `codec`: the 5-byte length-prefixed message framing, `grpc-timeout`
 //!   parsing/formatting, `grpc-message` percent-encoding.
 
+pub mod codec;
 pub mod status;
 
 pub use status::{Code, Status};
