@@ -8,6 +8,8 @@
 //!   parsing/formatting, `grpc-message` percent-encoding.
 
 pub mod codec;
+mod flow;
+mod server;
 pub mod status;
 
 pub use status::{Code, Status};
@@ -55,11 +57,14 @@ impl Default for ServerConfig {
 
 /// Accepts connections on `listener` until `shutdown` fires, serving each
 /// with `handler` on the current glommio executor.
+///
+/// Returns once shutdown was requested and the open connections finished
+/// their in-flight calls (or a drain timeout of a few seconds passed).
 pub async fn serve(
-    _listener: glommio::net::TcpListener,
-    _handler: Rc<dyn Handler>,
-    _config: ServerConfig,
-    _shutdown: crate::shutdown::Shutdown,
+    listener: glommio::net::TcpListener,
+    handler: Rc<dyn Handler>,
+    config: ServerConfig,
+    shutdown: crate::shutdown::Shutdown,
 ) {
-    todo!()
+    server::run(listener, handler, config, shutdown).await
 }
