@@ -7,11 +7,13 @@
 //! - `codec`: the 5-byte length-prefixed message framing, `grpc-timeout`
 //!   parsing/formatting, `grpc-message` percent-encoding.
 
+pub mod client;
 pub mod codec;
 mod flow;
 mod server;
 pub mod status;
 
+pub use client::Client;
 pub use status::{Code, Status};
 
 use std::rc::Rc;
