@@ -12,6 +12,8 @@ pub mod codec;
 mod flow;
 mod server;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 pub use client::Client;
 pub use status::{Code, Status};
