@@ -7,8 +7,15 @@
 //! - `codec`: the 5-byte length-prefixed message framing, `grpc-timeout`
 //!   parsing/formatting, `grpc-message` percent-encoding.
 
+pub mod client;
+pub mod codec;
+mod flow;
+mod server;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
+pub use client::Client;
 pub use status::{Code, Status};
 
 use std::rc::Rc;
@@ -54,11 +61,14 @@ impl Default for ServerConfig {
 
 /// Accepts connections on `listener` until `shutdown` fires, serving each
 /// with `handler` on the current glommio executor.
+///
+/// Returns once shutdown was requested and the open connections finished
+/// their in-flight calls (or a drain timeout of a few seconds passed).
 pub async fn serve(
-    _listener: glommio::net::TcpListener,
-    _handler: Rc<dyn Handler>,
-    _config: ServerConfig,
-    _shutdown: crate::shutdown::Shutdown,
+    listener: glommio::net::TcpListener,
+    handler: Rc<dyn Handler>,
+    config: ServerConfig,
+    shutdown: crate::shutdown::Shutdown,
 ) {
-    todo!()
+    server::run(listener, handler, config, shutdown).await
 }
