@@ -33,13 +33,15 @@ pub(crate) fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> W
     }
 }
 
-/// Writes `data` at `pos` (which must be aligned), zero-padding the last
-/// block up to the file's alignment. Does not sync.
+/// Writes the concatenation of `parts` at `pos` (which must be aligned),
+/// zero-padding the last block up to the file's alignment. Does not sync.
+/// Taking parts lets callers put a rewritten tail block in front of new
+/// records without first copying both into one buffer.
 pub(crate) async fn write_aligned(
     file: &DmaFile,
     path: &Path,
     pos: u64,
-    data: &[u8],
+    parts: &[&[u8]],
 ) -> Result<(), WalError> {
     if failpoints::is_on("wal::write::enospc") {
         return Err(io_err(
@@ -50,13 +52,26 @@ pub(crate) async fn write_aligned(
     }
     let align = file.alignment() as usize;
     debug_assert_eq!(pos % align as u64, 0);
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut parts = parts.iter().copied().filter(|p| !p.is_empty());
+    let mut cur: &[u8] = parts.next().unwrap_or(&[]);
     let mut done = 0usize;
-    while done < data.len() {
-        let n = (data.len() - done).min(MAX_IO);
+    while done < total {
+        let n = (total - done).min(MAX_IO);
         let padded = n.div_ceil(align) * align;
         let mut buf = file.alloc_dma_buffer(padded);
         let bytes = buf.as_bytes_mut();
-        bytes[..n].copy_from_slice(&data[done..done + n]);
+        let mut filled = 0;
+        while filled < n {
+            if cur.is_empty() {
+                cur = parts.next().unwrap_or(&[]);
+                continue;
+            }
+            let k = cur.len().min(n - filled);
+            bytes[filled..filled + k].copy_from_slice(&cur[..k]);
+            cur = &cur[k..];
+            filled += k;
+        }
         bytes[n..].fill(0);
         let at = pos + done as u64;
         let written = file

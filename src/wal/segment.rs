@@ -181,7 +181,7 @@ impl ActiveSegment {
         if dirty_end > valid_end {
             let mut fill = tail.clone();
             fill.resize(dirty_end - start, 0);
-            write_aligned(&file, &path, start as u64, &fill).await?;
+            write_aligned(&file, &path, start as u64, &[&fill]).await?;
             fdatasync(&file, &path).await?;
         }
         Ok(ActiveSegment {
@@ -202,14 +202,19 @@ impl ActiveSegment {
         }
         let align = self.file.alignment();
         let start = self.synced_len / align * align;
-        let mut buf = Vec::with_capacity(self.tail.len() + data.len());
-        buf.extend_from_slice(&self.tail);
-        buf.extend_from_slice(data);
-        write_aligned(&self.file, &self.path, start, &buf).await?;
+        write_aligned(&self.file, &self.path, start, &[&self.tail, data]).await?;
         fdatasync(&self.file, &self.path).await?;
-        self.synced_len += data.len() as u64;
-        let new_start = (self.synced_len / align * align - start) as usize;
-        self.tail = buf.split_off(new_start);
+        let end = self.synced_len + data.len() as u64;
+        // New partial last block: bytes [align_down(end), end) of tail ++ data.
+        let keep = (end % align) as usize;
+        if keep <= data.len() {
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - keep..]);
+        } else {
+            // Still inside the old partial block.
+            self.tail.extend_from_slice(data);
+        }
+        self.synced_len = end;
         Ok(())
     }
 

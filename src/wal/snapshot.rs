@@ -100,7 +100,7 @@ pub(crate) async fn write(
 }
 
 async fn write_file(file: &DmaFile, path: &Path, content: &[u8]) -> Result<(), WalError> {
-    write_aligned(file, path, 0, content).await?;
+    write_aligned(file, path, 0, &[content]).await?;
     // DMA writes whole blocks; cut the zero padding off again.
     file.truncate(content.len() as u64)
         .await

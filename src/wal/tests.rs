@@ -556,3 +556,37 @@ fn disk_full_is_retryable_and_fsync_failure_is_fatal() {
         );
     });
 }
+
+#[test]
+fn many_small_syncs_rewrite_the_tail_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(move || async move {
+        {
+            let (mut wal, _) = Wal::open(d.clone(), WalConfig::default()).await.unwrap();
+            for i in 1..=300u64 {
+                // Sizes wander across block boundaries, sometimes landing on
+                // one exactly.
+                wal.append_entries(1, &entries(i, i, 1, (i as usize * 37) % 700));
+                wal.sync().await.unwrap();
+            }
+        }
+        let (mut wal, rec) = Wal::open(d.clone(), WalConfig::default()).await.unwrap();
+        assert_eq!(indexes(&rec.groups[&1]), (1..=300).collect::<Vec<_>>());
+        assert_eq!(
+            rec.groups[&1].entries,
+            entries(1, 300, 1, 0)
+                .into_iter()
+                .map(|e| entries(e.index, e.index, 1, (e.index as usize * 37) % 700).remove(0))
+                .collect::<Vec<_>>()
+        );
+        // Continue after reopen, again through several tail rewrites.
+        for i in 301..=310u64 {
+            wal.append_entries(1, &entries(i, i, 1, 100));
+            wal.sync().await.unwrap();
+        }
+        drop(wal);
+        let (_wal, rec) = Wal::open(d.clone(), WalConfig::default()).await.unwrap();
+        assert_eq!(indexes(&rec.groups[&1]), (1..=310).collect::<Vec<_>>());
+    });
+}
