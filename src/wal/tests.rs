@@ -590,3 +590,38 @@ fn many_small_syncs_rewrite_the_tail_block() {
         assert_eq!(indexes(&rec.groups[&1]), (1..=310).collect::<Vec<_>>());
     });
 }
+
+/// Prints sync latency percentiles; not an assertion, run by hand:
+/// `cargo test --release --lib wal::tests::sync_latency_report -- --ignored --nocapture`
+/// (TMPDIR must be on the disk under test, not tmpfs).
+#[test]
+#[ignore]
+fn sync_latency_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(move || async move {
+        let (mut wal, _) = Wal::open(d.clone(), WalConfig::default()).await.unwrap();
+        // Let the background preparation of the next segment finish; its
+        // zero fill competes with the syncs for the disk.
+        glommio::timer::sleep(std::time::Duration::from_secs(1)).await;
+        let mut lat = Vec::new();
+        for i in 1..=2000u64 {
+            wal.append_entries(1, &entries(i, i, 1, 256));
+            wal.set_hard_state(1, &hard_state(1, 1, i));
+            let t = std::time::Instant::now();
+            wal.sync().await.unwrap();
+            lat.push(t.elapsed().as_micros());
+        }
+        lat.sort();
+        println!(
+            "p50 {} p99 {} max {} us",
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100],
+            lat[lat.len() - 1]
+        );
+        let t = std::time::Instant::now();
+        drop(wal);
+        let _ = Wal::open(d.clone(), WalConfig::default()).await.unwrap();
+        println!("reopen {:?}", t.elapsed());
+    });
+}
