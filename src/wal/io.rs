@@ -15,7 +15,13 @@ const MAX_IO: usize = 4 << 20;
 /// Maps a glommio error to `WalError`, keeping "disk full" distinct because
 /// it is the one failure the caller may retry.
 pub(crate) fn glommio_err(op: &'static str, path: &Path, e: GlommioError<()>) -> WalError {
-    io_err(op, path, e.into())
+    // Unwrap the original io::Error: glommio's own conversion rebuilds it
+    // from the error kind and drops the errno, which would hide ENOSPC.
+    let source = match e {
+        GlommioError::IoError(source) | GlommioError::EnhancedIoError { source, .. } => source,
+        other => other.into(),
+    };
+    io_err(op, path, source)
 }
 
 pub(crate) fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> WalError {
@@ -190,4 +196,28 @@ pub(crate) async fn probe_device(dir: &Path) -> Result<(), WalError> {
         .map_err(|e| glommio_err("open", &path, e))?;
     let _ = file.close().await;
     std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enospc_survives_glommio_error_wrapping() {
+        let e = GlommioError::<()>::EnhancedIoError {
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            op: "Writing",
+            path: None,
+            fd: None,
+        };
+        assert!(matches!(
+            glommio_err("write", Path::new("x"), e),
+            WalError::NoSpace { .. }
+        ));
+        let e = GlommioError::<()>::IoError(std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(
+            glommio_err("write", Path::new("x"), e),
+            WalError::Io { .. }
+        ));
+    }
 }
