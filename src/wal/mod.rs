@@ -175,8 +175,8 @@ impl Wal {
             // Make the new directories themselves durable.
             io::sync_dir(&dir).await?;
         }
-        io::probe_device(&wal_dir).await?;
-        io::probe_device(&snap_dir).await?;
+        io::probe_device(&wal_dir).await;
+        io::probe_device(&snap_dir).await;
 
         let replayed = recovery::replay(&wal_dir).await?;
         let mut groups = BTreeMap::new();
