@@ -7,8 +7,10 @@
 //! Where a segment stops parsing before its zeroed remainder decides what
 //! happened:
 //! - a bad record with a valid record somewhere after it is corruption, in
-//!   any segment (a torn write cannot produce valid data after garbage that
-//!   the next record was written behind);
+//!   any segment. (A disk that persists the sectors of one unacknowledged
+//!   write out of order could in theory leave that pattern too; refusing to
+//!   start is still the right call, because the alternative is silently
+//!   dropping records that may have been acknowledged.)
 //! - a bad record with nothing valid after it, in the last segment, is a
 //!   write torn by a crash: it was never acknowledged, so it is dropped with
 //!   a warning;
