@@ -1,0 +1,384 @@
+//! Replay: rebuilds every group's state from the segments at open.
+//!
+//! Segments are replayed in sequence order. Each one must start with a
+//! SegmentHeader naming its own sequence number, followed by the checkpoint
+//! written when the log rolled into it (see `mod.rs`), then records.
+//!
+//! Where a segment stops parsing before its zeroed remainder decides what
+//! happened:
+//! - a bad record with a valid record somewhere after it is corruption, in
+//!   any segment. (A disk that persists the sectors of one unacknowledged
+//!   write out of order could in theory leave that pattern too; refusing to
+//!   start is still the right call, because the alternative is silently
+//!   dropping records that may have been acknowledged.)
+//! - a bad record with nothing valid after it, in the last segment, is a
+//!   write torn by a crash: it was never acknowledged, so it is dropped with
+//!   a warning;
+//! - the same in an earlier segment is corruption: earlier segments were
+//!   fully synced before the log rolled past them.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use glommio::io::DmaFile;
+use raft::eraftpb::Entry;
+use tracing::{info, warn};
+
+use super::group::{EntryRuns, GroupMeta};
+use super::io::{glommio_err, list_dir, read_all};
+use super::record::{self, Decoded, Kind, Record, SnapshotRef};
+use super::segment::{is_tmp_name, parse_segment_name, segment_name};
+use super::WalError;
+
+/// One group as replay rebuilt it.
+#[derive(Debug, Default)]
+pub(crate) struct ReplayGroup {
+    pub meta: GroupMeta,
+    /// Live entries (index > floor), contiguous.
+    pub entries: VecDeque<Entry>,
+}
+
+impl ReplayGroup {
+    fn append(&mut self, entries: Vec<Entry>, seq: u64, group: u64) {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return;
+        };
+        let (first, last) = (first.index, last.index);
+        if let Some(front) = self.entries.front().map(|e| e.index) {
+            if first <= front {
+                self.entries.clear();
+            } else {
+                let keep = (first - front) as usize;
+                if keep > self.entries.len() {
+                    // Raft never appends past a hole; if it happens anyway,
+                    // keep the newest contiguous run rather than return a
+                    // log with a hole in it.
+                    warn!(
+                        group,
+                        first, "entries appended after a gap; dropping the older entries"
+                    );
+                    self.entries.clear();
+                    self.meta.runs = EntryRuns::default();
+                } else {
+                    self.entries.truncate(keep);
+                }
+            }
+        }
+        self.entries.extend(entries);
+        self.meta.on_entries(first, last, seq);
+        self.drop_dead();
+    }
+
+    fn compact(&mut self, index: u64) {
+        self.meta.on_compact(index);
+        self.drop_dead();
+    }
+
+    /// Applies a snapshot record. Entries up to its index go. Entries after
+    /// it stay only if the log holds the snapshot's own (index, term): then
+    /// they continue the snapshot's history (a locally taken snapshot). If
+    /// the log has a different term at that index, the later entries belong
+    /// to a diverged history that the snapshot replaced, so they go too.
+    fn snapshot(&mut self, snap: SnapshotRef) {
+        let front = self.entries.front().map_or(0, |e| e.index);
+        let at = snap.index.checked_sub(front).map(|d| d as usize);
+        if let Some(e) = at.and_then(|i| self.entries.get(i)) {
+            if e.term != snap.term {
+                self.entries.clear();
+                self.meta.runs = EntryRuns::default();
+            }
+        }
+        self.meta.on_snapshot(snap);
+        self.drop_dead();
+    }
+
+    fn drop_dead(&mut self) {
+        let floor = self.meta.floor();
+        while self.entries.front().is_some_and(|e| e.index <= floor) {
+            self.entries.pop_front();
+        }
+    }
+}
+
+/// The last segment, kept so the writer can continue in it.
+pub(crate) struct LastSegment {
+    pub seq: u64,
+    pub path: PathBuf,
+    pub content: Vec<u8>,
+    /// End of the last valid record.
+    pub valid_end: usize,
+    /// False if not even the segment header made it to disk.
+    pub has_header: bool,
+}
+
+/// Result of replaying the whole log.
+pub(crate) struct Replayed {
+    pub groups: BTreeMap<u64, ReplayGroup>,
+    /// Sequence numbers of the segments on disk, ascending, contiguous.
+    pub segments: Vec<u64>,
+    pub last: Option<LastSegment>,
+}
+
+/// Replays all segments in `wal_dir`.
+pub(crate) async fn replay(wal_dir: &Path) -> Result<Replayed, WalError> {
+    let started = Instant::now();
+    let mut seqs = Vec::new();
+    for (name, path) in list_dir(wal_dir)? {
+        if let Some(seq) = parse_segment_name(&name) {
+            seqs.push(seq);
+        } else if is_tmp_name(&name) {
+            // A segment prepared ahead of need and never rolled into.
+            std::fs::remove_file(&path).map_err(|e| super::io::io_err("remove", &path, e))?;
+        } else {
+            warn!(path = %path.display(), "ignoring unknown file in the log directory");
+        }
+    }
+    seqs.sort_unstable();
+    for w in seqs.windows(2) {
+        if w[1] != w[0] + 1 {
+            return Err(WalError::Corruption {
+                path: wal_dir.join(segment_name(w[0] + 1)),
+                offset: 0,
+                reason: format!("segment missing between {} and {}", w[0], w[1]),
+            });
+        }
+    }
+
+    let mut groups = BTreeMap::new();
+    let mut last = None;
+    let (mut bytes, mut records) = (0u64, 0u64);
+    for (i, &seq) in seqs.iter().enumerate() {
+        let is_last = i + 1 == seqs.len();
+        let path = wal_dir.join(segment_name(seq));
+        let file = DmaFile::open(&path)
+            .await
+            .map_err(|e| glommio_err("open", &path, e))?;
+        let content = read_all(&file, &path).await;
+        let _ = file.close().await;
+        let content = content?;
+        let scan = scan_segment(&path, seq, &content, is_last)?;
+        bytes += scan.valid_end as u64;
+        records += scan.records.len() as u64;
+        for (off, rec) in &scan.records[scan.has_header as usize..] {
+            apply(&mut groups, seq, rec).map_err(|reason| WalError::Corruption {
+                path: path.clone(),
+                offset: *off as u64,
+                reason,
+            })?;
+        }
+        if is_last {
+            let (valid_end, has_header) = (scan.valid_end, scan.has_header);
+            last = Some(LastSegment {
+                seq,
+                path,
+                content,
+                valid_end,
+                has_header,
+            });
+        }
+    }
+
+    let elapsed = started.elapsed();
+    let mbps = bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64().max(1e-9);
+    info!(
+        dir = %wal_dir.display(),
+        segments = seqs.len(),
+        bytes,
+        records,
+        groups = groups.len(),
+        elapsed_ms = elapsed.as_secs_f64() * 1e3,
+        mb_per_s = format_args!("{mbps:.1}"),
+        "replayed write-ahead log"
+    );
+    Ok(Replayed {
+        groups,
+        segments: seqs,
+        last,
+    })
+}
+
+struct Scan<'a> {
+    records: Vec<(usize, Record<'a>)>,
+    valid_end: usize,
+    has_header: bool,
+}
+
+/// Splits one segment into records and classifies where it stops.
+fn scan_segment<'a>(
+    path: &Path,
+    seq: u64,
+    content: &'a [u8],
+    is_last: bool,
+) -> Result<Scan<'a>, WalError> {
+    let corrupt = |offset: usize, reason: String| WalError::Corruption {
+        path: path.to_path_buf(),
+        offset: offset as u64,
+        reason,
+    };
+    let mut records = Vec::new();
+    let mut off = 0;
+    let stop = loop {
+        match record::decode_at(content, off) {
+            Decoded::Record(r, n) => {
+                records.push((off, r));
+                off += n;
+            }
+            Decoded::End => break None,
+            Decoded::Bad(reason) => break Some(reason),
+        }
+    };
+    // Valid data can only start before the last non-zero byte.
+    let dirty_end = content.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+    if dirty_end > off {
+        if let Some(later) = record::find_valid_after(content, off, dirty_end) {
+            return Err(corrupt(
+                off,
+                format!(
+                    "{}, but a valid record follows at offset {later}",
+                    stop.unwrap_or("zeroed record header")
+                ),
+            ));
+        }
+        let reason = stop.unwrap_or("garbage after the end marker");
+        if !is_last {
+            return Err(corrupt(
+                off,
+                format!("{reason} in a segment that is not the last"),
+            ));
+        }
+        warn!(
+            path = %path.display(),
+            offset = off,
+            reason,
+            "torn write at the tail of the log; truncating"
+        );
+    }
+
+    let has_header = match records.first() {
+        None if is_last => false,
+        None => return Err(corrupt(0, "segment has no header".into())),
+        Some((_, r)) if r.kind != Kind::SegmentHeader => {
+            return Err(corrupt(
+                0,
+                format!("first record is {:?}, not a segment header", r.kind),
+            ))
+        }
+        Some((_, r)) => {
+            let got = record::parse_segment_header(r.payload).map_err(|e| corrupt(0, e))?;
+            if got != seq {
+                return Err(corrupt(
+                    0,
+                    format!("header names segment {got}, file is {seq}"),
+                ));
+            }
+            true
+        }
+    };
+    Ok(Scan {
+        records,
+        valid_end: off,
+        has_header,
+    })
+}
+
+/// Applies one record (not the segment header) to the replay state.
+fn apply(
+    groups: &mut BTreeMap<u64, ReplayGroup>,
+    seq: u64,
+    rec: &Record<'_>,
+) -> Result<(), String> {
+    let g = rec.group;
+    match rec.kind {
+        Kind::SegmentHeader => return Err("segment header in the middle of a segment".into()),
+        Kind::Entries => {
+            let entries = record::parse_entries(rec.payload)?;
+            groups.entry(g).or_default().append(entries, seq, g);
+        }
+        Kind::HardState => {
+            groups.entry(g).or_default().meta.hard_state = record::parse_hard_state(rec.payload)?;
+        }
+        Kind::ConfState => {
+            groups.entry(g).or_default().meta.conf_state = record::parse_conf_state(rec.payload)?;
+        }
+        Kind::SnapshotMeta => {
+            let s = record::parse_snapshot_meta(rec.payload)?;
+            groups.entry(g).or_default().snapshot(s);
+        }
+        Kind::Compact => {
+            let index = record::parse_compact(rec.payload)?;
+            groups.entry(g).or_default().compact(index);
+        }
+        Kind::RemoveGroup => {
+            groups.remove(&g);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(first: u64, last: u64, term: u64) -> Vec<Entry> {
+        (first..=last)
+            .map(|index| Entry {
+                index,
+                term,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn snap(index: u64, term: u64) -> SnapshotRef {
+        SnapshotRef {
+            index,
+            term,
+            data_len: 0,
+            file_crc: 0,
+            name: "s".into(),
+        }
+    }
+
+    fn indexes(g: &ReplayGroup) -> Vec<(u64, u64)> {
+        g.entries.iter().map(|e| (e.index, e.term)).collect()
+    }
+
+    #[test]
+    fn conflicting_append_truncates() {
+        let mut g = ReplayGroup::default();
+        g.append(entries(1, 5, 1), 1, 1);
+        g.append(entries(3, 4, 2), 1, 1);
+        assert_eq!(indexes(&g), vec![(1, 1), (2, 1), (3, 2), (4, 2)]);
+        g.append(entries(1, 1, 3), 2, 1);
+        assert_eq!(indexes(&g), vec![(1, 3)]);
+    }
+
+    #[test]
+    fn snapshot_keeps_matching_suffix_and_drops_diverged_one() {
+        let mut g = ReplayGroup::default();
+        g.append(entries(1, 10, 2), 1, 1);
+        g.snapshot(snap(5, 2));
+        assert_eq!(g.entries.front().map(|e| e.index), Some(6));
+        assert_eq!(g.entries.len(), 5);
+
+        let mut g = ReplayGroup::default();
+        g.append(entries(1, 10, 2), 1, 1);
+        g.snapshot(snap(5, 3));
+        assert!(g.entries.is_empty());
+        assert!(g.meta.runs.is_empty());
+    }
+
+    #[test]
+    fn compact_drops_prefix_and_later_appends_below_floor() {
+        let mut g = ReplayGroup::default();
+        g.append(entries(1, 10, 1), 1, 1);
+        g.compact(7);
+        assert_eq!(g.entries.front().map(|e| e.index), Some(8));
+        g.append(entries(9, 12, 2), 2, 1);
+        assert_eq!(indexes(&g), vec![(8, 1), (9, 2), (10, 2), (11, 2), (12, 2)]);
+        assert_eq!(g.meta.runs.first_segment(), Some(1));
+        g.compact(8);
+        assert_eq!(g.meta.runs.first_segment(), Some(2));
+    }
+}
