@@ -53,8 +53,6 @@ pub enum WalError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("no space left on device writing {path}")]
-    NoSpace { path: PathBuf },
     #[error("corruption in {path} at byte offset {offset}: {reason}")]
     Corruption {
         path: PathBuf,
