@@ -113,6 +113,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
@@ -261,20 +262,12 @@ fn run_cluster(
     let c = rt
         .block_on(cluster::LocalCluster::start(&spec))
         .map_err(|e| anyhow!(e))?;
-    rt.block_on(cli::bootstrap(
-        &c.nodes[0].api_addr,
-        partitions,
-        c.members(),
-        Duration::from_secs(60),
-    ))?;
-    for n in &c.nodes[1..] {
-        rt.block_on(cli::bootstrap(
-            &n.api_addr,
-            partitions,
-            c.members(),
-            Duration::from_secs(60),
-        ))?;
-    }
+    // Every node must get the layout before any partition can elect a
+    // leader, so the calls run concurrently.
+    let calls = c.nodes.iter().map(|n| {
+        cli::bootstrap(&n.api_addr, partitions, c.members(), Duration::from_secs(60))
+    });
+    rt.block_on(futures::future::try_join_all(calls))?;
     for n in &c.nodes {
         println!(
             "node {}: api {} raft {} data {} log {}",
