@@ -34,6 +34,9 @@ pub struct ClusterSpec {
     pub config_json: Option<String>,
     /// Where the node processes' logs go: files under the cluster dir.
     pub rust_log: String,
+    /// The `multiraft` binary to run; default: this process's executable.
+    /// Programs other than `multiraft` itself (benches, tests) must set it.
+    pub exe: Option<PathBuf>,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -51,8 +54,12 @@ impl LocalCluster {
             ),
         };
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let exe =
-            std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+        let exe = match &spec.exe {
+            Some(e) => e.clone(),
+            None => {
+                std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?
+            }
+        };
         let config_file = match &spec.config_json {
             Some(j) => {
                 let p = dir.join("raft-config.json");
