@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use multiraft::cli::{self, cluster};
+use multiraft::cli::{self, bench, cluster};
 use multiraft::config::{parse_duration, NodeConfig, RaftConfig};
 
 #[derive(Parser)]
@@ -104,6 +104,9 @@ enum Cmd {
         #[arg(long)]
         shards: Option<usize>,
     },
+    /// Measure KV throughput and latency over gRPC, then verify a sample of
+    /// the writes. Starts a local cluster unless --addr names one.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -193,6 +196,7 @@ fn run(cli: Cli) -> Result<()> {
             base_port,
             shards,
         } => run_cluster(nodes, partitions, dir, base_port, shards),
+        Cmd::Bench(args) => bench::run_cli(&args).map_err(|e| anyhow!(e)),
     }
 }
 
@@ -258,6 +262,7 @@ fn run_cluster(
         base_port,
         config_json: None,
         rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        exe: None,
     };
     let c = rt
         .block_on(cluster::LocalCluster::start(&spec))
@@ -265,7 +270,12 @@ fn run_cluster(
     // Every node must get the layout before any partition can elect a
     // leader, so the calls run concurrently.
     let calls = c.nodes.iter().map(|n| {
-        cli::bootstrap(&n.api_addr, partitions, c.members(), Duration::from_secs(60))
+        cli::bootstrap(
+            &n.api_addr,
+            partitions,
+            c.members(),
+            Duration::from_secs(60),
+        )
     });
     rt.block_on(futures::future::try_join_all(calls))?;
     for n in &c.nodes {

@@ -1,6 +1,7 @@
 //! Operator commands: thin gRPC clients for the Node and Admin services,
 //! and the local-cluster launcher used by `cluster` and `bench`.
 
+pub mod bench;
 pub mod cluster;
 
 use std::collections::HashMap;
