@@ -15,7 +15,8 @@
 //! its own histogram (microseconds, 3 significant digits), repeat until the
 //! duration passed or the request budget is spent. The histograms are merged
 //! at the end. Failed calls are counted by gRPC status code and are not in
-//! the latency figures. Requests use `partition_id = 0`, so the nodes route
+//! the latency figures; after a failure the worker pauses (1 ms, doubling up
+//! to 1 s while failures continue), so a dead connection does not spin. Requests use `partition_id = 0`, so the nodes route
 //! by key hash and the client knows nothing about partitions.
 //!
 //! # Verification
@@ -54,6 +55,9 @@ use crate::proto::kv::{GetRequest, GetResponse, PutRequest, PutResponse};
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long bootstrapping a fresh local cluster may take.
 const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause of a worker after a failed call, doubling while calls keep failing.
+const MIN_BACKOFF: Duration = Duration::from_millis(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Progress bar refresh period.
 const TICK: Duration = Duration::from_millis(200);
 /// Bytes of the unique value header: nonce (4), worker (4), sequence (8).
@@ -263,7 +267,8 @@ pub struct Latency {
 /// The outcome of a bench run; `--json` prints it as is.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// Successful calls per second of load time.
+    /// Successful calls per second: completed by the deadline over the
+    /// duration, or all of them over `elapsed_s` with a request budget.
     pub ops_per_sec: f64,
     /// Calls completed (successful or not).
     pub requests: u64,
@@ -274,7 +279,8 @@ pub struct Report {
     pub errors: u64,
     /// Failed calls by gRPC status code name.
     pub errors_by_status: BTreeMap<String, u64>,
-    /// Load time: from the first call to the end of the last one.
+    /// Load time: from the first call to the end of the last one, including
+    /// the calls still in flight when the duration ended.
     pub elapsed_s: f64,
     pub latency_us: Latency,
     /// No read-back mismatch and no failed read-back (true when skipped).
@@ -409,10 +415,12 @@ pub async fn run_bench(opts: BenchOpts) -> Result<Report, String> {
         }
     };
     Ok(Report {
-        ops_per_sec: if elapsed > 0.0 {
-            run.ok as f64 / elapsed
-        } else {
-            0.0
+        ops_per_sec: match opts.requests {
+            // Calls still in flight at the deadline drain afterwards (up to
+            // the call timeout); they must not dilute the rate.
+            None => run.ok_in_window as f64 / opts.duration.as_secs_f64(),
+            Some(_) if elapsed > 0.0 => run.ok as f64 / elapsed,
+            Some(_) => 0.0,
         },
         requests: run.ok + errors,
         ok: run.ok,
@@ -521,6 +529,7 @@ pub fn format_report(r: &Report) -> String {
 struct RunResult {
     elapsed: Duration,
     ok: u64,
+    ok_in_window: u64,
     puts: u64,
     gets: u64,
     errors_by_status: BTreeMap<String, u64>,
@@ -567,6 +576,8 @@ struct WorkerResult {
     id: u32,
     histogram: Histogram<u64>,
     ok: u64,
+    /// Successful calls completed by the deadline (duration runs only).
+    ok_in_window: u64,
     puts: u64,
     gets: u64,
     errors: HashMap<&'static str, u64>,
@@ -685,13 +696,14 @@ async fn load_and_verify(opts: &BenchOpts, addrs: &[String]) -> Result<RunResult
     }
 
     let mut histogram = new_histogram();
-    let (mut ok, mut puts, mut gets) = (0, 0, 0);
+    let (mut ok, mut ok_in_window, mut puts, mut gets) = (0, 0, 0, 0);
     let mut errors_by_status = BTreeMap::new();
     for r in &results {
         histogram
             .add(&r.histogram)
             .map_err(|e| format!("merge histograms: {e}"))?;
         ok += r.ok;
+        ok_in_window += r.ok_in_window;
         puts += r.puts;
         gets += r.gets;
         for (name, n) in &r.errors {
@@ -710,6 +722,7 @@ async fn load_and_verify(opts: &BenchOpts, addrs: &[String]) -> Result<RunResult
     Ok(RunResult {
         elapsed,
         ok,
+        ok_in_window,
         puts,
         gets,
         errors_by_status,
@@ -730,6 +743,7 @@ async fn worker(
         id,
         histogram: new_histogram(),
         ok: 0,
+        ok_in_window: 0,
         puts: 0,
         gets: 0,
         errors: HashMap::new(),
@@ -738,6 +752,7 @@ async fn worker(
     // This worker writes keys id, id + workers, id + 2 * workers, ...
     let own_keys = wl.keys.saturating_sub(id as u64).div_ceil(wl.workers);
     let mut seq = 0u64;
+    let mut backoff = Duration::ZERO;
     loop {
         match until {
             Until::Deadline(d) => {
@@ -788,17 +803,32 @@ async fn worker(
             res
         };
         let us = sent.elapsed().as_micros().max(1) as u64;
+        shared.done.fetch_add(1, Ordering::Relaxed);
         match outcome {
             Ok(()) => {
                 r.ok += 1;
+                if let Until::Deadline(d) = until {
+                    if Instant::now() <= d {
+                        r.ok_in_window += 1;
+                    }
+                }
                 r.histogram.saturating_record(us);
+                backoff = Duration::ZERO;
             }
             Err(s) => {
                 *r.errors.entry(s.code.name()).or_insert(0) += 1;
                 shared.errors.fetch_add(1, Ordering::Relaxed);
+                // Why: a call on a dead connection fails at once; without a
+                // pause the worker would spin, flood the error counts and
+                // starve the other tasks of this single-threaded runtime.
+                backoff = (backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
+                let pause = match until {
+                    Until::Deadline(d) => backoff.min(d.saturating_duration_since(Instant::now())),
+                    Until::Requests(_) => backoff,
+                };
+                tokio::time::sleep(pause).await;
             }
         }
-        shared.done.fetch_add(1, Ordering::Relaxed);
     }
     r
 }
@@ -895,11 +925,26 @@ async fn verify(
     if checks.is_empty() {
         return Ok(out);
     }
-    // One connection per node; reads go round-robin over them.
-    let clients = connect_all(addrs, addrs.len()).await?;
+    // One connection per reachable node; reads go round-robin over them. A
+    // node that is down must not stop the others from being checked.
+    let mut clients = Vec::new();
+    for addr in addrs {
+        match Client::connect(addr).await {
+            Ok(c) => clients.push((addr.clone(), c)),
+            Err(e) if opts.progress => eprintln!("verify: skipping node {addr}: {e}"),
+            Err(_) => {}
+        }
+    }
+    if clients.is_empty() {
+        out.failures = checks.len() as u64;
+        out.messages.push(format!(
+            "no node reachable to read back {} keys",
+            checks.len()
+        ));
+        return Ok(out);
+    }
     let reads = checks.iter().enumerate().map(|(i, c)| {
-        let client = clients[i % clients.len()].clone();
-        let node = addrs[i % addrs.len()].clone();
+        let (node, client) = clients[i % clients.len()].clone();
         async move {
             let req = GetRequest {
                 key: key_name(c.key),
