@@ -265,7 +265,12 @@ fn run_cluster(
     // Every node must get the layout before any partition can elect a
     // leader, so the calls run concurrently.
     let calls = c.nodes.iter().map(|n| {
-        cli::bootstrap(&n.api_addr, partitions, c.members(), Duration::from_secs(60))
+        cli::bootstrap(
+            &n.api_addr,
+            partitions,
+            c.members(),
+            Duration::from_secs(60),
+        )
     });
     rt.block_on(futures::future::try_join_all(calls))?;
     for n in &c.nodes {

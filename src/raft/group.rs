@@ -517,10 +517,12 @@ impl Group {
     }
 
     /// A snapshot of the state machine when `snapshot_entry_threshold`
-    /// entries were applied since the last one; the caller persists it and
+    /// entries were applied since the last one, or when raft needs a newer
+    /// one to send to a follower; the caller persists it and
     /// compacts the log to `applied - compaction_retain_entries`.
     pub fn maybe_snapshot(&mut self) -> Option<(Snapshot, u64)> {
-        if self.applied < self.snapshot_index + self.snapshot_threshold {
+        let wanted = self.storage.take_snapshot_wanted() && self.applied > self.snapshot_index;
+        if !wanted && self.applied < self.snapshot_index + self.snapshot_threshold {
             return None;
         }
         let mut snap = Snapshot::default();
