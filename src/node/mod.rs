@@ -216,7 +216,6 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     let api = Api::new(node.clone(), k, links.clone(), shard.peer_pending.clone());
     let grpc_config = crate::grpc::ServerConfig {
         max_message_size: cfg.max_message_size,
-        ..Default::default()
     };
     glommio::spawn_local(crate::grpc::serve(
         api_listener,

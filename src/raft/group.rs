@@ -113,15 +113,19 @@ impl GroupInit {
     /// The initial state of a bootstrapped replica: a snapshot at
     /// [`INIT_INDEX`] holding the voters and an empty map.
     pub fn bootstrap(voters: Vec<u64>) -> GroupInit {
-        let mut cs = ConfState::default();
-        cs.voters = voters;
+        let cs = ConfState {
+            voters,
+            ..Default::default()
+        };
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = INIT_INDEX;
         snap.mut_metadata().term = INIT_INDEX;
         snap.mut_metadata().set_conf_state(cs.clone());
-        let mut hs = HardState::default();
-        hs.term = INIT_INDEX;
-        hs.commit = INIT_INDEX;
+        let hs = HardState {
+            term: INIT_INDEX,
+            commit: INIT_INDEX,
+            ..Default::default()
+        };
         GroupInit {
             hard_state: hs,
             conf_state: cs,
@@ -269,7 +273,7 @@ impl Group {
         for ctx in resend {
             self.raw.read_index(ctx.to_le_bytes().to_vec());
         }
-        if now % 16 == 0 {
+        if now.is_multiple_of(16) {
             self.waiting.retain(|_, r| !r.is_canceled());
             self.conf_waiters.retain(|_, r| !r.is_canceled());
         }
@@ -525,8 +529,10 @@ impl Group {
         if !wanted && self.applied < self.snapshot_index + self.snapshot_threshold {
             return None;
         }
-        let mut snap = Snapshot::default();
-        snap.data = self.kv.snapshot();
+        let mut snap = Snapshot {
+            data: self.kv.snapshot(),
+            ..Default::default()
+        };
         let meta = snap.mut_metadata();
         meta.index = self.applied;
         meta.term = self.applied_term;

@@ -32,6 +32,9 @@ use crate::wal::Wal;
 /// A closure run by a shard's loop with exclusive access to the shard.
 pub type Job = Box<dyn FnOnce(&mut Shard) + Send>;
 
+/// A callback run on the shard once the turn's WAL sync has completed.
+type AfterSync = Box<dyn FnOnce(&mut Shard)>;
+
 /// What reaches a shard's inbox.
 pub enum ShardMsg {
     /// A raft message for one of this shard's partitions (raft-rs encoding).
@@ -157,7 +160,7 @@ pub struct Shard {
         Rc<std::cell::RefCell<std::collections::HashMap<u64, oneshot::Sender<PeerResponse>>>>,
     /// Callbacks to run once the current turn's WAL sync has completed
     /// (answers that promise durability).
-    after_sync: Vec<Box<dyn FnOnce(&mut Shard)>>,
+    after_sync: Vec<AfterSync>,
     /// Snapshots to write (their own files) before this turn's sync.
     pending_snapshot_saves: Vec<(u32, raft::eraftpb::Snapshot)>,
     /// Set when the WAL has buffered records to sync this turn.
