@@ -58,6 +58,11 @@ impl GroupStorage {
         })))
     }
 
+    /// Asks the group to snapshot (and so compact) after this turn.
+    pub fn want_snapshot(&self) {
+        self.0.borrow_mut().snapshot_wanted = true;
+    }
+
     /// True (once) when raft asked for a snapshot the group does not have.
     pub fn take_snapshot_wanted(&self) -> bool {
         std::mem::take(&mut self.0.borrow_mut().snapshot_wanted)

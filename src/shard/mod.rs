@@ -166,6 +166,8 @@ pub struct Shard {
     /// Set when the WAL has buffered records to sync this turn.
     wal_dirty: bool,
     turns_since_purge: u64,
+    /// `WalStats::segments_rolled` at the last purge.
+    segments_seen: u64,
 }
 
 impl Shard {
@@ -181,6 +183,7 @@ impl Shard {
             pending_snapshot_saves: Vec::new(),
             wal_dirty: false,
             turns_since_purge: 0,
+            segments_seen: 0,
         }
     }
 

@@ -23,7 +23,8 @@ use crate::transport::PeerLinks;
 
 use super::Shard;
 
-/// Turns between purges of WAL segments no group needs.
+/// Turns between purges of WAL segments no group needs (a purge also runs
+/// whenever the log moved to a new segment).
 const PURGE_EVERY_TURNS: u64 = 1024;
 
 impl Shard {
@@ -108,10 +109,20 @@ impl Shard {
         }
 
         self.turns_since_purge += 1;
-        if self.turns_since_purge >= PURGE_EVERY_TURNS {
+        let rolled = self.wal.stats().segments_rolled;
+        if self.turns_since_purge >= PURGE_EVERY_TURNS || rolled != self.segments_seen {
             self.turns_since_purge = 0;
-            if let Err(e) = self.wal.purge().await {
-                tracing::warn!(shard = self.index, "WAL purge: {e}");
+            self.segments_seen = rolled;
+            match self.wal.purge().await {
+                // An idle group never reaches its snapshot threshold, yet
+                // its old entries keep whole segments alive: snapshot it.
+                Ok(Some(group)) => {
+                    if let Some(g) = self.groups.get(&(group as u32)) {
+                        g.storage().want_snapshot();
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(shard = self.index, "WAL purge: {e}"),
             }
         }
     }
