@@ -96,6 +96,8 @@ pub struct Group {
     conf_waiters: HashMap<u64, Reply<ConfState>>,
     next_ctx: u64,
     ticks: u64,
+    /// KV commands applied since start (for status counters).
+    pub commands_applied: u64,
     max_inflight: usize,
     snapshot_threshold: u64,
     retain_entries: u64,
@@ -201,6 +203,7 @@ impl Group {
             conf_waiters: HashMap::new(),
             next_ctx: rand::random::<u64>() >> 1,
             ticks: 0,
+            commands_applied: 0,
             max_inflight,
             snapshot_threshold: cfg.snapshot_entry_threshold,
             retain_entries: cfg.compaction_retain_entries,
@@ -455,6 +458,7 @@ impl Group {
                 return;
             }
         };
+        self.commands_applied += cmds.len() as u64;
         for cmd in cmds {
             let id = cmd.id;
             let applied = self.kv.apply(cmd);

@@ -168,6 +168,10 @@ pub struct Shard {
     turns_since_purge: u64,
     /// `WalStats::segments_rolled` at the last purge.
     segments_seen: u64,
+    /// Duration of every WAL sync, in microseconds.
+    pub sync_us: hdrhistogram::Histogram<u64>,
+    /// Raft entries written to the WAL.
+    pub wal_entries: u64,
 }
 
 impl Shard {
@@ -184,11 +188,30 @@ impl Shard {
             wal_dirty: false,
             turns_since_purge: 0,
             segments_seen: 0,
+            sync_us: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
+                .expect("static histogram bounds are valid"),
+            wal_entries: 0,
         }
     }
 
     pub fn node_id(&self) -> u64 {
         self.node.node_id()
+    }
+
+    /// This shard's WAL and apply counters.
+    pub fn stats(&self) -> crate::proto::admin::ShardStatus {
+        let w = self.wal.stats();
+        crate::proto::admin::ShardStatus {
+            shard: self.index as u32,
+            wal_syncs: w.syncs,
+            wal_entries: self.wal_entries,
+            wal_bytes: w.bytes_synced,
+            sync_p50_us: self.sync_us.value_at_quantile(0.5),
+            sync_p99_us: self.sync_us.value_at_quantile(0.99),
+            sync_max_us: self.sync_us.max(),
+            commands_applied: self.groups.values().map(|g| g.commands_applied).sum(),
+            wal_segments: (w.active_segment + 1).saturating_sub(w.first_segment),
+        }
     }
 
     /// Creates (and makes durable, this turn) a new replica. `done` runs

@@ -57,6 +57,7 @@ impl Shard {
             if !rd.entries().is_empty() {
                 g.storage().append(rd.entries());
                 self.wal.append_entries(*id as u64, rd.entries());
+                self.wal_entries += rd.entries().len() as u64;
                 self.wal_dirty = true;
             }
             if let Some(hs) = rd.hs() {
@@ -145,8 +146,14 @@ impl Shard {
         if self.wal_dirty {
             let mut delay = std::time::Duration::from_millis(50);
             loop {
+                let started = std::time::Instant::now();
                 match self.wal.sync().await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        let _ = self
+                            .sync_us
+                            .record(started.elapsed().as_micros().max(1) as u64);
+                        break;
+                    }
                     Err(crate::wal::WalError::NoSpace { .. }) => {
                         tracing::warn!(
                             shard = self.index,
