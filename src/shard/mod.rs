@@ -163,7 +163,8 @@ pub struct Shard {
     after_sync: Vec<AfterSync>,
     /// Snapshots to write (their own files) before this turn's sync.
     pending_snapshot_saves: Vec<(u32, raft::eraftpb::Snapshot)>,
-    /// Set when the WAL has buffered records to sync this turn.
+    /// Set when the WAL has buffered records that must be durable before
+    /// this turn goes on (entries, term/vote, conf states, new replicas).
     wal_dirty: bool,
     turns_since_purge: u64,
     /// `WalStats::segments_rolled` at the last purge.

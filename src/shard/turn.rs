@@ -61,9 +61,16 @@ impl Shard {
                 self.wal_dirty = true;
             }
             if let Some(hs) = rd.hs() {
+                let prev = g.storage().hard_state();
                 g.storage().set_hard_state(hs.clone());
                 self.wal.set_hard_state(*id as u64, hs);
-                self.wal_dirty = true;
+                // A change of term or vote must be durable before any
+                // message that depends on it leaves (raft-rs `must_sync`);
+                // a commit index alone can ride along with the next sync:
+                // after a crash it is learned again from the leader.
+                if hs.term != prev.term || hs.vote != prev.vote {
+                    self.wal_dirty = true;
+                }
             }
             g.on_read_states(rd.take_read_states());
             readies.push((*id, rd));
@@ -85,7 +92,6 @@ impl Shard {
                 g.storage().set_commit(commit);
                 self.wal
                     .set_hard_state(id as u64, &g.storage().hard_state());
-                self.wal_dirty = true;
             }
             send_all(&self.links, id, light.take_messages());
             if let Some(cs) = g.apply(light.take_committed_entries(), &mut out) {
@@ -101,7 +107,6 @@ impl Shard {
                 );
                 self.pending_snapshot_saves.push((id, snap));
                 self.wal.compact(id as u64, compact_to);
-                self.wal_dirty = true;
             }
         }
 
@@ -143,7 +148,9 @@ impl Shard {
                 fatal_storage_error(self.index, &e);
             }
         }
-        if self.wal_dirty {
+        // A snapshot's metadata record is synced at once: the log purges
+        // entries the snapshot covers, which is only safe once it is durable.
+        if self.wal_dirty || !saves.is_empty() {
             let mut delay = std::time::Duration::from_millis(50);
             loop {
                 let started = std::time::Instant::now();
