@@ -86,6 +86,7 @@ impl Node {
             meta: Mutex::new(meta),
             control: futures::lock::Mutex::new(()),
             meta_version: Default::default(),
+            disk_full: (0..n).map(|_| Default::default()).collect(),
         });
         let cpus = std::thread::available_parallelism()
             .map(|c| c.get())
@@ -147,7 +148,10 @@ impl Node {
 async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Result<Shard, String> {
     let cfg = &node.config;
     let dir = cfg.data_dir.join(format!("shard-{k}"));
-    let (wal, recovered) = Wal::open(dir, WalConfig::default())
+    let wal_config = WalConfig {
+        segment_size: cfg.wal_segment_size,
+    };
+    let (wal, recovered) = Wal::open(dir, wal_config)
         .await
         .map_err(|e| e.to_string())?;
     let links = PeerLinks::new(cfg.node_id, shutdown.clone());

@@ -63,6 +63,9 @@ pub struct NodeShared {
     /// copy for the data path and check it with one atomic load instead of
     /// taking the lock on every call.
     pub meta_version: std::sync::atomic::AtomicU64,
+    /// Per shard: its WAL hit ENOSPC and waits for space. Writes to the
+    /// shard's partitions are refused at once while it is set.
+    pub disk_full: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl NodeShared {

@@ -14,6 +14,8 @@
 //!    append responses: "followers answer only after their own sync"),
 //!    advance raft, apply what became committed, take snapshots.
 
+use std::sync::atomic::Ordering;
+
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 
@@ -159,9 +161,16 @@ impl Shard {
                         let _ = self
                             .sync_us
                             .record(started.elapsed().as_micros().max(1) as u64);
+                        if self.node.disk_full[self.index].swap(false, Ordering::Relaxed) {
+                            tracing::info!(
+                                shard = self.index,
+                                "WAL: disk space is back; writes resume"
+                            );
+                        }
                         break;
                     }
                     Err(crate::wal::WalError::NoSpace { .. }) => {
+                        self.node.disk_full[self.index].store(true, Ordering::Relaxed);
                         tracing::warn!(
                             shard = self.index,
                             "WAL: no space left on device; retrying in {delay:?}"
