@@ -231,6 +231,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
 
     let sink_api = api.clone();
     let sink_node = node.clone();
+    let reassembly = crate::shard::snapshot::Reassembly::default();
     let sink = Rc::new(
         move |from: u64, env: crate::proto::peer::Envelope| match env.body {
             Some(envelope::Body::Raft(m)) => {
@@ -243,6 +244,17 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
                 );
             }
             Some(envelope::Body::Request(r)) => sink_api.serve_peer_request(from, r),
+            Some(envelope::Body::SnapshotChunk(c)) => {
+                if let Some((partition, msg)) = reassembly.on_chunk(from, c) {
+                    let _ = sink_node.send(
+                        sink_node.shard_of(partition),
+                        ShardMsg::RaftMsg {
+                            partition,
+                            msg: Box::new(msg),
+                        },
+                    );
+                }
+            }
             Some(envelope::Body::Response(r)) => {
                 let s = r.origin_shard as usize;
                 if s < sink_node.inboxes.len() {

@@ -8,6 +8,7 @@
 //! locks on this path; the only shared structure is [`NodeShared`], which
 //! is read-only except for the control plane (Bootstrap/Join/Leave).
 
+pub mod snapshot;
 mod turn;
 
 use std::collections::BTreeMap;
@@ -39,6 +40,11 @@ type AfterSync = Box<dyn FnOnce(&mut Shard)>;
 pub enum ShardMsg {
     /// A raft message for one of this shard's partitions (raft-rs encoding).
     Raft { partition: u32, data: Bytes },
+    /// A raft message already decoded (a reassembled snapshot).
+    RaftMsg {
+        partition: u32,
+        msg: Box<raft::eraftpb::Message>,
+    },
     /// Run this on the shard.
     Exec(Job),
     /// The answer to a call this shard forwarded to another node.
@@ -281,6 +287,13 @@ impl Shard {
                 None => tracing::debug!(
                     partition,
                     "raft message for a partition not hosted here dropped"
+                ),
+            },
+            ShardMsg::RaftMsg { partition, msg } => match self.groups.get_mut(&partition) {
+                Some(g) => g.step(*msg),
+                None => tracing::debug!(
+                    partition,
+                    "snapshot for a partition not hosted here dropped"
                 ),
             },
             ShardMsg::Exec(job) => job(self),

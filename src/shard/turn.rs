@@ -20,10 +20,13 @@ use protobuf::Message as _;
 use raft::eraftpb::Message;
 
 use crate::proto::peer::{envelope, Envelope, RaftMessage};
+use std::rc::Rc;
+use std::sync::Arc;
+
 use crate::raft::Outbox;
 use crate::transport::PeerLinks;
 
-use super::Shard;
+use super::{NodeShared, Shard};
 
 /// Turns between purges of WAL segments no group needs (a purge also runs
 /// whenever the log moved to a new segment).
@@ -32,6 +35,11 @@ const PURGE_EVERY_TURNS: u64 = 1024;
 impl Shard {
     pub(super) async fn turn(&mut self) {
         let mut out = Outbox::default();
+        let out_ctx = SendCtx {
+            links: self.links.clone(),
+            node: self.node.clone(),
+            shard: self.index,
+        };
         let mut readies = Vec::new();
 
         // 1-4.
@@ -43,7 +51,7 @@ impl Shard {
                 continue;
             }
             let mut rd = g.raw().ready();
-            send_all(&self.links, *id, rd.take_messages());
+            send_all(&out_ctx, *id, rd.take_messages());
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
                 if let Err(e) = g.install_snapshot(&snap) {
@@ -86,7 +94,7 @@ impl Shard {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
             };
-            send_all(&self.links, id, rd.take_persisted_messages());
+            send_all(&out_ctx, id, rd.take_persisted_messages());
             let mut light = g.raw().advance(rd);
             if let Some(commit) = light.commit_index() {
                 // Persisted with the next sync; a lost commit index is
@@ -95,7 +103,7 @@ impl Shard {
                 self.wal
                     .set_hard_state(id as u64, &g.storage().hard_state());
             }
-            send_all(&self.links, id, light.take_messages());
+            send_all(&out_ctx, id, light.take_messages());
             if let Some(cs) = g.apply(light.take_committed_entries(), &mut out) {
                 self.wal.set_conf_state(id as u64, &cs);
                 self.wal_dirty = true;
@@ -206,8 +214,21 @@ impl Shard {
     }
 }
 
-fn send_all(links: &PeerLinks, partition: u32, msgs: Vec<Message>) {
+/// What sending needs from the shard, held apart from its groups so the
+/// loop can borrow both.
+struct SendCtx {
+    links: Rc<PeerLinks>,
+    node: Arc<NodeShared>,
+    shard: usize,
+}
+
+fn send_all(ctx: &SendCtx, partition: u32, msgs: Vec<Message>) {
+    let links = &ctx.links;
     for m in msgs {
+        if super::snapshot::needs_chunks(&m) {
+            super::snapshot::send_chunked(links.clone(), ctx.node.clone(), ctx.shard, partition, m);
+            continue;
+        }
         let to = m.to;
         match m.write_to_bytes() {
             Ok(b) => links.send(
