@@ -132,6 +132,8 @@ pub struct NodeConfig {
     /// Bytes of glommio's pinned I/O memory per shard (default 2 MiB; it
     /// counts against RLIMIT_MEMLOCK for non-root users).
     pub io_memory: usize,
+    /// Size of one preallocated WAL segment file (default 64 MiB).
+    pub wal_segment_size: u64,
 }
 
 impl NodeConfig {
@@ -155,6 +157,7 @@ impl NodeConfig {
             max_value_size: 1 << 20,
             max_inflight_proposals: 8192,
             io_memory: 2 << 20,
+            wal_segment_size: 64 << 20,
         }
     }
 }

@@ -44,6 +44,9 @@ enum Cmd {
         /// {"heartbeatPeriod":"0.1s","electionTimeout":"1s"}.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Size of one preallocated WAL segment, in MiB.
+        #[arg(long, default_value_t = 64)]
+        wal_segment_mib: u64,
     },
     /// Give a node the cluster layout: partitions 1..=N, each with all members.
     Bootstrap {
@@ -143,7 +146,16 @@ fn run(cli: Cli) -> Result<()> {
             data_dir,
             shards,
             config,
-        } => serve(node_id, api_addr, raft_addr, data_dir, shards, config),
+            wal_segment_mib,
+        } => serve(
+            node_id,
+            api_addr,
+            raft_addr,
+            data_dir,
+            shards,
+            config,
+            wal_segment_mib,
+        ),
         Cmd::Bootstrap {
             addr,
             partitions,
@@ -207,8 +219,13 @@ fn serve(
     data_dir: PathBuf,
     shards: Option<usize>,
     config: Option<PathBuf>,
+    wal_segment_mib: u64,
 ) -> Result<()> {
     let mut cfg = NodeConfig::new(node_id, api_addr, raft_addr, data_dir);
+    if wal_segment_mib == 0 {
+        bail!("--wal-segment-mib must be at least 1");
+    }
+    cfg.wal_segment_size = wal_segment_mib << 20;
     if let Some(s) = shards {
         cfg.shards = s;
     }

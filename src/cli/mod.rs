@@ -105,6 +105,17 @@ pub fn status_json(s: &StatusResponse) -> serde_json::Value {
         "shards": s.shards,
         "apiAddr": s.api_addr,
         "raftAddr": s.raft_addr,
+        "shardStats": s.shard_stats.iter().map(|w| serde_json::json!({
+            "shard": w.shard,
+            "walSyncs": w.wal_syncs,
+            "walEntries": w.wal_entries,
+            "walBytes": w.wal_bytes,
+            "syncP50Us": w.sync_p50_us,
+            "syncP99Us": w.sync_p99_us,
+            "syncMaxUs": w.sync_max_us,
+            "commandsApplied": w.commands_applied,
+            "walSegments": w.wal_segments,
+        })).collect::<Vec<_>>(),
         "partitions": s.partitions.iter().map(|p| serde_json::json!({
             "partitionId": p.partition_id,
             "shard": p.shard,
@@ -133,6 +144,19 @@ pub fn status_table(s: &StatusResponse) -> String {
             "not bootstrapped"
         }
     );
+    for w in &s.shard_stats {
+        out.push_str(&format!(
+            "shard {}: {} WAL syncs, {} entries, {} commands applied, sync p50 {} us p99 {} us max {} us, {} segments\n",
+            w.shard,
+            w.wal_syncs,
+            w.wal_entries,
+            w.commands_applied,
+            w.sync_p50_us,
+            w.sync_p99_us,
+            w.sync_max_us,
+            w.wal_segments
+        ));
+    }
     out.push_str(
         "PARTITION SHARD ROLE         LEADER TERM   COMMIT     APPLIED    SNAPSHOT   VOTERS\n",
     );

@@ -23,6 +23,10 @@ enum Route {
 }
 
 impl Api {
+    fn disk_full(&self, shard: usize) -> bool {
+        self.node.disk_full[shard].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn check_key(&self, key: &[u8]) -> Result<(), Status> {
         let max = self.node.config.max_key_size;
         if key.len() > max {
@@ -91,6 +95,12 @@ impl Api {
     }
 
     async fn write(&self, p: u32, cmd: Command, req: &Request) -> Result<WriteResult, Status> {
+        let shard = self.node.shard_of(p);
+        if self.disk_full(shard) {
+            return Err(Status::unavailable(format!(
+                "partition {p}: this node's disk is full (no space left for the write-ahead log); retry later"
+            )));
+        }
         let rx = self
             .node
             .call(self.node.shard_of(p), move |s, tx| {
@@ -109,6 +119,10 @@ impl Api {
         match with_deadline(crate::node::api::wait_until(req.deadline), rx).await {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(Status::unavailable(format!("partition {p} stopped"))),
+            None if self.disk_full(shard) => Err(Status::unavailable(format!(
+                "partition {p}: this node's disk is full (no space left for the write-ahead log); \
+                 the write's outcome is unknown, retry later"
+            ))),
             None => Err(Status::unavailable(format!(
                 "partition {p}: write not committed in time (no leader or no quorum); its outcome is unknown, retry"
             ))),

@@ -131,13 +131,16 @@ impl Api {
             .node
             .call_all(|s| {
                 let shard = s.index as u32;
-                s.groups
+                let groups = s
+                    .groups
                     .values()
                     .map(|g| g.status(shard))
-                    .collect::<Vec<PartitionStatus>>()
+                    .collect::<Vec<PartitionStatus>>();
+                (groups, s.stats())
             })
             .await?;
-        let mut partitions: Vec<PartitionStatus> = per_shard.into_iter().flatten().collect();
+        let (groups, shard_stats): (Vec<_>, Vec<_>) = per_shard.into_iter().unzip();
+        let mut partitions: Vec<PartitionStatus> = groups.into_iter().flatten().collect();
         partitions.sort_by_key(|p| p.partition_id);
         let meta = self.node.meta();
         Ok(StatusResponse {
@@ -147,6 +150,7 @@ impl Api {
             partitions,
             api_addr: self.node.config.api_addr.to_string(),
             raft_addr: self.node.config.raft_addr.to_string(),
+            shard_stats,
         })
     }
 
@@ -285,7 +289,9 @@ pub fn wait_until(deadline: Option<Instant>) -> Instant {
     match deadline {
         Some(d) => {
             let left = d.saturating_duration_since(now);
-            now + left.saturating_sub((left / 20).max(Duration::from_millis(2)))
+            // The client's clock started before the request was sent, so
+            // answer with a margin: a tenth of the time left, at least 25 ms.
+            now + left.saturating_sub((left / 10).max(Duration::from_millis(25)))
         }
         None => now + DEFAULT_WAIT,
     }

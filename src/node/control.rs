@@ -187,7 +187,7 @@ impl Api {
                     "timed out waiting for this replica to become a voter and catch up",
                 ));
             }
-            glommio::timer::sleep(POLL).await;
+            glommio::timer::sleep(POLL.min(until.saturating_duration_since(Instant::now()))).await;
         }
         Ok(JoinResponse {})
     }
@@ -404,7 +404,7 @@ impl Api {
                     "timed out waiting for {what}"
                 )));
             }
-            glommio::timer::sleep(POLL).await;
+            glommio::timer::sleep(POLL.min(until.saturating_duration_since(Instant::now()))).await;
         }
     }
 

@@ -86,6 +86,7 @@ impl Node {
             meta: Mutex::new(meta),
             control: futures::lock::Mutex::new(()),
             meta_version: Default::default(),
+            disk_full: (0..n).map(|_| Default::default()).collect(),
         });
         let cpus = std::thread::available_parallelism()
             .map(|c| c.get())
@@ -147,7 +148,10 @@ impl Node {
 async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Result<Shard, String> {
     let cfg = &node.config;
     let dir = cfg.data_dir.join(format!("shard-{k}"));
-    let (wal, recovered) = Wal::open(dir, WalConfig::default())
+    let wal_config = WalConfig {
+        segment_size: cfg.wal_segment_size,
+    };
+    let (wal, recovered) = Wal::open(dir, wal_config)
         .await
         .map_err(|e| e.to_string())?;
     let links = PeerLinks::new(cfg.node_id, shutdown.clone());
@@ -216,7 +220,6 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     let api = Api::new(node.clone(), k, links.clone(), shard.peer_pending.clone());
     let grpc_config = crate::grpc::ServerConfig {
         max_message_size: cfg.max_message_size,
-        ..Default::default()
     };
     glommio::spawn_local(crate::grpc::serve(
         api_listener,
@@ -228,6 +231,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
 
     let sink_api = api.clone();
     let sink_node = node.clone();
+    let reassembly = crate::shard::snapshot::Reassembly::default();
     let sink = Rc::new(
         move |from: u64, env: crate::proto::peer::Envelope| match env.body {
             Some(envelope::Body::Raft(m)) => {
@@ -240,6 +244,17 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
                 );
             }
             Some(envelope::Body::Request(r)) => sink_api.serve_peer_request(from, r),
+            Some(envelope::Body::SnapshotChunk(c)) => {
+                if let Some((partition, msg)) = reassembly.on_chunk(from, c) {
+                    let _ = sink_node.send(
+                        sink_node.shard_of(partition),
+                        ShardMsg::RaftMsg {
+                            partition,
+                            msg: Box::new(msg),
+                        },
+                    );
+                }
+            }
             Some(envelope::Body::Response(r)) => {
                 let s = r.origin_shard as usize;
                 if s < sink_node.inboxes.len() {

@@ -96,6 +96,8 @@ pub struct Group {
     conf_waiters: HashMap<u64, Reply<ConfState>>,
     next_ctx: u64,
     ticks: u64,
+    /// KV commands applied since start (for status counters).
+    pub commands_applied: u64,
     max_inflight: usize,
     snapshot_threshold: u64,
     retain_entries: u64,
@@ -113,15 +115,19 @@ impl GroupInit {
     /// The initial state of a bootstrapped replica: a snapshot at
     /// [`INIT_INDEX`] holding the voters and an empty map.
     pub fn bootstrap(voters: Vec<u64>) -> GroupInit {
-        let mut cs = ConfState::default();
-        cs.voters = voters;
+        let cs = ConfState {
+            voters,
+            ..Default::default()
+        };
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = INIT_INDEX;
         snap.mut_metadata().term = INIT_INDEX;
         snap.mut_metadata().set_conf_state(cs.clone());
-        let mut hs = HardState::default();
-        hs.term = INIT_INDEX;
-        hs.commit = INIT_INDEX;
+        let hs = HardState {
+            term: INIT_INDEX,
+            commit: INIT_INDEX,
+            ..Default::default()
+        };
         GroupInit {
             hard_state: hs,
             conf_state: cs,
@@ -197,6 +203,7 @@ impl Group {
             conf_waiters: HashMap::new(),
             next_ctx: rand::random::<u64>() >> 1,
             ticks: 0,
+            commands_applied: 0,
             max_inflight,
             snapshot_threshold: cfg.snapshot_entry_threshold,
             retain_entries: cfg.compaction_retain_entries,
@@ -269,7 +276,7 @@ impl Group {
         for ctx in resend {
             self.raw.read_index(ctx.to_le_bytes().to_vec());
         }
-        if now % 16 == 0 {
+        if now.is_multiple_of(16) {
             self.waiting.retain(|_, r| !r.is_canceled());
             self.conf_waiters.retain(|_, r| !r.is_canceled());
         }
@@ -451,6 +458,7 @@ impl Group {
                 return;
             }
         };
+        self.commands_applied += cmds.len() as u64;
         for cmd in cmds {
             let id = cmd.id;
             let applied = self.kv.apply(cmd);
@@ -517,14 +525,18 @@ impl Group {
     }
 
     /// A snapshot of the state machine when `snapshot_entry_threshold`
-    /// entries were applied since the last one; the caller persists it and
+    /// entries were applied since the last one, or when raft needs a newer
+    /// one to send to a follower; the caller persists it and
     /// compacts the log to `applied - compaction_retain_entries`.
     pub fn maybe_snapshot(&mut self) -> Option<(Snapshot, u64)> {
-        if self.applied < self.snapshot_index + self.snapshot_threshold {
+        let wanted = self.storage.take_snapshot_wanted() && self.applied > self.snapshot_index;
+        if !wanted && self.applied < self.snapshot_index + self.snapshot_threshold {
             return None;
         }
-        let mut snap = Snapshot::default();
-        snap.data = self.kv.snapshot();
+        let mut snap = Snapshot {
+            data: self.kv.snapshot(),
+            ..Default::default()
+        };
         let meta = snap.mut_metadata();
         meta.index = self.applied;
         meta.term = self.applied_term;

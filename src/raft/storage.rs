@@ -28,6 +28,9 @@ struct Core {
     compact_index: u64,
     compact_term: u64,
     entries: Vec<Entry>,
+    /// Raft asked for a snapshot newer than `snapshot` (or one that
+    /// includes the receiving peer); the group takes one after this turn.
+    snapshot_wanted: bool,
 }
 
 /// Shared handle: the group mutates it, raft reads it.
@@ -51,7 +54,18 @@ impl GroupStorage {
             compact_index: ci,
             compact_term: ct,
             entries,
+            snapshot_wanted: false,
         })))
+    }
+
+    /// Asks the group to snapshot (and so compact) after this turn.
+    pub fn want_snapshot(&self) {
+        self.0.borrow_mut().snapshot_wanted = true;
+    }
+
+    /// True (once) when raft asked for a snapshot the group does not have.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        std::mem::take(&mut self.0.borrow_mut().snapshot_wanted)
     }
 
     pub fn hard_state(&self) -> HardState {
@@ -201,10 +215,18 @@ impl raft::Storage for GroupStorage {
         Ok(GroupStorage::last_index(self))
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let c = self.0.borrow();
-        if c.snapshot.get_metadata().index < request_index {
-            // The group snapshots on its own schedule; raft retries later.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let mut c = self.0.borrow_mut();
+        let meta = c.snapshot.get_metadata();
+        let cs = meta.get_conf_state();
+        // raft-rs refuses a snapshot whose conf state does not list the
+        // receiver (a replica added by Join after the snapshot was taken),
+        // and one older than what it asked for. Either way: ask the group
+        // for a fresh one; raft retries on its next probe.
+        let includes =
+            cs.voters.contains(&to) || cs.learners.contains(&to) || cs.learners_next.contains(&to);
+        if meta.index == 0 || meta.index < request_index || !includes {
+            c.snapshot_wanted = true;
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -219,10 +241,11 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e
+        Entry {
+            index,
+            term,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -255,6 +278,15 @@ mod tests {
         assert!(Storage::term(&s, 5).is_err());
         // The snapshot at 5 is older than a request for index 6.
         assert!(s.snapshot(6, 2).is_err());
-        assert_eq!(s.snapshot(5, 2).unwrap().get_metadata().index, 5);
+        assert!(s.take_snapshot_wanted());
+        assert!(!s.take_snapshot_wanted());
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 6;
+        snap.mut_metadata().term = 5;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2];
+        s.set_snapshot(snap);
+        assert_eq!(s.snapshot(5, 2).unwrap().get_metadata().index, 6);
+        // Node 3 is not in the snapshot's conf state.
+        assert!(s.snapshot(5, 3).is_err());
     }
 }

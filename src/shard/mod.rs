@@ -8,6 +8,7 @@
 //! locks on this path; the only shared structure is [`NodeShared`], which
 //! is read-only except for the control plane (Bootstrap/Join/Leave).
 
+pub mod snapshot;
 mod turn;
 
 use std::collections::BTreeMap;
@@ -32,10 +33,18 @@ use crate::wal::Wal;
 /// A closure run by a shard's loop with exclusive access to the shard.
 pub type Job = Box<dyn FnOnce(&mut Shard) + Send>;
 
+/// A callback run on the shard once the turn's WAL sync has completed.
+type AfterSync = Box<dyn FnOnce(&mut Shard)>;
+
 /// What reaches a shard's inbox.
 pub enum ShardMsg {
     /// A raft message for one of this shard's partitions (raft-rs encoding).
     Raft { partition: u32, data: Bytes },
+    /// A raft message already decoded (a reassembled snapshot).
+    RaftMsg {
+        partition: u32,
+        msg: Box<raft::eraftpb::Message>,
+    },
     /// Run this on the shard.
     Exec(Job),
     /// The answer to a call this shard forwarded to another node.
@@ -60,6 +69,9 @@ pub struct NodeShared {
     /// copy for the data path and check it with one atomic load instead of
     /// taking the lock on every call.
     pub meta_version: std::sync::atomic::AtomicU64,
+    /// Per shard: its WAL hit ENOSPC and waits for space. Writes to the
+    /// shard's partitions are refused at once while it is set.
+    pub disk_full: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl NodeShared {
@@ -157,12 +169,19 @@ pub struct Shard {
         Rc<std::cell::RefCell<std::collections::HashMap<u64, oneshot::Sender<PeerResponse>>>>,
     /// Callbacks to run once the current turn's WAL sync has completed
     /// (answers that promise durability).
-    after_sync: Vec<Box<dyn FnOnce(&mut Shard)>>,
+    after_sync: Vec<AfterSync>,
     /// Snapshots to write (their own files) before this turn's sync.
     pending_snapshot_saves: Vec<(u32, raft::eraftpb::Snapshot)>,
-    /// Set when the WAL has buffered records to sync this turn.
+    /// Set when the WAL has buffered records that must be durable before
+    /// this turn goes on (entries, term/vote, conf states, new replicas).
     wal_dirty: bool,
     turns_since_purge: u64,
+    /// `WalStats::segments_rolled` at the last purge.
+    segments_seen: u64,
+    /// Duration of every WAL sync, in microseconds.
+    pub sync_us: hdrhistogram::Histogram<u64>,
+    /// Raft entries written to the WAL.
+    pub wal_entries: u64,
 }
 
 impl Shard {
@@ -178,11 +197,31 @@ impl Shard {
             pending_snapshot_saves: Vec::new(),
             wal_dirty: false,
             turns_since_purge: 0,
+            segments_seen: 0,
+            sync_us: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
+                .expect("static histogram bounds are valid"),
+            wal_entries: 0,
         }
     }
 
     pub fn node_id(&self) -> u64 {
         self.node.node_id()
+    }
+
+    /// This shard's WAL and apply counters.
+    pub fn stats(&self) -> crate::proto::admin::ShardStatus {
+        let w = self.wal.stats();
+        crate::proto::admin::ShardStatus {
+            shard: self.index as u32,
+            wal_syncs: w.syncs,
+            wal_entries: self.wal_entries,
+            wal_bytes: w.bytes_synced,
+            sync_p50_us: self.sync_us.value_at_quantile(0.5),
+            sync_p99_us: self.sync_us.value_at_quantile(0.99),
+            sync_max_us: self.sync_us.max(),
+            commands_applied: self.groups.values().map(|g| g.commands_applied).sum(),
+            wal_segments: (w.active_segment + 1).saturating_sub(w.first_segment),
+        }
     }
 
     /// Creates (and makes durable, this turn) a new replica. `done` runs
@@ -248,6 +287,13 @@ impl Shard {
                 None => tracing::debug!(
                     partition,
                     "raft message for a partition not hosted here dropped"
+                ),
+            },
+            ShardMsg::RaftMsg { partition, msg } => match self.groups.get_mut(&partition) {
+                Some(g) => g.step(*msg),
+                None => tracing::debug!(
+                    partition,
+                    "snapshot for a partition not hosted here dropped"
                 ),
             },
             ShardMsg::Exec(job) => job(self),

@@ -14,21 +14,32 @@
 //!    append responses: "followers answer only after their own sync"),
 //!    advance raft, apply what became committed, take snapshots.
 
+use std::sync::atomic::Ordering;
+
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 
 use crate::proto::peer::{envelope, Envelope, RaftMessage};
+use std::rc::Rc;
+use std::sync::Arc;
+
 use crate::raft::Outbox;
 use crate::transport::PeerLinks;
 
-use super::Shard;
+use super::{NodeShared, Shard};
 
-/// Turns between purges of WAL segments no group needs.
+/// Turns between purges of WAL segments no group needs (a purge also runs
+/// whenever the log moved to a new segment).
 const PURGE_EVERY_TURNS: u64 = 1024;
 
 impl Shard {
     pub(super) async fn turn(&mut self) {
         let mut out = Outbox::default();
+        let out_ctx = SendCtx {
+            links: self.links.clone(),
+            node: self.node.clone(),
+            shard: self.index,
+        };
         let mut readies = Vec::new();
 
         // 1-4.
@@ -40,7 +51,7 @@ impl Shard {
                 continue;
             }
             let mut rd = g.raw().ready();
-            send_all(&self.links, *id, rd.take_messages());
+            send_all(&out_ctx, *id, rd.take_messages());
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
                 if let Err(e) = g.install_snapshot(&snap) {
@@ -56,12 +67,20 @@ impl Shard {
             if !rd.entries().is_empty() {
                 g.storage().append(rd.entries());
                 self.wal.append_entries(*id as u64, rd.entries());
+                self.wal_entries += rd.entries().len() as u64;
                 self.wal_dirty = true;
             }
             if let Some(hs) = rd.hs() {
+                let prev = g.storage().hard_state();
                 g.storage().set_hard_state(hs.clone());
                 self.wal.set_hard_state(*id as u64, hs);
-                self.wal_dirty = true;
+                // A change of term or vote must be durable before any
+                // message that depends on it leaves (raft-rs `must_sync`);
+                // a commit index alone can ride along with the next sync:
+                // after a crash it is learned again from the leader.
+                if hs.term != prev.term || hs.vote != prev.vote {
+                    self.wal_dirty = true;
+                }
             }
             g.on_read_states(rd.take_read_states());
             readies.push((*id, rd));
@@ -75,7 +94,7 @@ impl Shard {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
             };
-            send_all(&self.links, id, rd.take_persisted_messages());
+            send_all(&out_ctx, id, rd.take_persisted_messages());
             let mut light = g.raw().advance(rd);
             if let Some(commit) = light.commit_index() {
                 // Persisted with the next sync; a lost commit index is
@@ -83,9 +102,8 @@ impl Shard {
                 g.storage().set_commit(commit);
                 self.wal
                     .set_hard_state(id as u64, &g.storage().hard_state());
-                self.wal_dirty = true;
             }
-            send_all(&self.links, id, light.take_messages());
+            send_all(&out_ctx, id, light.take_messages());
             if let Some(cs) = g.apply(light.take_committed_entries(), &mut out) {
                 self.wal.set_conf_state(id as u64, &cs);
                 self.wal_dirty = true;
@@ -99,7 +117,6 @@ impl Shard {
                 );
                 self.pending_snapshot_saves.push((id, snap));
                 self.wal.compact(id as u64, compact_to);
-                self.wal_dirty = true;
             }
         }
 
@@ -108,10 +125,20 @@ impl Shard {
         }
 
         self.turns_since_purge += 1;
-        if self.turns_since_purge >= PURGE_EVERY_TURNS {
+        let rolled = self.wal.stats().segments_rolled;
+        if self.turns_since_purge >= PURGE_EVERY_TURNS || rolled != self.segments_seen {
             self.turns_since_purge = 0;
-            if let Err(e) = self.wal.purge().await {
-                tracing::warn!(shard = self.index, "WAL purge: {e}");
+            self.segments_seen = rolled;
+            match self.wal.purge().await {
+                // An idle group never reaches its snapshot threshold, yet
+                // its old entries keep whole segments alive: snapshot it.
+                Ok(Some(group)) => {
+                    if let Some(g) = self.groups.get(&(group as u32)) {
+                        g.storage().want_snapshot();
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(shard = self.index, "WAL purge: {e}"),
             }
         }
     }
@@ -131,12 +158,27 @@ impl Shard {
                 fatal_storage_error(self.index, &e);
             }
         }
-        if self.wal_dirty {
+        // A snapshot's metadata record is synced at once: the log purges
+        // entries the snapshot covers, which is only safe once it is durable.
+        if self.wal_dirty || !saves.is_empty() {
             let mut delay = std::time::Duration::from_millis(50);
             loop {
+                let started = std::time::Instant::now();
                 match self.wal.sync().await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        let _ = self
+                            .sync_us
+                            .record(started.elapsed().as_micros().max(1) as u64);
+                        if self.node.disk_full[self.index].swap(false, Ordering::Relaxed) {
+                            tracing::info!(
+                                shard = self.index,
+                                "WAL: disk space is back; writes resume"
+                            );
+                        }
+                        break;
+                    }
                     Err(crate::wal::WalError::NoSpace { .. }) => {
+                        self.node.disk_full[self.index].store(true, Ordering::Relaxed);
                         tracing::warn!(
                             shard = self.index,
                             "WAL: no space left on device; retrying in {delay:?}"
@@ -172,8 +214,21 @@ impl Shard {
     }
 }
 
-fn send_all(links: &PeerLinks, partition: u32, msgs: Vec<Message>) {
+/// What sending needs from the shard, held apart from its groups so the
+/// loop can borrow both.
+struct SendCtx {
+    links: Rc<PeerLinks>,
+    node: Arc<NodeShared>,
+    shard: usize,
+}
+
+fn send_all(ctx: &SendCtx, partition: u32, msgs: Vec<Message>) {
+    let links = &ctx.links;
     for m in msgs {
+        if super::snapshot::needs_chunks(&m) {
+            super::snapshot::send_chunked(links.clone(), ctx.node.clone(), ctx.shard, partition, m);
+            continue;
+        }
         let to = m.to;
         match m.write_to_bytes() {
             Ok(b) => links.send(

@@ -243,6 +243,15 @@ impl PeerLinks {
         }
     }
 
+    /// Bytes queued for `to` and not yet taken by its writer (0 when the
+    /// node is unknown). Lets a bulk sender (snapshot chunks) pace itself.
+    pub fn queued_bytes(&self, to: u64) -> usize {
+        self.links
+            .borrow()
+            .get(&to)
+            .map_or(0, |l| l.pending.borrow().len())
+    }
+
     /// Queues `env` for `to`. Never blocks, never fails: when the link's
     /// queue is full or the node has no address, the envelope is dropped
     /// (raft retries). Envelopes queued in one loop turn leave in one batch.

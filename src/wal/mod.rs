@@ -391,8 +391,10 @@ impl Wal {
         Ok(())
     }
 
-    /// Deletes segments no group needs any more.
-    pub async fn purge(&mut self) -> Result<(), WalError> {
+    /// Deletes segments no group needs any more. Returns the group that
+    /// holds the oldest remaining segment, if one keeps segments alive, so
+    /// the caller can have it snapshot and compact.
+    pub async fn purge(&mut self) -> Result<Option<u64>, WalError> {
         // The active segment always stays; so does the one before it until
         // the active one's checkpoint is durable.
         let limit = if self.active.synced_len > 0 {
@@ -424,7 +426,7 @@ impl Wal {
             self.first_seq = plan.keep_from;
         }
         self.refresh_stats();
-        Ok(())
+        Ok(plan.pinned_by.map(|(group, _)| group))
     }
 
     /// Counters of this log.
