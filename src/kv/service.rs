@@ -9,7 +9,8 @@ use crate::proto::kv::{
     CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse, GetRequest,
     GetResponse, PutRequest, PutResponse,
 };
-use crate::raft::{ReadResult, WriteResult};
+use crate::raft::{Group, ReadResult, Reply, WriteResult};
+use crate::shard::ShardMsg;
 
 use super::command::{Command, Op};
 use super::Applied;
@@ -94,39 +95,54 @@ impl Api {
         Err(last)
     }
 
-    async fn write(&self, p: u32, cmd: Command, req: &Request) -> Result<WriteResult, Status> {
-        let shard = self.node.shard_of(p);
-        if self.disk_full(shard) {
-            return Err(Status::unavailable(format!(
-                "partition {p}: this node's disk is full (no space left for the write-ahead log); retry later"
-            )));
-        }
-        let rx = self
-            .node
-            .call(self.node.shard_of(p), move |s, tx| {
-                let (wtx, wrx) = futures::channel::oneshot::channel();
-                match s.groups.get_mut(&p) {
-                    Some(g) => g.propose(cmd, wtx),
-                    None => {
-                        let _ = wtx.send(Err(Status::not_found(format!(
-                            "partition {p} is not hosted here"
-                        ))));
-                    }
-                }
-                let _ = tx.send(Ok(wrx));
-            })
-            .await?;
+    /// Runs `f` on the replica of `p`, on the shard that owns it; `f`
+    /// answers through the reply it is given, straight to this task (one
+    /// message there, one back). Waits until shortly before the client's
+    /// deadline; `late` describes what a timeout means.
+    async fn on_replica<T: Send + 'static>(
+        &self,
+        p: u32,
+        req: &Request,
+        f: impl FnOnce(&mut Group, Reply<T>) + Send + 'static,
+        late: impl FnOnce() -> Status,
+    ) -> Result<T, Status> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let job = move |s: &mut crate::shard::Shard| match s.groups.get_mut(&p) {
+            Some(g) => f(g, tx),
+            None => {
+                let _ = tx.send(Err(Status::not_found(format!(
+                    "partition {p} is not hosted here"
+                ))));
+            }
+        };
+        self.node
+            .send(self.node.shard_of(p), ShardMsg::Exec(Box::new(job)))?;
         match with_deadline(crate::node::api::wait_until(req.deadline), rx).await {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(Status::unavailable(format!("partition {p} stopped"))),
-            None if self.disk_full(shard) => Err(Status::unavailable(format!(
-                "partition {p}: this node's disk is full (no space left for the write-ahead log); \
-                 the write's outcome is unknown, retry later"
-            ))),
-            None => Err(Status::unavailable(format!(
-                "partition {p}: write not committed in time (no leader or no quorum); its outcome is unknown, retry"
-            ))),
+            None => Err(late()),
         }
+    }
+
+    async fn write(&self, p: u32, cmd: Command, req: &Request) -> Result<WriteResult, Status> {
+        let shard = self.node.shard_of(p);
+        let disk_full = || {
+            Status::unavailable(format!(
+                "partition {p}: this node's disk is full (no space left for the write-ahead log); retry later"
+            ))
+        };
+        if self.disk_full(shard) {
+            return Err(disk_full());
+        }
+        self.on_replica(p, req, move |g, reply| g.propose(cmd, reply), || {
+            if self.disk_full(shard) {
+                return disk_full();
+            }
+            Status::unavailable(format!(
+                "partition {p}: write not committed in time (no leader or no quorum); its outcome is unknown, retry"
+            ))
+        })
+        .await
     }
 
     async fn read(
@@ -136,31 +152,19 @@ impl Api {
         serializable: bool,
         req: &Request,
     ) -> Result<ReadResult, Status> {
-        let rx = self
-            .node
-            .call(self.node.shard_of(p), move |s, tx| {
-                let (rtx, rrx) = futures::channel::oneshot::channel();
-                match s.groups.get_mut(&p) {
-                    Some(g) if serializable => {
-                        let _ = rtx.send(Ok(g.read_local(&key)));
-                    }
-                    Some(g) => g.read(key, rtx),
-                    None => {
-                        let _ = rtx.send(Err(Status::not_found(format!(
-                            "partition {p} is not hosted here"
-                        ))));
-                    }
-                }
-                let _ = tx.send(Ok(rrx));
-            })
-            .await?;
-        match with_deadline(crate::node::api::wait_until(req.deadline), rx).await {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(Status::unavailable(format!("partition {p} stopped"))),
-            None => Err(Status::unavailable(format!(
+        let f = move |g: &mut Group, reply: Reply<ReadResult>| {
+            if serializable {
+                let _ = reply.send(Ok(g.read_local(&key)));
+            } else {
+                g.read(key, reply);
+            }
+        };
+        self.on_replica(p, req, f, || {
+            Status::unavailable(format!(
                 "partition {p}: read index not confirmed in time (no leader or no quorum); retry"
-            ))),
-        }
+            ))
+        })
+        .await
     }
 
     pub async fn kv_put(&self, r: PutRequest, req: &Request) -> Result<PutResponse, Status> {

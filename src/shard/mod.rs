@@ -178,6 +178,11 @@ pub struct Shard {
     turns_since_purge: u64,
     /// `WalStats::segments_rolled` at the last purge.
     segments_seen: u64,
+    /// Readies of a turn whose sync found the disk full, finished by the
+    /// first turn whose retry succeeds.
+    stalled: Vec<(u32, raft::Ready)>,
+    retry_at: Option<std::time::Instant>,
+    retry_delay: std::time::Duration,
     /// Duration of every WAL sync, in microseconds.
     pub sync_us: hdrhistogram::Histogram<u64>,
     /// Raft entries written to the WAL.
@@ -198,6 +203,9 @@ impl Shard {
             wal_dirty: false,
             turns_since_purge: 0,
             segments_seen: 0,
+            stalled: Vec::new(),
+            retry_at: None,
+            retry_delay: std::time::Duration::from_millis(50),
             sync_us: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
                 .expect("static histogram bounds are valid"),
             wal_entries: 0,

@@ -15,6 +15,7 @@
 //!    advance raft, apply what became committed, take snapshots.
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::eraftpb::Message;
@@ -28,6 +29,10 @@ use crate::transport::PeerLinks;
 
 use super::{NodeShared, Shard};
 
+/// Backoff between retries of a sync that found the disk full.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// Turns between purges of WAL segments no group needs (a purge also runs
 /// whenever the log moved to a new segment).
 const PURGE_EVERY_TURNS: u64 = 1024;
@@ -40,6 +45,21 @@ impl Shard {
             node: self.node.clone(),
             shard: self.index,
         };
+
+        // A turn whose sync found the disk full is finished first. Until
+        // then no group takes a new Ready (raft-rs needs every Ready made
+        // durable and advanced in order), but the loop keeps serving what
+        // does not write: status, local reads, membership queries.
+        if !self.stalled.is_empty() {
+            if self.retry_at.is_some_and(|t| Instant::now() < t) || !self.sync().await {
+                return;
+            }
+            let readies = std::mem::take(&mut self.stalled);
+            self.after_persist(readies, &out_ctx, &mut out);
+            self.housekeeping(out).await;
+            return;
+        }
+
         let mut readies = Vec::new();
 
         // 1-4.
@@ -87,14 +107,26 @@ impl Shard {
         }
 
         // 5.
-        self.sync().await;
+        if !self.sync().await {
+            self.stalled = readies;
+            return;
+        }
+        self.after_persist(readies, &out_ctx, &mut out);
+        self.housekeeping(out).await;
+    }
 
-        // 6.
+    /// Step 6 for every Ready of the turn, once it is durable.
+    fn after_persist(
+        &mut self,
+        readies: Vec<(u32, raft::Ready)>,
+        out_ctx: &SendCtx,
+        out: &mut Outbox,
+    ) {
         for (id, mut rd) in readies {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
             };
-            send_all(&out_ctx, id, rd.take_persisted_messages());
+            send_all(out_ctx, id, rd.take_persisted_messages());
             let mut light = g.raw().advance(rd);
             if let Some(commit) = light.commit_index() {
                 // Persisted with the next sync; a lost commit index is
@@ -103,8 +135,8 @@ impl Shard {
                 self.wal
                     .set_hard_state(id as u64, &g.storage().hard_state());
             }
-            send_all(&out_ctx, id, light.take_messages());
-            if let Some(cs) = g.apply(light.take_committed_entries(), &mut out) {
+            send_all(out_ctx, id, light.take_messages());
+            if let Some(cs) = g.apply(light.take_committed_entries(), out) {
                 self.wal.set_conf_state(id as u64, &cs);
                 self.wal_dirty = true;
             }
@@ -119,7 +151,10 @@ impl Shard {
                 self.wal.compact(id as u64, compact_to);
             }
         }
+    }
 
+    /// Learned addresses and WAL purges, after the turn's work.
+    async fn housekeeping(&mut self, out: Outbox) {
         for (node, addr) in out.learned {
             self.learn_address(node, addr);
         }
@@ -144,56 +179,61 @@ impl Shard {
     }
 
     /// Writes pending snapshots and syncs the WAL, then runs the callbacks
-    /// that waited for durability.
+    /// that waited for durability. Returns false when the disk is full.
     ///
     /// A failed fdatasync leaves the state of the written pages unknown, so
     /// it is never retried: the process stops rather than acknowledge
-    /// anything that may not be on disk. A full disk is retried until space
-    /// returns; meanwhile nothing advances and callers time out with a
-    /// retryable status.
-    async fn sync(&mut self) {
-        let saves = std::mem::take(&mut self.pending_snapshot_saves);
-        for (id, snap) in &saves {
-            if let Err(e) = self.wal.save_snapshot(*id as u64, snap).await {
-                fatal_storage_error(self.index, &e);
-            }
-        }
-        // A snapshot's metadata record is synced at once: the log purges
-        // entries the snapshot covers, which is only safe once it is durable.
-        if self.wal_dirty || !saves.is_empty() {
-            let mut delay = std::time::Duration::from_millis(50);
-            loop {
-                let started = std::time::Instant::now();
-                match self.wal.sync().await {
-                    Ok(()) => {
-                        let _ = self
-                            .sync_us
-                            .record(started.elapsed().as_micros().max(1) as u64);
-                        if self.node.disk_full[self.index].swap(false, Ordering::Relaxed) {
-                            tracing::info!(
-                                shard = self.index,
-                                "WAL: disk space is back; writes resume"
-                            );
-                        }
-                        break;
-                    }
-                    Err(crate::wal::WalError::NoSpace { .. }) => {
-                        self.node.disk_full[self.index].store(true, Ordering::Relaxed);
-                        tracing::warn!(
-                            shard = self.index,
-                            "WAL: no space left on device; retrying in {delay:?}"
-                        );
-                        glommio::timer::sleep(delay).await;
-                        delay = (delay * 2).min(std::time::Duration::from_secs(2));
-                    }
-                    Err(e) => fatal_storage_error(self.index, &e),
+    /// anything that may not be on disk. A full disk is different: nothing
+    /// was lost, the records stay buffered, and the sync is retried with
+    /// backoff on later turns; meanwhile writes to this shard's partitions
+    /// are refused with UNAVAILABLE (see `NodeShared::disk_full`).
+    async fn sync(&mut self) -> bool {
+        while let Some((id, snap)) = self.pending_snapshot_saves.first() {
+            match self.wal.save_snapshot(*id as u64, snap).await {
+                Ok(()) => {
+                    self.pending_snapshot_saves.remove(0);
+                    // Synced at once: the log purges entries the snapshot
+                    // covers, which is only safe once it is durable.
+                    self.wal_dirty = true;
                 }
+                Err(e) if is_no_space(&e) => return self.no_space(&e),
+                Err(e) => fatal_storage_error(self.index, &e),
             }
-            self.wal_dirty = false;
         }
+        if self.wal_dirty {
+            let started = Instant::now();
+            match self.wal.sync().await {
+                Ok(()) => {
+                    let _ = self
+                        .sync_us
+                        .record(started.elapsed().as_micros().max(1) as u64);
+                    self.wal_dirty = false;
+                }
+                Err(e) if is_no_space(&e) => return self.no_space(&e),
+                Err(e) => fatal_storage_error(self.index, &e),
+            }
+        }
+        if self.node.disk_full[self.index].swap(false, Ordering::Relaxed) {
+            tracing::info!(shard = self.index, "disk space is back; writes resume");
+        }
+        self.retry_at = None;
+        self.retry_delay = RETRY_MIN;
         for f in std::mem::take(&mut self.after_sync) {
             f(self);
         }
+        true
+    }
+
+    fn no_space(&mut self, e: &crate::wal::WalError) -> bool {
+        if !self.node.disk_full[self.index].swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                shard = self.index,
+                "{e}; writes to this shard are refused until space returns"
+            );
+        }
+        self.retry_at = Some(Instant::now() + self.retry_delay);
+        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+        false
     }
 
     /// Records a node's raft address learned from a conf change, in every
@@ -242,6 +282,15 @@ fn send_all(ctx: &SendCtx, partition: u32, msgs: Vec<Message>) {
             ),
             Err(e) => tracing::error!(partition, "cannot encode raft message: {e}"),
         }
+    }
+}
+
+/// ENOSPC, however the log reported it.
+fn is_no_space(e: &crate::wal::WalError) -> bool {
+    match e {
+        crate::wal::WalError::NoSpace { .. } => true,
+        crate::wal::WalError::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+        _ => false,
     }
 }
 
