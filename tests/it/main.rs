@@ -7,6 +7,7 @@
 //! - `kv`: the replicated key-value data plane.
 //! - `durability`: crashes, restarts and on-disk corruption.
 
+mod diskfull;
 mod durability;
 mod kv;
 mod node_api;

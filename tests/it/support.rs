@@ -177,6 +177,8 @@ pub struct Node {
     pub log_path: PathBuf,
     pub shards: u32,
     pub config_path: Option<PathBuf>,
+    /// Further `serve` arguments appended on every (re)start.
+    pub extra_args: Vec<String>,
     child: Option<Child>,
     /// Cached connection; reset whenever the process changes.
     channel: Mutex<Option<Channel>>,
@@ -196,6 +198,7 @@ impl Node {
             log_path: dir.join("node.log"),
             shards,
             config_path,
+            extra_args: Vec::new(),
             child: None,
             channel: Mutex::new(None),
             starts: 0,
@@ -221,6 +224,7 @@ impl Node {
             args.push("--config".to_string());
             args.push(config.display().to_string());
         }
+        args.extend(self.extra_args.iter().cloned());
         args
     }
 
