@@ -6,6 +6,7 @@
 //! - `node_api`: the `atomix.multiraft.v1.Node` control API and gRPC edge cases.
 //! - `kv`: the replicated key-value data plane.
 //! - `durability`: crashes, restarts and on-disk corruption.
+//! - `diskfull`: a node whose disk fills up (a loop-mounted ext4; needs root).
 
 mod diskfull;
 mod durability;
