@@ -17,6 +17,7 @@
 //! - [`transport`]: peer links between nodes (raft messages, forwarded calls).
 //! - [`kv`]: the replicated key-value state machine and its service.
 //! - [`proto`]: generated protobuf messages.
+//! - [`cli`]: operator commands, the local-cluster launcher and `bench`.
 
 pub mod cli;
 pub mod config;
