@@ -155,6 +155,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
         .await
         .map_err(|e| e.to_string())?;
     let links = PeerLinks::new(cfg.node_id, shutdown.clone());
+    links.set_local_shard(k as u32);
     let meta = node.meta().clone();
     for (n, a) in &meta.addresses {
         if *n != cfg.node_id {
@@ -264,6 +265,55 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
             None => tracing::debug!(from, "empty peer envelope dropped"),
         },
     );
-    glommio::spawn_local(crate::transport::serve(raft_listener, sink, shutdown)).detach();
+    // Peer connections announce their sending shard; with the same
+    // placement on both nodes, that shard index owns the partitions the
+    // connection carries, so the connection moves there and its raft
+    // messages reach their groups without a hop between cores.
+    let config = Rc::new(crate::transport::TransportConfig::default());
+    let stats = Rc::new(crate::transport::RecvStats::default());
+    {
+        let (sink, shutdown, config, stats) = (
+            sink.clone(),
+            shutdown.clone(),
+            config.clone(),
+            stats.clone(),
+        );
+        shard.adopt_peer = Some(Rc::new(move |from, fd, buffered| {
+            glommio::spawn_local(crate::transport::serve_adopted(
+                fd,
+                from,
+                buffered,
+                sink.clone(),
+                shutdown.clone(),
+                config.clone(),
+                stats.clone(),
+            ))
+            .detach();
+        }));
+    }
+    let handoff_node = node.clone();
+    let handoff: crate::transport::Handoff = Rc::new(move |from, to_shard, fd, buffered| {
+        let to = to_shard as usize;
+        if to == k || to >= handoff_node.inboxes.len() {
+            return false;
+        }
+        let job = move |s: &mut Shard| match &s.adopt_peer {
+            Some(adopt) => adopt(from, fd, buffered),
+            None => tracing::debug!(
+                from,
+                "peer connection handed to a shard not serving yet; dropped"
+            ),
+        };
+        handoff_node.send(to, ShardMsg::Exec(Box::new(job))).is_ok()
+    });
+    glommio::spawn_local(crate::transport::serve_handing_off(
+        raft_listener,
+        sink,
+        shutdown,
+        (*config).clone(),
+        stats,
+        Some(handoff),
+    ))
+    .detach();
     Ok(shard)
 }

@@ -187,7 +187,12 @@ pub struct Shard {
     pub sync_us: hdrhistogram::Histogram<u64>,
     /// Raft entries written to the WAL.
     pub wal_entries: u64,
+    /// Serves a peer connection handed over by another shard's listener.
+    pub adopt_peer: Option<AdoptPeer>,
 }
+
+/// See [`Shard::adopt_peer`]: `(from_node, socket, bytes already read)`.
+pub type AdoptPeer = Rc<dyn Fn(u64, std::os::fd::OwnedFd, Vec<u8>)>;
 
 impl Shard {
     pub fn new(index: usize, node: Arc<NodeShared>, wal: Wal, links: Rc<PeerLinks>) -> Shard {
@@ -209,6 +214,7 @@ impl Shard {
             sync_us: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 2)
                 .expect("static histogram bounds are valid"),
             wal_entries: 0,
+            adopt_peer: None,
         }
     }
 

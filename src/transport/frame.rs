@@ -136,6 +136,19 @@ impl FrameReader {
         }
     }
 
+    /// A reader that starts with bytes already read from the stream (a
+    /// connection moved to another shard after its Hello).
+    pub fn with_buffered(max_frame: usize, buffered: &[u8]) -> FrameReader {
+        let mut r = FrameReader::new(max_frame);
+        r.buf.extend_from_slice(buffered);
+        r
+    }
+
+    /// Bytes read from the stream but not yet returned as frames.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// The next frame body, or `Ok(None)` on a clean end of stream (EOF on a
     /// frame boundary).
     pub async fn next_frame<R: AsyncRead + Unpin>(
@@ -222,6 +235,7 @@ mod tests {
             &Hello {
                 node_id: 7,
                 reserved: 0,
+                shard: None,
             },
             &mut buf,
             DEFAULT_MAX_FRAME,

@@ -45,7 +45,7 @@ use prost::Message;
 use crate::proto::peer::Envelope;
 use crate::shutdown::Shutdown;
 
-pub use server::{serve_with, RecvStats};
+pub use server::{serve_adopted, serve_handing_off, serve_with, Handoff, RecvStats};
 
 /// Tunables of the peer transport. `Default` gives production values.
 #[derive(Clone, Debug)]
@@ -130,6 +130,8 @@ pub struct SendStats {
 /// State shared by a shard's `PeerLinks` and its writer tasks.
 struct Shared {
     node_id: u64,
+    /// This shard's index, announced in every Hello.
+    shard: Cell<Option<u32>>,
     config: TransportConfig,
     shutdown: Shutdown,
     stats: SendStats,
@@ -177,6 +179,7 @@ impl PeerLinks {
         Rc::new(PeerLinks {
             shared: Rc::new(Shared {
                 node_id,
+                shard: Cell::new(None),
                 config,
                 shutdown,
                 stats: SendStats::default(),
@@ -186,6 +189,11 @@ impl PeerLinks {
     }
 
     /// This node's id.
+    /// Announces this shard's index in the Hello of new connections.
+    pub fn set_local_shard(&self, shard: u32) {
+        self.shared.shard.set(Some(shard));
+    }
+
     pub fn node_id(&self) -> u64 {
         self.shared.node_id
     }

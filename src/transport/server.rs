@@ -1,6 +1,7 @@
 //! The accepting side of the peer transport: one task per incoming
 //! connection, reading the Hello and then envelopes (see [`super::frame`]).
 
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::pin;
 use std::rc::Rc;
 use std::time::Duration;
@@ -31,6 +32,11 @@ pub struct RecvStats {
     pub rejected: Counter,
 }
 
+/// Moves an accepted connection to another shard after its Hello:
+/// `(from_node, sender_shard, socket, bytes already read)`; returns true
+/// when the connection was taken.
+pub type Handoff = Rc<dyn Fn(u64, u32, OwnedFd, Vec<u8>) -> bool>;
+
 /// [`super::serve`] with explicit tunables and counters.
 pub async fn serve_with(
     listener: TcpListener,
@@ -38,6 +44,19 @@ pub async fn serve_with(
     shutdown: Shutdown,
     config: TransportConfig,
     stats: Rc<RecvStats>,
+) {
+    serve_handing_off(listener, sink, shutdown, config, stats, None).await
+}
+
+/// [`serve_with`], offering every connection that names its sending shard
+/// to `handoff`.
+pub async fn serve_handing_off(
+    listener: TcpListener,
+    sink: Rc<dyn Fn(u64, Envelope)>,
+    shutdown: Shutdown,
+    config: TransportConfig,
+    stats: Rc<RecvStats>,
+    handoff: Option<Handoff>,
 ) {
     let config = Rc::new(config);
     loop {
@@ -56,8 +75,9 @@ pub async fn serve_with(
                 let shutdown = shutdown.clone();
                 let config = config.clone();
                 let stats = stats.clone();
+                let handoff = handoff.clone();
                 glommio::spawn_local(async move {
-                    let conn = pin!(serve_conn(stream, &*sink, &config, &stats));
+                    let conn = pin!(serve_conn(stream, &*sink, &config, &stats, handoff));
                     let stop = pin!(shutdown.wait());
                     select(conn, stop).await;
                 })
@@ -78,6 +98,7 @@ async fn serve_conn(
     sink: &dyn Fn(u64, Envelope),
     config: &TransportConfig,
     stats: &RecvStats,
+    handoff: Option<Handoff>,
 ) {
     let peer = stream
         .peer_addr()
@@ -105,15 +126,64 @@ async fn serve_conn(
         }
         Err(err) => Err(err),
     };
-    let from = match hello {
-        Ok(hello) => hello.node_id,
+    let hello = match hello {
+        Ok(hello) => hello,
         Err(err) => {
             end_of_connection(&peer, None, err, stats);
             return;
         }
     };
-    tracing::debug!(peer, from, "peer connected");
+    let from = hello.node_id;
+    tracing::debug!(peer, from, shard = hello.shard, "peer connected");
+    if let (Some(handoff), Some(shard)) = (handoff, hello.shard) {
+        // SAFETY: dup(2) of a socket this task owns; the new descriptor is
+        // owned by the OwnedFd from here on. No read is in flight (the
+        // Hello's completed), so no bytes are lost between the two.
+        let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+        if fd >= 0 {
+            // SAFETY: `fd` was just returned by dup and is owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            if handoff(from, shard, fd, reader.buffered().to_vec()) {
+                return;
+            }
+        }
+    }
+    read_frames(stream, reader, from, &peer, sink, stats).await;
+}
 
+/// Serves a connection handed over by another shard's listener (see
+/// [`Handoff`]), on the current shard.
+pub async fn serve_adopted(
+    fd: OwnedFd,
+    from: u64,
+    buffered: Vec<u8>,
+    sink: Rc<dyn Fn(u64, Envelope)>,
+    shutdown: Shutdown,
+    config: Rc<TransportConfig>,
+    stats: Rc<RecvStats>,
+) {
+    // SAFETY: `fd` is a connected TCP socket owned by us; ownership moves
+    // to the stream.
+    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let reader = FrameReader::with_buffered(config.max_frame, &buffered);
+    let conn = pin!(read_frames(stream, reader, from, &peer, &*sink, &stats));
+    let stop = pin!(shutdown.wait());
+    select(conn, stop).await;
+}
+
+/// Reads envelopes until the connection ends, feeding them to `sink`.
+async fn read_frames(
+    mut stream: TcpStream,
+    mut reader: FrameReader,
+    from: u64,
+    peer: &str,
+    sink: &dyn Fn(u64, Envelope),
+    stats: &RecvStats,
+) {
     loop {
         let body = match reader.next_frame(&mut stream).await {
             Ok(Some(body)) => body,
@@ -122,7 +192,7 @@ async fn serve_conn(
                 return;
             }
             Err(err) => {
-                end_of_connection(&peer, Some(from), err, stats);
+                end_of_connection(peer, Some(from), err, stats);
                 return;
             }
         };
@@ -134,7 +204,7 @@ async fn serve_conn(
                 sink(from, env);
             }
             Err(err) => {
-                end_of_connection(&peer, Some(from), err, stats);
+                end_of_connection(peer, Some(from), err, stats);
                 return;
             }
         }

@@ -348,6 +348,7 @@ fn garbage_closes_only_that_connection() {
             &Hello {
                 node_id: 66,
                 reserved: 0,
+                shard: None,
             },
             &mut buf,
             DEFAULT_MAX_FRAME,
@@ -369,6 +370,7 @@ fn garbage_closes_only_that_connection() {
             &Hello {
                 node_id: 67,
                 reserved: 0,
+                shard: None,
             },
             &mut buf,
             DEFAULT_MAX_FRAME,

@@ -106,6 +106,7 @@ async fn connect(addr: &str, shared: &Shared) -> io::Result<TcpStream> {
         &Hello {
             node_id: shared.node_id,
             reserved: 0,
+            shard: shared.shard.get(),
         },
         &mut hello,
         config.max_frame,
