@@ -3,9 +3,8 @@
 //!
 //! A group never blocks and never does I/O itself: the shard loop
 //! ([`crate::shard`]) feeds it proposals and messages, takes its `Ready`,
-//! makes it durable and hands back what raft says may be applied. What the
-//! group produces for the outside world (messages to send, WAL records,
-//! learned peer addresses) goes into an [`Outbox`].
+//! makes it durable and hands back what raft says may be applied. Peer
+//! addresses learned from applied conf changes go into an [`Outbox`].
 
 use std::collections::HashMap;
 
@@ -67,8 +66,6 @@ struct ReadBatch {
 /// What a group hands to its shard during a turn.
 #[derive(Default)]
 pub struct Outbox {
-    /// Raft messages to send (each carries its destination).
-    pub messages: Vec<Message>,
     /// (node, raft address) pairs learned from applied conf changes.
     pub learned: Vec<(u64, String)>,
 }
@@ -218,16 +215,8 @@ impl Group {
         &self.storage
     }
 
-    pub fn applied(&self) -> u64 {
-        self.applied
-    }
-
     pub fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader
-    }
-
-    pub fn leader_id(&self) -> u64 {
-        self.raw.raft.leader_id
     }
 
     pub fn voters(&self) -> Vec<u64> {

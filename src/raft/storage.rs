@@ -88,10 +88,6 @@ impl GroupStorage {
         self.0.borrow_mut().conf_state = cs;
     }
 
-    pub fn snapshot_index(&self) -> u64 {
-        self.0.borrow().snapshot.get_metadata().index
-    }
-
     pub fn first_index(&self) -> u64 {
         self.0.borrow().compact_index + 1
     }
@@ -148,11 +144,6 @@ impl GroupStorage {
         c.compact_term = c.entries[n - 1].term;
         c.compact_index = index;
         c.entries.drain(..n);
-    }
-
-    /// Term of the entry at `idx`, if held.
-    pub fn entry_term(&self, idx: u64) -> Option<u64> {
-        raft::Storage::term(self, idx).ok()
     }
 }
 
