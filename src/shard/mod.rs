@@ -170,8 +170,6 @@ pub struct Shard {
     /// Callbacks to run once the current turn's WAL sync has completed
     /// (answers that promise durability).
     after_sync: Vec<AfterSync>,
-    /// Snapshots to write (their own files) before this turn's sync.
-    pending_snapshot_saves: Vec<(u32, raft::eraftpb::Snapshot)>,
     /// Set when the WAL has buffered records that must be durable before
     /// this turn goes on (entries, term/vote, conf states, new replicas).
     wal_dirty: bool,
@@ -204,7 +202,6 @@ impl Shard {
             links,
             peer_pending: Default::default(),
             after_sync: Vec::new(),
-            pending_snapshot_saves: Vec::new(),
             wal_dirty: false,
             turns_since_purge: 0,
             segments_seen: 0,
@@ -250,11 +247,11 @@ impl Shard {
             done(Ok(()));
             return;
         }
-        if let Some(s) = &init.snapshot {
-            self.pending_snapshot_saves.push((partition, s.clone()));
-        }
         self.wal.set_hard_state(partition as u64, &init.hard_state);
         self.wal.set_conf_state(partition as u64, &init.conf_state);
+        if let Some(s) = &init.snapshot {
+            self.wal.save_snapshot(partition as u64, s);
+        }
         self.wal_dirty = true;
         let cfg = &self.node.config;
         match Group::new(

@@ -77,7 +77,8 @@ impl Shard {
                 if let Err(e) = g.install_snapshot(&snap) {
                     tracing::error!(partition = id, "cannot install snapshot: {e}");
                 }
-                self.pending_snapshot_saves.push((*id, snap));
+                // Buffered before this Ready's entries, which continue it.
+                self.wal.save_snapshot(*id as u64, &snap);
                 self.wal_dirty = true;
             }
             if let Some(cs) = g.apply(rd.take_committed_entries(), &mut out) {
@@ -147,8 +148,11 @@ impl Shard {
                     index = snap.get_metadata().index,
                     "snapshot taken"
                 );
-                self.pending_snapshot_saves.push((id, snap));
+                // The compaction is buffered after the snapshot that covers
+                // it, so it never reaches the disk without it.
+                self.wal.save_snapshot(id as u64, &snap);
                 self.wal.compact(id as u64, compact_to);
+                self.wal_dirty = true;
             }
         }
     }
@@ -173,13 +177,15 @@ impl Shard {
                     }
                 }
                 Ok(None) => {}
+                Err(e) if self.wal.is_poisoned() => fatal_storage_error(self.index, &e),
                 Err(e) => tracing::warn!(shard = self.index, "WAL purge: {e}"),
             }
         }
     }
 
-    /// Writes pending snapshots and syncs the WAL, then runs the callbacks
-    /// that waited for durability. Returns false when the disk is full.
+    /// Syncs the WAL (snapshot files first, then the log), then runs the
+    /// callbacks that waited for durability. Returns false when the disk is
+    /// full.
     ///
     /// A failed fdatasync leaves the state of the written pages unknown, so
     /// it is never retried: the process stops rather than acknowledge
@@ -188,18 +194,6 @@ impl Shard {
     /// backoff on later turns; meanwhile writes to this shard's partitions
     /// are refused with UNAVAILABLE (see `NodeShared::disk_full`).
     async fn sync(&mut self) -> bool {
-        while let Some((id, snap)) = self.pending_snapshot_saves.first() {
-            match self.wal.save_snapshot(*id as u64, snap).await {
-                Ok(()) => {
-                    self.pending_snapshot_saves.remove(0);
-                    // Synced at once: the log purges entries the snapshot
-                    // covers, which is only safe once it is durable.
-                    self.wal_dirty = true;
-                }
-                Err(e) if is_no_space(&e) => return self.no_space(&e),
-                Err(e) => fatal_storage_error(self.index, &e),
-            }
-        }
         if self.wal_dirty {
             let started = Instant::now();
             match self.wal.sync().await {

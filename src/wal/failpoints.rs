@@ -1,41 +1,59 @@
-//! Fault injection for the disk-failure tests (cargo feature `failpoints`).
+//! Fault injection for the log's failure tests (cargo feature `failpoints`).
 //!
 //! Known names:
 //! - `wal::write::enospc`: every DMA write of the log fails with ENOSPC
 //!   before touching the disk.
 //! - `wal::sync::err`: every `fdatasync` of a segment fails with EIO.
+//! - `wal::sync::crash_after_snapshot_files`: a sync that has snapshot files
+//!   to write makes them durable, then stops as if the process died before
+//!   the log records that reference them were written.
+//! - `wal::purge::crash_after_delete`: a purge deletes the segments it
+//!   planned to, then stops as if the process died right after.
 //!
-//! The switches are process-global so a test can flip them from any thread;
-//! without the feature `is_on` is a constant `false` and compiles away.
+//! A "crash" fails the call with an I/O error, which poisons the log (like
+//! a failed fsync): nothing more reaches the disk, and the test reopens the
+//! directory to see what recovery makes of it.
+//!
+//! The switches are per thread: a log lives on one executor thread, so
+//! tests running side by side never trip each other's failpoints. Without
+//! the feature `is_on` is a constant `false` and compiles away.
+
+/// Every failpoint name this build knows.
+pub const NAMES: [&str; 4] = [
+    "wal::write::enospc",
+    "wal::sync::err",
+    "wal::sync::crash_after_snapshot_files",
+    "wal::purge::crash_after_delete",
+];
 
 #[cfg(feature = "failpoints")]
 mod imp {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::cell::RefCell;
+    use std::collections::HashSet;
 
-    static WRITE_ENOSPC: AtomicBool = AtomicBool::new(false);
-    static SYNC_ERR: AtomicBool = AtomicBool::new(false);
-
-    fn switch(name: &str) -> Option<&'static AtomicBool> {
-        match name {
-            "wal::write::enospc" => Some(&WRITE_ENOSPC),
-            "wal::sync::err" => Some(&SYNC_ERR),
-            _ => None,
-        }
+    thread_local! {
+        static ON: RefCell<HashSet<&'static str>> = RefCell::new(HashSet::new());
     }
 
-    /// Turns the named failpoint on or off. Returns false for an unknown name.
+    /// Turns the named failpoint on or off for the calling thread. Returns
+    /// false for an unknown name.
     pub fn set(name: &str, on: bool) -> bool {
-        match switch(name) {
-            Some(s) => {
-                s.store(on, Ordering::SeqCst);
-                true
+        let Some(&known) = super::NAMES.iter().find(|&&n| n == name) else {
+            return false;
+        };
+        ON.with(|s| {
+            let mut s = s.borrow_mut();
+            if on {
+                s.insert(known);
+            } else {
+                s.remove(known);
             }
-            None => false,
-        }
+        });
+        true
     }
 
     pub(crate) fn is_on(name: &str) -> bool {
-        switch(name).is_some_and(|s| s.load(Ordering::SeqCst))
+        ON.with(|s| s.borrow().contains(name))
     }
 }
 
@@ -49,4 +67,13 @@ pub(crate) use imp::is_on;
 #[inline(always)]
 pub(crate) fn is_on(_name: &str) -> bool {
     false
+}
+
+/// The error a simulated crash returns.
+pub(crate) fn crash(name: &str) -> super::WalError {
+    super::WalError::Io {
+        op: "failpoint",
+        path: name.into(),
+        source: std::io::Error::other(format!("simulated crash at {name}")),
+    }
 }

@@ -154,6 +154,9 @@ pub struct Wal {
     /// task cancels it, so a dropped log leaves no writer behind.
     next: Option<(u64, Task<Result<DmaFile, WalError>>)>,
     snapshot_serial: u64,
+    /// Snapshot files whose records are buffered: `(name, content)`, written
+    /// and made durable by the next sync before the records.
+    snapshot_files: Vec<(String, Vec<u8>)>,
     /// Snapshot files to delete once the buffered records that superseded
     /// them are durable.
     doomed_snapshots: Vec<String>,
@@ -186,17 +189,8 @@ impl Wal {
                 Some(r) => Some(snapshot::read(&snap_dir, r).await?),
                 None => None,
             };
+            // Replay refused logs that do not continue their floor.
             let entries: Vec<Entry> = g.entries.into();
-            if let Some(first) = entries.first() {
-                if first.index != g.meta.floor() + 1 {
-                    warn!(
-                        group = id,
-                        first = first.index,
-                        floor = g.meta.floor(),
-                        "recovered entries do not start right after the compact/snapshot index"
-                    );
-                }
-            }
             recovered.groups.insert(
                 id,
                 GroupState {
@@ -258,6 +252,7 @@ impl Wal {
             groups,
             next: None,
             snapshot_serial: 0,
+            snapshot_files: Vec::new(),
             doomed_snapshots: Vec::new(),
             poisoned: None,
             stats: WalStats::default(),
@@ -301,27 +296,31 @@ impl Wal {
         self.groups.entry(group).or_default().conf_state = cs.clone();
     }
 
-    /// Writes the snapshot's data durably (its own file) and buffers its
-    /// metadata; entries up to the snapshot index are dropped for the group.
+    /// Buffers a snapshot of `group`: its metadata record goes into the log
+    /// now, in order with the group's other records, and entries up to the
+    /// snapshot index are dropped for the group. The next `sync` writes the
+    /// snapshot's own file and makes it durable before any buffered record,
+    /// so a synced record never names a missing file.
     ///
     /// Entries after the snapshot index survive recovery only if the log
     /// holds the snapshot's own (index, term); otherwise they belong to a
     /// history the snapshot replaced and recovery drops them too.
-    pub async fn save_snapshot(&mut self, group: u64, snap: &Snapshot) -> Result<(), WalError> {
+    pub fn save_snapshot(&mut self, group: u64, snap: &Snapshot) {
         self.snapshot_serial += 1;
-        // The file is durable before the record that points at it is even
-        // buffered, so a synced record never names a missing file.
-        let r = snapshot::write(&self.snap_dir, group, self.snapshot_serial, snap).await?;
+        let (r, content) = snapshot::encode(group, self.snapshot_serial, snap);
+        self.snapshot_files.push((r.name.clone(), content));
         self.push(|buf| record::put_snapshot_meta(buf, group, &r));
         let meta = self.groups.entry(group).or_default();
         if let Some(old) = meta.snapshot.take() {
             self.doomed_snapshots.push(old.name);
         }
         meta.on_snapshot(r);
-        Ok(())
     }
 
-    /// Entries of `group` up to `index` are no longer needed.
+    /// Entries of `group` up to `index` are no longer needed. The caller
+    /// makes sure what replaces them (a snapshot at or above `index`) was
+    /// saved first: records reach the disk in the order they were buffered,
+    /// so the compaction is never durable without it.
     pub fn compact(&mut self, group: u64, index: u64) {
         self.push(|buf| record::put_compact(buf, group, index));
         self.groups.entry(group).or_default().on_compact(index);
@@ -361,6 +360,7 @@ impl Wal {
     }
 
     async fn sync_inner(&mut self) -> Result<(), WalError> {
+        self.write_snapshot_files().await?;
         if self.pending.is_empty() && self.rolled.is_empty() {
             return Ok(());
         }
@@ -391,10 +391,34 @@ impl Wal {
         Ok(())
     }
 
+    /// Writes the snapshot files of buffered records, each durable, then
+    /// the directory entries. On ENOSPC the files not yet written stay
+    /// queued for the next try.
+    async fn write_snapshot_files(&mut self) -> Result<(), WalError> {
+        if self.snapshot_files.is_empty() {
+            return Ok(());
+        }
+        while let Some((name, content)) = self.snapshot_files.first() {
+            snapshot::write(&self.snap_dir, name, content).await?;
+            self.snapshot_files.remove(0);
+        }
+        io::sync_dir(&self.snap_dir).await?;
+        if failpoints::is_on("wal::sync::crash_after_snapshot_files") {
+            return Err(failpoints::crash("wal::sync::crash_after_snapshot_files"));
+        }
+        Ok(())
+    }
+
     /// Deletes segments no group needs any more. Returns the group that
     /// holds the oldest remaining segment, if one keeps segments alive, so
     /// the caller can have it snapshot and compact.
+    ///
+    /// Plans only from durable state: everything buffered is synced first,
+    /// so a compaction or snapshot that justifies deleting a segment is on
+    /// disk before the segment goes. (Planning from buffered records would
+    /// let a crash leave a log whose entries no longer reach its floor.)
     pub async fn purge(&mut self) -> Result<Option<u64>, WalError> {
+        self.sync().await?;
         // The active segment always stays; so does the one before it until
         // the active one's checkpoint is durable.
         let limit = if self.active.synced_len > 0 {
@@ -424,9 +448,19 @@ impl Wal {
             };
             self.stats.segments_purged += deleted;
             self.first_seq = plan.keep_from;
+            if failpoints::is_on("wal::purge::crash_after_delete") {
+                let e = failpoints::crash("wal::purge::crash_after_delete");
+                self.poisoned = Some(e.to_string());
+                return Err(e);
+            }
         }
         self.refresh_stats();
         Ok(plan.pinned_by.map(|(group, _)| group))
+    }
+
+    /// True once a failed write or fsync made the log refuse further syncs.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
     }
 
     /// Counters of this log.

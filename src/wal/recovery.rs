@@ -37,14 +37,27 @@ pub(crate) struct ReplayGroup {
     pub meta: GroupMeta,
     /// Live entries (index > floor), contiguous.
     pub entries: VecDeque<Entry>,
+    /// Where each entries record of the live log came from, as
+    /// `(first index, segment, byte offset)`, ascending: names the record
+    /// when the log turns out not to continue its floor.
+    origins: VecDeque<(u64, u64, u64)>,
 }
 
 impl ReplayGroup {
+    #[cfg(test)]
     fn append(&mut self, entries: Vec<Entry>, seq: u64, group: u64) {
+        self.append_at(entries, seq, 0, group)
+    }
+
+    fn append_at(&mut self, entries: Vec<Entry>, seq: u64, offset: u64, group: u64) {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return;
         };
         let (first, last) = (first.index, last.index);
+        while self.origins.back().is_some_and(|&(f, _, _)| f >= first) {
+            self.origins.pop_back();
+        }
+        self.origins.push_back((first, seq, offset));
         if let Some(front) = self.entries.front().map(|e| e.index) {
             if first <= front {
                 self.entries.clear();
@@ -64,6 +77,9 @@ impl ReplayGroup {
                     self.entries.truncate(keep);
                 }
             }
+        }
+        if self.entries.is_empty() {
+            self.origins.retain(|&(f, _, _)| f == first);
         }
         self.entries.extend(entries);
         self.meta.on_entries(first, last, seq);
@@ -86,6 +102,7 @@ impl ReplayGroup {
         if let Some(e) = at.and_then(|i| self.entries.get(i)) {
             if e.term != snap.term {
                 self.entries.clear();
+                self.origins.clear();
                 self.meta.runs = EntryRuns::default();
             }
         }
@@ -98,6 +115,41 @@ impl ReplayGroup {
         while self.entries.front().is_some_and(|e| e.index <= floor) {
             self.entries.pop_front();
         }
+        // Keep the origin of the record holding the first live entry.
+        while self.origins.len() > 1 && self.origins[1].0 <= floor + 1 {
+            self.origins.pop_front();
+        }
+    }
+
+    /// The live log must continue right after the floor (the snapshot or
+    /// compaction index): raft cannot start from a log with a hole below
+    /// its first entry, and a hole means records that were synced are gone
+    /// (e.g. a segment deleted too early). Returns the segment and offset of
+    /// the record holding the first live entry when it does not.
+    fn check_continues_floor(&self) -> Result<(), (u64, u64, String)> {
+        let Some(first) = self.entries.front().map(|e| e.index) else {
+            return Ok(());
+        };
+        let floor = self.meta.floor();
+        if first == floor + 1 {
+            return Ok(());
+        }
+        let (seq, offset) = self
+            .origins
+            .iter()
+            .rev()
+            .find(|&&(f, _, _)| f <= first)
+            .map_or((0, 0), |&(_, s, o)| (s, o));
+        Err((
+            seq,
+            offset,
+            format!(
+                "entries start at index {first} but the snapshot/compaction floor is {floor}: \
+                 entries {}..={} are missing",
+                floor + 1,
+                first - 1
+            ),
+        ))
     }
 }
 
@@ -161,7 +213,7 @@ pub(crate) async fn replay(wal_dir: &Path) -> Result<Replayed, WalError> {
         bytes += scan.valid_end as u64;
         records += scan.records.len() as u64;
         for (off, rec) in &scan.records[scan.has_header as usize..] {
-            apply(&mut groups, seq, rec).map_err(|reason| WalError::Corruption {
+            apply(&mut groups, seq, *off as u64, rec).map_err(|reason| WalError::Corruption {
                 path: path.clone(),
                 offset: *off as u64,
                 reason,
@@ -175,6 +227,16 @@ pub(crate) async fn replay(wal_dir: &Path) -> Result<Replayed, WalError> {
                 content,
                 valid_end,
                 has_header,
+            });
+        }
+    }
+
+    for (&id, g) in &groups {
+        if let Err((seq, offset, reason)) = g.check_continues_floor() {
+            return Err(WalError::Corruption {
+                path: wal_dir.join(segment_name(seq)),
+                offset,
+                reason: format!("group {id}: {reason}"),
             });
         }
     }
@@ -286,6 +348,7 @@ fn scan_segment<'a>(
 fn apply(
     groups: &mut BTreeMap<u64, ReplayGroup>,
     seq: u64,
+    offset: u64,
     rec: &Record<'_>,
 ) -> Result<(), String> {
     let g = rec.group;
@@ -293,7 +356,10 @@ fn apply(
         Kind::SegmentHeader => return Err("segment header in the middle of a segment".into()),
         Kind::Entries => {
             let entries = record::parse_entries(rec.payload)?;
-            groups.entry(g).or_default().append(entries, seq, g);
+            groups
+                .entry(g)
+                .or_default()
+                .append_at(entries, seq, offset, g);
         }
         Kind::HardState => {
             groups.entry(g).or_default().meta.hard_state = record::parse_hard_state(rec.payload)?;
@@ -367,6 +433,28 @@ mod tests {
         g.snapshot(snap(5, 3));
         assert!(g.entries.is_empty());
         assert!(g.meta.runs.is_empty());
+    }
+
+    #[test]
+    fn a_log_that_does_not_continue_its_floor_is_refused() {
+        let mut g = ReplayGroup::default();
+        g.append_at(entries(22, 40, 1), 2, 4096, 1);
+        g.append_at(entries(41, 60, 1), 3, 512, 1);
+        let (seq, offset, reason) = g.check_continues_floor().unwrap_err();
+        assert_eq!((seq, offset), (2, 4096), "{reason}");
+        assert!(reason.contains("entries 1..=21 are missing"), "{reason}");
+        g.compact(21);
+        assert!(g.check_continues_floor().is_ok());
+        g.compact(45);
+        assert!(g.check_continues_floor().is_ok());
+        assert_eq!(g.origins.front().map(|o| o.1), Some(3));
+        // A snapshot past a hole is fine; a compaction alone below it is not.
+        let mut g = ReplayGroup::default();
+        g.compact(5);
+        g.append_at(entries(9, 12, 1), 1, 100, 1);
+        assert!(g.check_continues_floor().is_err());
+        g.snapshot(snap(8, 1));
+        assert!(g.check_continues_floor().is_ok());
     }
 
     #[test]

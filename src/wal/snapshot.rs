@@ -11,9 +11,11 @@
 //! saved snapshot a new file, so a SnapshotMeta record that was synced always
 //! names a file that was never overwritten afterwards.
 //!
-//! Durability order: write `name.tmp`, fdatasync, rename to `name`, fsync
-//! `snap/`; only then is the record buffered. A crash before the record is
-//! synced leaves an unreferenced file, which recovery deletes.
+//! Durability order: the record is buffered in the log at once (so it sits
+//! in order with the group's other records), and the next sync writes the
+//! file first: `name.tmp`, fdatasync, rename to `name`, fsync `snap/`; only
+//! then the log records. A crash before the records are synced leaves an
+//! unreferenced file, which recovery deletes.
 
 use std::path::Path;
 
@@ -21,7 +23,7 @@ use glommio::io::DmaFile;
 use protobuf::Message;
 use raft::eraftpb::{Snapshot, SnapshotMetadata};
 
-use super::io::{glommio_err, read_all, sync_dir, write_aligned};
+use super::io::{glommio_err, read_all, write_aligned};
 use super::record::SnapshotRef;
 use super::WalError;
 
@@ -49,18 +51,11 @@ pub(crate) fn parse_name(name: &str) -> Option<(u64, u64, u64)> {
     Some((group, index, serial))
 }
 
-/// Durably writes `snap` as `dir/{name}` and returns the log's reference
-/// to it.
-pub(crate) async fn write(
-    dir: &Path,
-    group: u64,
-    serial: u64,
-    snap: &Snapshot,
-) -> Result<SnapshotRef, WalError> {
+/// Encodes `snap` as a file's content and returns the log's reference to
+/// it; [`write`] puts it on disk.
+pub(crate) fn encode(group: u64, serial: u64, snap: &Snapshot) -> (SnapshotRef, Vec<u8>) {
     let meta = snap.get_metadata();
     let name = snapshot_name(group, meta.index, serial);
-    let path = dir.join(&name);
-    let tmp = dir.join(format!("{name}.tmp"));
 
     let mut meta_bytes = Vec::new();
     super::record::put_message(&mut meta_bytes, meta);
@@ -76,11 +71,25 @@ pub(crate) async fn write(
     content.extend_from_slice(&(data.len() as u64).to_le_bytes());
     content.extend_from_slice(&meta_bytes);
     content.extend_from_slice(data);
+    let r = SnapshotRef {
+        index: meta.index,
+        term: meta.term,
+        data_len: data.len() as u64,
+        file_crc: crc,
+        name,
+    };
+    (r, content)
+}
 
+/// Durably writes an encoded snapshot as `dir/{name}`: a temporary file,
+/// fdatasync, rename. The caller fsyncs `dir` once after all its files.
+pub(crate) async fn write(dir: &Path, name: &str, content: &[u8]) -> Result<(), WalError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
     let file = DmaFile::create(&tmp)
         .await
         .map_err(|e| glommio_err("create", &tmp, e))?;
-    let res = write_file(&file, &tmp, &content).await;
+    let res = write_file(&file, &tmp, content).await;
     let _ = file.close().await;
     if let Err(e) = res {
         let _ = glommio::io::remove(&tmp).await;
@@ -88,15 +97,7 @@ pub(crate) async fn write(
     }
     glommio::io::rename(&tmp, &path)
         .await
-        .map_err(|e| glommio_err("rename", &tmp, e))?;
-    sync_dir(dir).await?;
-    Ok(SnapshotRef {
-        index: meta.index,
-        term: meta.term,
-        data_len: data.len() as u64,
-        file_crc: crc,
-        name,
-    })
+        .map_err(|e| glommio_err("rename", &tmp, e))
 }
 
 async fn write_file(file: &DmaFile, path: &Path, content: &[u8]) -> Result<(), WalError> {
@@ -177,6 +178,7 @@ fn decode(content: &[u8], r: &SnapshotRef) -> Result<Snapshot, (u64, String)> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::io::sync_dir;
     use super::*;
 
     #[test]
@@ -198,7 +200,9 @@ mod tests {
                 snap.mut_metadata().term = 2;
                 snap.mut_metadata().mut_conf_state().voters = vec![1, 2];
                 snap.set_data(vec![5u8; 10_000].into());
-                let r = write(&path, 1, 7, &snap).await.unwrap();
+                let (r, content) = encode(1, 7, &snap);
+                write(&path, &r.name, &content).await.unwrap();
+                sync_dir(&path).await.unwrap();
                 assert_eq!(r.index, 10);
                 let back = read(&path, &r).await.unwrap();
                 assert_eq!(back, snap);

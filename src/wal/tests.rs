@@ -140,9 +140,7 @@ fn recovers_state_entries_and_snapshot_across_reopen() {
             wal.set_hard_state(1, &hard_state(2, 3, 6));
             wal.sync().await.unwrap();
             // Snapshot at 4 (term 1 matches the log): 5..=8 survive.
-            wal.save_snapshot(1, &snapshot(4, 1, b"state@4"))
-                .await
-                .unwrap();
+            wal.save_snapshot(1, &snapshot(4, 1, b"state@4"));
             wal.sync().await.unwrap();
             wal.append_entries(2, &entries(4, 4, 1, 8));
             // Not synced: must not be relied on, but an orderly drop after a
@@ -174,7 +172,7 @@ fn snapshot_from_a_diverged_history_drops_later_entries() {
             let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
             wal.append_entries(1, &entries(1, 10, 1, 4));
             // The leader's snapshot at 6 has term 3: our 6.. is stale.
-            wal.save_snapshot(1, &snapshot(6, 3, b"s")).await.unwrap();
+            wal.save_snapshot(1, &snapshot(6, 3, b"s"));
             wal.sync().await.unwrap();
         }
         let (mut wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
@@ -420,6 +418,63 @@ fn reopen_after_partial_purge_keeps_needed_entries() {
     });
 }
 
+/// A purge right after a compaction that is only buffered: the segments it
+/// deletes must not be needed by the log a crash leaves behind. (Planning
+/// from the buffered compaction once deleted the first segment while the
+/// durable log still started at entry 1.)
+#[test]
+fn purge_never_outruns_the_durable_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(move || async move {
+        {
+            let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
+            for i in 1..=60 {
+                wal.append_entries(1, &entries(i, i, 1, 3000));
+                wal.sync().await.unwrap();
+            }
+            wal.compact(1, 30);
+            wal.purge().await.unwrap();
+            // Dropped without a sync of its own: a crash.
+        }
+        let (_wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
+        let got = indexes(&rec.groups[&1]);
+        assert!(
+            got == (1..=60).collect::<Vec<_>>() || got == (31..=60).collect::<Vec<_>>(),
+            "recovered entries {:?}..={:?}",
+            got.first(),
+            got.last()
+        );
+    });
+}
+
+/// A log whose first live entry is not right after its floor was cut short
+/// by something other than a torn tail: refuse to start, naming the place.
+#[test]
+fn a_hole_below_the_first_entry_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(move || async move {
+        {
+            let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
+            for i in 1..=60 {
+                wal.append_entries(1, &entries(i, i, 1, 3000));
+                wal.sync().await.unwrap();
+            }
+        }
+        // Lose the first segment (as an early purge would have).
+        std::fs::remove_file(seg_path(&d, 1)).unwrap();
+        match Wal::open(d.clone(), small()).await {
+            Err(WalError::Corruption { path, reason, .. }) => {
+                assert_eq!(path, seg_path(&d, 2), "{reason}");
+                assert!(reason.contains("are missing"), "{reason}");
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a log with a hole was accepted"),
+        }
+    });
+}
+
 #[test]
 fn oversized_batches_are_split_and_single_huge_entries_fit() {
     let dir = tempfile::tempdir().unwrap();
@@ -448,19 +503,18 @@ fn snapshots_replace_old_files_and_remove_group_forgets() {
         {
             let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
             wal.append_entries(1, &entries(1, 5, 1, 8));
-            wal.save_snapshot(1, &snapshot(2, 1, b"two")).await.unwrap();
+            wal.save_snapshot(1, &snapshot(2, 1, b"two"));
             wal.sync().await.unwrap();
             assert_eq!(snap_files(&d).len(), 1);
-            wal.save_snapshot(1, &snapshot(4, 1, b"four"))
-                .await
-                .unwrap();
-            // The old file stays until the new record is durable.
-            assert_eq!(snap_files(&d).len(), 2);
+            wal.save_snapshot(1, &snapshot(4, 1, b"four"));
+            // The new file is written by the sync, before its record; the
+            // old one goes once that record is durable.
+            assert_eq!(snap_files(&d).len(), 1);
             wal.sync().await.unwrap();
             assert_eq!(snap_files(&d).len(), 1);
 
             wal.append_entries(2, &entries(1, 1, 1, 8));
-            wal.save_snapshot(2, &snapshot(1, 1, b"g2")).await.unwrap();
+            wal.save_snapshot(2, &snapshot(1, 1, b"g2"));
             wal.sync().await.unwrap();
             assert_eq!(snap_files(&d).len(), 2);
             wal.remove_group(2);
@@ -489,9 +543,7 @@ fn damaged_snapshot_file_is_corruption() {
     run(move || async move {
         {
             let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
-            wal.save_snapshot(1, &snapshot(3, 1, &[9u8; 5000]))
-                .await
-                .unwrap();
+            wal.save_snapshot(1, &snapshot(3, 1, &[9u8; 5000]));
             wal.sync().await.unwrap();
         }
         let name = snap_files(&d).pop().unwrap();
@@ -623,5 +675,74 @@ fn sync_latency_report() {
         drop(wal);
         let _ = Wal::open(d.clone(), WalConfig::default()).await.unwrap();
         println!("reopen {:?}", t.elapsed());
+    });
+}
+
+/// Crash right after a purge deleted segments: what is left replays to a
+/// log that continues its floor.
+#[cfg(feature = "failpoints")]
+#[test]
+fn crash_between_purge_and_the_next_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(move || async move {
+        {
+            let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
+            for i in 1..=60 {
+                wal.append_entries(1, &entries(i, i, 1, 3000));
+                wal.set_hard_state(1, &hard_state(1, 1, i));
+                wal.sync().await.unwrap();
+            }
+            wal.save_snapshot(1, &snapshot(40, 1, b"state@40"));
+            wal.compact(1, 35);
+            wal.append_entries(1, &entries(61, 61, 1, 8));
+            assert!(failpoints::set("wal::purge::crash_after_delete", true));
+            let res = wal.purge().await;
+            failpoints::set("wal::purge::crash_after_delete", false);
+            assert!(matches!(res, Err(WalError::Io { .. })), "{res:?}");
+            assert!(segment_files(&d)[0] > 1, "the purge deleted nothing");
+            assert!(matches!(wal.sync().await, Err(WalError::Poisoned { .. })));
+        }
+        let (_wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
+        let g = &rec.groups[&1];
+        assert_eq!(g.snapshot.as_ref().unwrap().get_metadata().index, 40);
+        assert_eq!(indexes(g), (41..=61).collect::<Vec<_>>());
+        assert_eq!(g.hard_state, hard_state(1, 1, 60));
+    });
+}
+
+/// Crash after a snapshot's file is durable but before the log records
+/// that name it (and the compaction that relies on it): recovery has the
+/// old state, the stray file is removed, the log is whole.
+#[cfg(feature = "failpoints")]
+#[test]
+fn crash_between_snapshot_file_and_its_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(move || async move {
+        {
+            let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
+            wal.save_snapshot(1, &snapshot(5, 1, b"state@5"));
+            for i in 6..=30 {
+                wal.append_entries(1, &entries(i, i, 1, 3000));
+                wal.sync().await.unwrap();
+            }
+            wal.save_snapshot(1, &snapshot(25, 1, b"state@25"));
+            wal.compact(1, 20);
+            assert!(failpoints::set(
+                "wal::sync::crash_after_snapshot_files",
+                true
+            ));
+            let res = wal.sync().await;
+            failpoints::set("wal::sync::crash_after_snapshot_files", false);
+            assert!(matches!(res, Err(WalError::Io { .. })), "{res:?}");
+            assert_eq!(snap_files(&d).len(), 2, "new file written before the crash");
+            assert!(matches!(wal.purge().await, Err(WalError::Poisoned { .. })));
+        }
+        let (_wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
+        let g = &rec.groups[&1];
+        assert_eq!(g.snapshot.as_ref().unwrap().get_data(), b"state@5");
+        assert_eq!(indexes(g), (6..=30).collect::<Vec<_>>());
+        assert_eq!(snap_files(&d).len(), 1, "the unreferenced file is removed");
     });
 }
