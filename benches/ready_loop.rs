@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use multiraft::config::RaftConfig;
-use multiraft::kv::command::{Command, Op};
+use multiraft::kv::command::{Command, Op, SessionId, WriteId};
 use multiraft::raft::{Group, GroupInit, Outbox};
 
 fn main() {
@@ -31,7 +31,12 @@ fn main() {
                 let (tx, rx) = futures::channel::oneshot::channel();
                 g.propose(
                     Command {
-                        id,
+                        id: WriteId {
+                            session: SessionId::new(1, 1, 0),
+                            seq: id,
+                        },
+                        // Every earlier write was answered in its round.
+                        acked: id - 1,
                         key: Bytes::from(format!("key-{}", id % 10_000)),
                         op: Op::Put {
                             value: value.clone(),

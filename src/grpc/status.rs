@@ -99,6 +99,9 @@ impl Status {
     pub fn failed_precondition(m: impl Into<String>) -> Status {
         Status::new(Code::FailedPrecondition, m)
     }
+    pub fn aborted(m: impl Into<String>) -> Status {
+        Status::new(Code::Aborted, m)
+    }
     pub fn unavailable(m: impl Into<String>) -> Status {
         Status::new(Code::Unavailable, m)
     }

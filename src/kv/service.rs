@@ -1,26 +1,137 @@
-//! The `multiraft.kv.v1.KV` service: validation, partition routing,
-//! forwarding to a node that hosts the partition, and the wait for raft.
+//! The `multiraft.kv.v1.KV` service: validation, partition routing, write
+//! identities, forwarding to a node that hosts the partition, and the wait
+//! for raft.
+//!
+//! A write gets its identity ([`WriteId`]) here, on the node that took the
+//! client's call, before it goes anywhere; the local replica proposes it
+//! under that identity, or a member does when the call is forwarded (as a
+//! `ProposeRequest`, every attempt with the same identity). See
+//! [`super::forward`] and [`super::session`] for why that applies it once.
+
+use std::time::Instant;
 
 use bytes::Bytes;
+use prost::Message;
 
 use crate::grpc::{Request, Status};
-use crate::node::api::{with_deadline, Api};
+use crate::node::api::{
+    decode, with_deadline, Api, KV_CAS, KV_DELETE, KV_GET, KV_PUT, PEER_PROPOSE,
+};
 use crate::proto::kv::{
     CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse, GetRequest,
     GetResponse, PutRequest, PutResponse,
 };
+use crate::proto::peer::ProposeRequest;
 use crate::raft::{Group, ReadResult, Reply, WriteResult};
 use crate::shard::ShardMsg;
 
-use super::command::{Command, Op};
+use super::command::{Command, Op, WriteId};
+use super::forward::{self, Plan};
 use super::Applied;
 
 /// Where a call on a partition goes.
 enum Route {
     /// Hosted here: the owning shard's replica serves it.
     Local(u32),
-    /// Hosted elsewhere: forward to these members (in order).
+    /// Hosted elsewhere: forward to these members.
     Forward(u32, Vec<u64>),
+}
+
+/// One of the three KV writes, decoded.
+enum Write {
+    Put(PutRequest),
+    Delete(DeleteRequest),
+    Cas(CompareAndSwapRequest),
+}
+
+impl Write {
+    fn decode(method: &str, body: &[u8]) -> Result<Write, Status> {
+        Ok(match method {
+            KV_PUT => Write::Put(decode(body)?),
+            KV_DELETE => Write::Delete(decode(body)?),
+            KV_CAS => Write::Cas(decode(body)?),
+            m => return Err(Status::invalid_argument(format!("{m} is not a KV write"))),
+        })
+    }
+
+    fn partition_id(&self) -> u32 {
+        match self {
+            Write::Put(r) => r.partition_id,
+            Write::Delete(r) => r.partition_id,
+            Write::Cas(r) => r.partition_id,
+        }
+    }
+
+    fn key(&self) -> &[u8] {
+        match self {
+            Write::Put(r) => &r.key,
+            Write::Delete(r) => &r.key,
+            Write::Cas(r) => &r.key,
+        }
+    }
+
+    fn validate(&self, api: &Api) -> Result<(), Status> {
+        api.check_key(self.key())?;
+        match self {
+            Write::Put(r) => api.check_value("value", &r.value),
+            Write::Delete(_) => Ok(()),
+            Write::Cas(r) => {
+                api.check_value("value", &r.value)?;
+                match &r.expected {
+                    Some(e) => api.check_value("expected", e),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    fn into_command(self, id: WriteId, acked: u64) -> Command {
+        let (key, op) = match self {
+            Write::Put(r) => (r.key, Op::Put { value: r.value }),
+            Write::Delete(r) => (r.key, Op::Delete),
+            Write::Cas(r) => (
+                r.key,
+                Op::Cas {
+                    expected: r.expected,
+                    value: r.value,
+                },
+            ),
+        };
+        Command { id, acked, key, op }
+    }
+}
+
+/// The response message of a write, encoded.
+fn write_response(method: &str, p: u32, w: WriteResult) -> Bytes {
+    let index = w.index;
+    let body = match (method, w.applied) {
+        (KV_PUT, Applied::Put { previous }) => PutResponse {
+            previous,
+            index,
+            partition_id: p,
+        }
+        .encode_to_vec(),
+        (KV_DELETE, Applied::Delete { previous }) => DeleteResponse {
+            previous,
+            index,
+            partition_id: p,
+        }
+        .encode_to_vec(),
+        (_, Applied::Cas { succeeded, current }) => CompareAndSwapResponse {
+            succeeded,
+            current,
+            index,
+            partition_id: p,
+        }
+        .encode_to_vec(),
+        // A result of another kind cannot belong to this method's command.
+        (_, other) => unreachable!("{method} applied as {other:?}"),
+    };
+    Bytes::from(body)
+}
+
+fn deadline_of(req: &Request) -> Instant {
+    crate::node::api::answer_by(req.deadline)
 }
 
 impl Api {
@@ -72,40 +183,69 @@ impl Api {
         }
     }
 
-    /// Forwards the call unchanged to the first member that answers.
-    async fn forward(&self, p: u32, members: Vec<u64>, req: &Request) -> Result<Bytes, Status> {
-        let until = crate::node::api::wait_until(req.deadline);
-        let mut last = Status::unavailable(format!("no member of partition {p} answered"));
-        for to in members.iter().cycle().take(members.len() * 3) {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match self
-                .peer_call(*to, &req.method, req.body.clone(), left)
-                .await
-            {
-                Ok(b) => return Ok(b),
-                // Only a node that did not answer is worth another try;
-                // any real answer (even an error) is the answer.
-                Err(s) if s.code == crate::grpc::Code::Unavailable => last = s,
-                Err(s) => return Err(s),
+    /// Sends `method(body)` to the members of `p`, failing over between
+    /// them until `deadline` (see [`forward`]).
+    async fn forward(
+        &self,
+        p: u32,
+        members: Vec<u64>,
+        method: &'static str,
+        body: Bytes,
+        deadline: Instant,
+        is_write: bool,
+    ) -> Result<Bytes, Status> {
+        struct Via<'a> {
+            api: &'a Api,
+            method: &'static str,
+            body: Bytes,
+        }
+        impl forward::Attempt for Via<'_> {
+            async fn attempt(
+                &self,
+                member: u64,
+                timeout: std::time::Duration,
+            ) -> Result<Bytes, Status> {
+                self.api
+                    .peer_call(member, self.method, self.body.clone(), timeout)
+                    .await
             }
         }
-        Err(last)
+        let prefer = self.forward_hints.borrow().get(&p).copied();
+        let plan = Plan {
+            partition: p,
+            members,
+            prefer,
+            deadline,
+            attempt_timeout: self.node.config.raft.election_timeout,
+            is_write,
+        };
+        let via = Via {
+            api: self,
+            method,
+            body,
+        };
+        let (result, answered_by) = forward::forward(&via, plan).await;
+        if let Some(m) = answered_by {
+            self.forward_hints.borrow_mut().insert(p, m);
+        }
+        result
     }
 
     /// Runs `f` on the replica of `p`, on the shard that owns it; `f`
     /// answers through the reply it is given, straight to this task (one
-    /// message there, one back). Waits until shortly before the client's
-    /// deadline; `late` describes what a timeout means.
+    /// message there, one back). Waits until `deadline`; `late` describes
+    /// what passing it means. A call whose deadline has already passed is
+    /// not started.
     async fn on_replica<T: Send + 'static>(
         &self,
         p: u32,
-        req: &Request,
+        deadline: Instant,
         f: impl FnOnce(&mut Group, Reply<T>) + Send + 'static,
         late: impl FnOnce() -> Status,
     ) -> Result<T, Status> {
+        if Instant::now() >= deadline {
+            return Err(late());
+        }
         let (tx, rx) = futures::channel::oneshot::channel();
         let job = move |s: &mut crate::shard::Shard| match s.groups.get_mut(&p) {
             Some(g) => f(g, tx),
@@ -117,31 +257,41 @@ impl Api {
         };
         self.node
             .send(self.node.shard_of(p), ShardMsg::Exec(Box::new(job)))?;
-        match with_deadline(crate::node::api::wait_until(req.deadline), rx).await {
+        match with_deadline(deadline, rx).await {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(Status::unavailable(format!("partition {p} stopped"))),
             None => Err(late()),
         }
     }
 
-    async fn write(&self, p: u32, cmd: Command, req: &Request) -> Result<WriteResult, Status> {
+    /// Proposes `cmd` on the local replica of `p` and waits for it to be
+    /// applied (or for the deadline).
+    async fn write(&self, p: u32, cmd: Command, deadline: Instant) -> Result<WriteResult, Status> {
         let shard = self.node.shard_of(p);
-        let disk_full = || {
-            Status::unavailable(format!(
-                "partition {p}: this node's disk is full (no space left for the write-ahead log); retry later"
-            ))
-        };
         if self.disk_full(shard) {
-            return Err(disk_full());
+            return Err(Status::unavailable(format!(
+                "partition {p}: this node's disk is full (no space left for the write-ahead log); \
+                 the write was not applied, retry later"
+            )));
         }
-        self.on_replica(p, req, move |g, reply| g.propose(cmd, reply), || {
-            if self.disk_full(shard) {
-                return disk_full();
-            }
-            Status::unavailable(format!(
-                "partition {p}: write not committed in time (no leader or no quorum); its outcome is unknown, retry"
-            ))
-        })
+        self.on_replica(
+            p,
+            deadline,
+            move |g, reply| g.propose(cmd, reply),
+            || {
+                if self.disk_full(shard) {
+                    return Status::unavailable(format!(
+                        "partition {p}: this node's disk is full (no space left for the \
+                         write-ahead log); the write may still be applied (at most once) \
+                         once space returns"
+                    ));
+                }
+                Status::deadline_exceeded(format!(
+                    "partition {p}: the write was not committed before the deadline; \
+                     it may still be applied (at most once)"
+                ))
+            },
+        )
         .await
     }
 
@@ -150,7 +300,7 @@ impl Api {
         p: u32,
         key: Bytes,
         serializable: bool,
-        req: &Request,
+        deadline: Instant,
     ) -> Result<ReadResult, Status> {
         let f = move |g: &mut Group, reply: Reply<ReadResult>| {
             if serializable {
@@ -159,115 +309,110 @@ impl Api {
                 g.read(key, reply);
             }
         };
-        self.on_replica(p, req, f, || {
-            Status::unavailable(format!(
-                "partition {p}: read index not confirmed in time (no leader or no quorum); retry"
+        self.on_replica(p, deadline, f, || {
+            Status::deadline_exceeded(format!(
+                "partition {p}: the read was not confirmed by a quorum before the deadline"
             ))
         })
         .await
     }
 
-    pub async fn kv_put(&self, r: PutRequest, req: &Request) -> Result<PutResponse, Status> {
-        self.check_key(&r.key)?;
-        self.check_value("value", &r.value)?;
-        match self.route(r.partition_id, &r.key)? {
-            Route::Forward(p, m) => crate::node::api::decode(&self.forward(p, m, req).await?),
+    /// Put, Delete and CompareAndSwap from a client.
+    pub async fn kv_write(&self, req: &Request) -> Result<Bytes, Status> {
+        let w = Write::decode(&req.method, &req.body)?;
+        w.validate(self)?;
+        let route = self.route(w.partition_id(), w.key())?;
+        let p = match &route {
+            Route::Local(p) | Route::Forward(p, _) => *p,
+        };
+        // The identity this write keeps through forwarding and retries;
+        // its seq counts as in flight until `ticket` drops.
+        let ticket = self.sessions.begin(p);
+        let deadline = deadline_of(req);
+        match route {
             Route::Local(p) => {
-                let cmd = Command {
-                    id: self.next_id(),
-                    key: r.key,
-                    op: Op::Put { value: r.value },
-                };
-                let w = self.write(p, cmd, req).await?;
-                let previous = match w.applied {
-                    Applied::Put { previous } => previous,
-                    _ => None,
-                };
-                Ok(PutResponse {
-                    previous,
-                    index: w.index,
+                let cmd = w.into_command(ticket.id(), ticket.acked());
+                let r = self.write(p, cmd, deadline).await?;
+                Ok(write_response(&req.method, p, r))
+            }
+            Route::Forward(p, members) => {
+                let id = ticket.id();
+                let body = ProposeRequest {
                     partition_id: p,
-                })
+                    session_node: id.session.node,
+                    session_epoch: id.session.epoch,
+                    seq: id.seq,
+                    acked: ticket.acked(),
+                    method: req.method.clone(),
+                    body: req.body.clone(),
+                }
+                .encode_to_vec();
+                self.forward(p, members, PEER_PROPOSE, body.into(), deadline, true)
+                    .await
             }
         }
     }
 
-    pub async fn kv_delete(
-        &self,
-        r: DeleteRequest,
-        req: &Request,
-    ) -> Result<DeleteResponse, Status> {
-        self.check_key(&r.key)?;
-        match self.route(r.partition_id, &r.key)? {
-            Route::Forward(p, m) => crate::node::api::decode(&self.forward(p, m, req).await?),
-            Route::Local(p) => {
-                let cmd = Command {
-                    id: self.next_id(),
-                    key: r.key,
-                    op: Op::Delete,
-                };
-                let w = self.write(p, cmd, req).await?;
-                let previous = match w.applied {
-                    Applied::Delete { previous } => previous,
-                    _ => None,
-                };
-                Ok(DeleteResponse {
-                    previous,
-                    index: w.index,
-                    partition_id: p,
-                })
-            }
+    /// A write forwarded by a node that does not host its partition,
+    /// proposed here under the identity that node gave it.
+    pub async fn kv_propose(&self, req: &Request) -> Result<Bytes, Status> {
+        let pr: ProposeRequest = decode(&req.body)?;
+        let w = Write::decode(&pr.method, &pr.body)?;
+        w.validate(self)?;
+        let p = pr.partition_id;
+        if !self.meta().hosted.contains(&p) {
+            return Err(Status::not_found(format!(
+                "partition {p} is not hosted on node {}",
+                self.node.node_id()
+            )));
         }
+        let id = WriteId {
+            session: super::command::SessionId {
+                node: pr.session_node,
+                epoch: pr.session_epoch,
+            },
+            seq: pr.seq,
+        };
+        if id.session.node == 0 || pr.acked >= pr.seq {
+            return Err(Status::invalid_argument("malformed write identity"));
+        }
+        let r = self
+            .write(p, w.into_command(id, pr.acked), deadline_of(req))
+            .await?;
+        Ok(write_response(&pr.method, p, r))
     }
 
-    pub async fn kv_cas(
-        &self,
-        r: CompareAndSwapRequest,
-        req: &Request,
-    ) -> Result<CompareAndSwapResponse, Status> {
+    /// Get. A call forwarded from another node (`from_peer`) is served
+    /// here or refused, never forwarded again.
+    pub async fn kv_get(&self, req: &Request, from_peer: bool) -> Result<Bytes, Status> {
+        let r: GetRequest = decode(&req.body)?;
         self.check_key(&r.key)?;
-        self.check_value("value", &r.value)?;
-        if let Some(e) = &r.expected {
-            self.check_value("expected", e)?;
-        }
+        let deadline = deadline_of(req);
         match self.route(r.partition_id, &r.key)? {
-            Route::Forward(p, m) => crate::node::api::decode(&self.forward(p, m, req).await?),
-            Route::Local(p) => {
-                let cmd = Command {
-                    id: self.next_id(),
-                    key: r.key,
-                    op: Op::Cas {
-                        expected: r.expected,
-                        value: r.value,
-                    },
-                };
-                let w = self.write(p, cmd, req).await?;
-                let (succeeded, current) = match w.applied {
-                    Applied::Cas { succeeded, current } => (succeeded, current),
-                    _ => (false, None),
-                };
-                Ok(CompareAndSwapResponse {
-                    succeeded,
-                    current,
-                    index: w.index,
+            Route::Forward(p, _) if from_peer => Err(Status::not_found(format!(
+                "partition {p} is not hosted on node {}",
+                self.node.node_id()
+            ))),
+            Route::Forward(p, members) => {
+                let body = GetRequest {
                     partition_id: p,
-                })
+                    ..r
+                }
+                .encode_to_vec();
+                self.forward(p, members, KV_GET, body.into(), deadline, false)
+                    .await
             }
-        }
-    }
-
-    pub async fn kv_get(&self, r: GetRequest, req: &Request) -> Result<GetResponse, Status> {
-        self.check_key(&r.key)?;
-        match self.route(r.partition_id, &r.key)? {
-            Route::Forward(p, m) => crate::node::api::decode(&self.forward(p, m, req).await?),
             Route::Local(p) => {
-                let rr = self.read(p, r.key, r.serializable, req).await?;
-                Ok(GetResponse {
-                    found: rr.value.is_some(),
-                    value: rr.value.unwrap_or_default(),
-                    index: rr.index,
-                    partition_id: p,
-                })
+                let rr = self.read(p, r.key, r.serializable, deadline).await?;
+                Ok(Bytes::from(
+                    GetResponse {
+                        found: rr.value.is_some(),
+                        value: rr.value.unwrap_or_default(),
+                        index: rr.index,
+                        partition_id: p,
+                    }
+                    .encode_to_vec(),
+                ))
             }
         }
     }

@@ -31,6 +31,8 @@ pub const KV_CAS: &str = "/multiraft.kv.v1.KV/CompareAndSwap";
 /// Internal methods: only reachable over the peer port.
 pub const PEER_ADD_VOTER: &str = "/multiraft.peer.v1.Internal/AddVoter";
 pub const PEER_CONF_QUERY: &str = "/multiraft.peer.v1.Internal/ConfQuery";
+pub const PEER_REMOVE_VOTER: &str = "/multiraft.peer.v1.Internal/RemoveVoter";
+pub const PEER_PROPOSE: &str = "/multiraft.peer.v1.Internal/Propose";
 
 /// How long a call waits when the client sent no deadline.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -41,6 +43,10 @@ pub struct ApiInner {
     pub links: Rc<PeerLinks>,
     pub peer_pending: Rc<RefCell<HashMap<u64, oneshot::Sender<PeerResponse>>>>,
     next_id: Cell<u64>,
+    /// This shard's write session: identities of the writes it takes.
+    pub sessions: crate::kv::session::Proposer,
+    /// Per partition not hosted here: the member that answered last.
+    pub forward_hints: RefCell<HashMap<u32, u64>>,
     /// This shard's copy of the node metadata and the version it was
     /// taken at (see `NodeShared::meta_version`).
     meta_cache: RefCell<(u64, Rc<NodeMeta>)>,
@@ -64,20 +70,20 @@ impl Api {
         links: Rc<PeerLinks>,
         peer_pending: Rc<RefCell<HashMap<u64, oneshot::Sender<PeerResponse>>>>,
     ) -> Api {
-        // Ids of commands and forwarded calls: node id in the top 16 bits
-        // and shard in the next 8 keep them unique across the cluster (a
-        // command's id is matched on every replica that applies it); the
-        // random start keeps a restarted node from reusing ids of commands
-        // still in the log.
-        let base = ((node.node_id() & 0xffff) << 48)
-            | ((shard as u64 & 0xff) << 40)
-            | (rand::random::<u64>() >> 34);
+        // Ids of forwarded calls, matched only by this shard against the
+        // answers it gets back; the random start keeps a restarted node from
+        // taking a late answer meant for its previous run.
+        let base = rand::random::<u64>() >> 2;
+        let incarnation = node.meta().incarnation;
+        let session = crate::kv::command::SessionId::new(node.node_id(), incarnation, shard);
         Api(Rc::new(ApiInner {
             node,
             shard,
             links,
             peer_pending,
             next_id: Cell::new(base),
+            sessions: crate::kv::session::Proposer::new(session),
+            forward_hints: RefCell::new(HashMap::new()),
             meta_cache: RefCell::new((u64::MAX, Rc::new(NodeMeta::default()))),
         }))
     }
@@ -113,12 +119,14 @@ impl Api {
                 let _: crate::proto::admin::StatusRequest = decode(&req.body)?;
                 reply(self.status().await)
             }
-            KV_PUT => reply(self.kv_put(decode(&req.body)?, &req).await),
-            KV_GET => reply(self.kv_get(decode(&req.body)?, &req).await),
-            KV_DELETE => reply(self.kv_delete(decode(&req.body)?, &req).await),
-            KV_CAS => reply(self.kv_cas(decode(&req.body)?, &req).await),
+            KV_PUT | KV_DELETE | KV_CAS => self.kv_write(&req).await,
+            KV_GET => self.kv_get(&req, from_peer).await,
+            PEER_PROPOSE if from_peer => self.kv_propose(&req).await,
             PEER_ADD_VOTER if from_peer => {
                 reply(self.add_voter(decode(&req.body)?, deadline).await)
+            }
+            PEER_REMOVE_VOTER if from_peer => {
+                reply(self.remove_voter(decode(&req.body)?, deadline).await)
             }
             PEER_CONF_QUERY if from_peer => reply(self.conf_query(decode(&req.body)?).await),
             m => Err(Status::unimplemented(format!("unknown method {m}"))),
@@ -187,7 +195,9 @@ impl Api {
                     origin_shard: self.shard as u32,
                     method: method.to_string(),
                     body,
-                    timeout_ms: timeout.as_millis() as u64,
+                    // At least 1 ms: 0 would mean "no deadline".
+                    timeout_ms: (timeout.as_millis() as u64).max(1),
+                    reply_addr: self.node.config.raft_addr.to_string(),
                 })),
             },
         );
@@ -205,6 +215,12 @@ impl Api {
     /// Serves a call that arrived over the peer links and sends the answer
     /// back to the caller's shard.
     pub fn serve_peer_request(&self, from: u64, r: PeerRequest) {
+        // A caller that is in no member list (a node hosting nothing) is
+        // reachable only through the address it sent.
+        if !r.reply_addr.is_empty() && self.links.address(from).is_none() {
+            tracing::info!(node = from, addr = %r.reply_addr, "learned a caller's raft address");
+            self.links.set_address(from, &r.reply_addr);
+        }
         let api = self.clone();
         glommio::spawn_local(async move {
             let deadline =
@@ -217,7 +233,11 @@ impl Api {
             let result = match deadline {
                 Some(d) => with_deadline(d, api.dispatch(req, true))
                     .await
-                    .unwrap_or_else(|| Err(Status::deadline_exceeded("forwarded call timed out"))),
+                    .unwrap_or_else(|| {
+                        Err(Status::deadline_exceeded(
+                            "the forwarded call's deadline passed on this node",
+                        ))
+                    }),
                 None => api.dispatch(req, true).await,
             };
             let (code, message, body) = match result {
@@ -281,17 +301,19 @@ pub async fn with_deadline<F: std::future::Future>(deadline: Instant, fut: F) ->
     with_timeout(deadline.saturating_duration_since(Instant::now()), fut).await
 }
 
-/// When a call that waits on raft should give up: a little before the
-/// client's deadline, so the client gets an informative UNAVAILABLE rather
-/// than a bare DEADLINE_EXCEEDED from the frontend's timer.
-pub fn wait_until(deadline: Option<Instant>) -> Instant {
+/// When a call that waits on the cluster stops waiting and answers
+/// DEADLINE_EXCEEDED itself: at the client's deadline, less a sliver (a
+/// twentieth of the time left, at most 10 ms) so that the answer, with its
+/// explanation, reaches the client before the client's own timer fires.
+/// Without a deadline, after [`DEFAULT_WAIT`].
+///
+/// Never a fixed margin: a 5 ms call on a healthy cluster must get its 5 ms.
+pub fn answer_by(deadline: Option<Instant>) -> Instant {
     let now = Instant::now();
     match deadline {
         Some(d) => {
             let left = d.saturating_duration_since(now);
-            // The client's clock started before the request was sent, so
-            // answer with a margin: a tenth of the time left, at least 25 ms.
-            now + left.saturating_sub((left / 10).max(Duration::from_millis(25)))
+            d - (left / 20).min(Duration::from_millis(10))
         }
         None => now + DEFAULT_WAIT,
     }

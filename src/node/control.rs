@@ -1,10 +1,12 @@
 //! The Node service: Bootstrap, Join and Leave (DESIGN.md §1), plus the
 //! internal calls members answer for them (AddVoter, ConfQuery).
 //!
-//! All three serialise on the node's control lock. Each first makes the
-//! node's metadata durable and only then changes replicas, so a crash in
-//! between is repaired at start-up (see `node::start`): a hosted partition
-//! without a replica gets one, a replica no longer hosted is removed.
+//! All three take the node's control lock while they change the node's
+//! metadata and replicas, never while they wait on the cluster, so one stuck
+//! call does not hold up the others. Each first makes the node's metadata
+//! durable and only then changes replicas, so a crash in between is
+//! repaired at start-up (see `node::start`): a hosted partition without a
+//! replica gets one, a replica no longer hosted is removed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -17,10 +19,13 @@ use crate::grpc::Status;
 use crate::proto::node::{
     BootstrapRequest, BootstrapResponse, JoinRequest, JoinResponse, LeaveRequest, LeaveResponse,
 };
-use crate::proto::peer::{AddVoterRequest, AddVoterResponse, ConfQueryRequest, ConfQueryResponse};
+use crate::proto::peer::{
+    AddVoterRequest, AddVoterResponse, ConfQueryRequest, ConfQueryResponse, RemoveVoterRequest,
+    RemoveVoterResponse,
+};
 use crate::raft::GroupInit;
 
-use super::api::{decode, with_deadline, Api, PEER_ADD_VOTER, PEER_CONF_QUERY};
+use super::api::{decode, with_deadline, Api, PEER_ADD_VOTER, PEER_CONF_QUERY, PEER_REMOVE_VOTER};
 use super::meta::{validate_layout, validate_partition, Members, NodeMeta};
 
 /// Poll period while waiting for a cluster condition.
@@ -159,7 +164,7 @@ impl Api {
             }
             .encode_to_vec(),
         );
-        let until = super::api::wait_until(deadline);
+        let until = super::api::answer_by(deadline);
         let mut asked = false;
         let mut next = 0;
         loop {
@@ -202,7 +207,6 @@ impl Api {
             return Err(Status::invalid_argument("partition_id must be non-zero"));
         }
         let me = self.node.node_id();
-        let _guard = self.node.control.lock().await;
         {
             let meta = self.node.meta();
             if !meta.bootstrapped() {
@@ -216,6 +220,8 @@ impl Api {
                 )));
             }
         }
+        // The wait runs without the control lock: a Leave that cannot
+        // finish (no quorum) must not block Bootstrap and Join meanwhile.
         let mut last_proposal: Option<Instant> = None;
         self.wait_for(deadline, "the removal of this replica to commit", || {
             let propose = last_proposal.is_none_or(|t| t.elapsed() > Duration::from_secs(1));
@@ -226,6 +232,11 @@ impl Api {
         })
         .await?;
 
+        let _guard = self.node.control.lock().await;
+        if !self.node.meta().hosted.contains(&pid) {
+            // A concurrent Leave of the same partition finished first.
+            return Ok(LeaveResponse {});
+        }
         self.update_meta(|meta| {
             meta.hosted.remove(&pid);
             if let Some(m) = meta.members.get_mut(&pid) {
@@ -251,6 +262,11 @@ impl Api {
         };
         if !st.voters.contains(&me) && !st.voters.is_empty() {
             return Ok(true);
+        }
+        if st.voters.is_empty() {
+            // A replica that never learned its configuration: a Join that
+            // did not complete. The members decide whether it is a voter.
+            return self.leave_unconfigured(pid, propose).await;
         }
         let others: Vec<u64> = st.voters.iter().copied().filter(|v| *v != me).collect();
         if others.is_empty() {
@@ -312,6 +328,95 @@ impl Api {
         Ok(false)
     }
 
+    /// Leave for a replica with no configuration of its own (its Join never
+    /// completed): done if the members do not count it as a voter;
+    /// otherwise one of them is asked to remove it.
+    async fn leave_unconfigured(&self, pid: u32, propose: bool) -> Result<bool, Status> {
+        let me = self.node.node_id();
+        let members: Vec<u64> = self
+            .meta()
+            .members
+            .get(&pid)
+            .map(|m| m.keys().copied().filter(|n| *n != me).collect())
+            .unwrap_or_default();
+        let q = Bytes::from(ConfQueryRequest { partition_id: pid }.encode_to_vec());
+        for m in members {
+            let Ok(b) = self
+                .peer_call(m, PEER_CONF_QUERY, q.clone(), Duration::from_millis(500))
+                .await
+            else {
+                continue;
+            };
+            let r: ConfQueryResponse = decode(&b)?;
+            if r.voters.is_empty() {
+                continue;
+            }
+            if !r.voters.contains(&me) {
+                return Ok(true);
+            }
+            if propose {
+                let body = Bytes::from(
+                    RemoveVoterRequest {
+                        partition_id: pid,
+                        node_id: me,
+                    }
+                    .encode_to_vec(),
+                );
+                if let Err(e) = self
+                    .peer_call(m, PEER_REMOVE_VOTER, body, PEER_ATTEMPT)
+                    .await
+                {
+                    tracing::debug!(partition = pid, "RemoveVoter via node {m}: {e}");
+                }
+            }
+            return Ok(false);
+        }
+        Ok(false)
+    }
+
+    /// Internal: a member is asked to remove a node from a partition (the
+    /// node itself, leaving with no configuration of its own).
+    pub async fn remove_voter(
+        &self,
+        req: RemoveVoterRequest,
+        deadline: Option<Instant>,
+    ) -> Result<RemoveVoterResponse, Status> {
+        let pid = req.partition_id;
+        let node = req.node_id;
+        if node == 0 {
+            return Err(Status::invalid_argument("RemoveVoter needs a node id"));
+        }
+        let rx = self
+            .node
+            .call(self.node.shard_of(pid), move |s, tx| {
+                let Some(g) = s.groups.get_mut(&pid) else {
+                    let _ = tx.send(Err(Status::not_found(format!(
+                        "partition {pid} is not hosted here"
+                    ))));
+                    return;
+                };
+                let (ctx, crx) = futures::channel::oneshot::channel();
+                if !g.voters().contains(&node) {
+                    let _ = ctx.send(Ok(Default::default()));
+                } else {
+                    let mut cc = ConfChange::default();
+                    cc.set_change_type(ConfChangeType::RemoveNode);
+                    cc.node_id = node;
+                    g.propose_conf_change(cc, ctx);
+                }
+                let _ = tx.send(Ok(crx));
+            })
+            .await?;
+        match with_deadline(super::api::answer_by(deadline), rx).await {
+            Some(Ok(Ok(_))) => Ok(RemoveVoterResponse {}),
+            Some(Ok(Err(s))) => Err(s),
+            Some(Err(_)) => Err(Status::unavailable("partition stopped")),
+            None => Err(Status::deadline_exceeded(format!(
+                "removing node {node} from partition {pid} did not commit in time"
+            ))),
+        }
+    }
+
     /// Internal: a joining node asks a member to add it as a voter.
     pub async fn add_voter(
         &self,
@@ -357,7 +462,7 @@ impl Api {
                 let _ = tx.send(Ok(crx));
             })
             .await?;
-        let until = super::api::wait_until(deadline);
+        let until = super::api::answer_by(deadline);
         match with_deadline(until, rx).await {
             Some(Ok(Ok(_))) => Ok(AddVoterResponse {}),
             Some(Ok(Err(s))) => Err(s),
@@ -394,7 +499,7 @@ impl Api {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<bool, Status>>,
     {
-        let until = super::api::wait_until(deadline);
+        let until = super::api::answer_by(deadline);
         loop {
             if cond().await? {
                 return Ok(());

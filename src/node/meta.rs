@@ -30,6 +30,22 @@ pub struct NodeMeta {
     pub members: BTreeMap<u32, Members>,
     /// Raft address of every node we know.
     pub addresses: BTreeMap<u64, String>,
+    /// Grows with every start of the process (see `kv::session`): the
+    /// sessions that name an older incarnation are retired for good.
+    #[serde(default)]
+    pub incarnation: u64,
+}
+
+impl NodeMeta {
+    /// The incarnation of a process starting now: above every earlier one
+    /// recorded here, and (through the clock) above the ones of a data
+    /// directory that was wiped.
+    pub fn next_incarnation(&self) -> u64 {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        (self.incarnation + 1).max(now_ms)
+    }
 }
 
 impl NodeMeta {

@@ -45,7 +45,7 @@ impl Node {
         }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("create {}: {e}", config.data_dir.display()))?;
-        let meta = match NodeMeta::load(&config.data_dir)? {
+        let mut meta = match NodeMeta::load(&config.data_dir)? {
             Some(m) => {
                 if m.node_id != config.node_id {
                     return Err(format!(
@@ -65,18 +65,19 @@ impl Node {
                 }
                 m
             }
-            None => {
-                let m = NodeMeta {
-                    node_id: config.node_id,
-                    shards: config.shards,
-                    ..Default::default()
-                };
-                m.store(&config.data_dir).map_err(|e| {
-                    format!("write {}: {e}", NodeMeta::path(&config.data_dir).display())
-                })?;
-                m
-            }
+            None => NodeMeta {
+                node_id: config.node_id,
+                shards: config.shards,
+                ..Default::default()
+            },
         };
+
+        // A new incarnation before serving anything: the write sessions of
+        // this run must be new to every partition (see `kv::session`).
+        meta.incarnation = meta.next_incarnation();
+        meta.store(&config.data_dir)
+            .map_err(|e| format!("write {}: {e}", NodeMeta::path(&config.data_dir).display()))?;
+        tracing::info!(incarnation = meta.incarnation, "starting");
 
         let n = config.shards;
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded()).unzip();

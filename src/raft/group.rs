@@ -18,8 +18,9 @@ use raft::{RawNode, StateRole};
 
 use crate::config::RaftConfig;
 use crate::grpc::Status;
-use crate::kv::command::{self, Command};
-use crate::kv::{Applied, KvStore};
+use crate::kv::command::{self, Command, WriteId};
+use crate::kv::session::Refusal;
+use crate::kv::{Applied, KvStore, Outcome};
 use crate::proto::admin::{PartitionStatus, Role};
 
 use super::storage::GroupStorage;
@@ -48,6 +49,16 @@ pub struct WriteResult {
 pub struct ReadResult {
     pub value: Option<Bytes>,
     pub index: u64,
+}
+
+/// A proposed write waiting to be applied. The command is kept so it can be
+/// proposed again under the same identity if raft may have dropped it.
+struct Pending {
+    cmd: Command,
+    reply: Reply<WriteResult>,
+    /// Tick and term of the last proposal.
+    proposed_tick: u64,
+    proposed_term: u64,
 }
 
 struct ReadWaiter {
@@ -82,8 +93,10 @@ pub struct Group {
     snapshot_index: u64,
     /// Proposals of this turn, proposed together as one entry.
     queued: Vec<(Command, Reply<WriteResult>)>,
-    /// Proposed commands waiting to be applied, by command id.
-    waiting: HashMap<u64, Reply<WriteResult>>,
+    /// Commands proposed again this turn (their callers stay in `waiting`).
+    reproposals: Vec<Command>,
+    /// Proposed commands waiting to be applied, by write identity.
+    waiting: HashMap<WriteId, Pending>,
     /// Linearizable reads of this turn, sent as one ReadIndex request.
     read_queue: Vec<ReadWaiter>,
     read_batches: HashMap<u64, ReadBatch>,
@@ -93,6 +106,10 @@ pub struct Group {
     conf_waiters: HashMap<u64, Reply<ConfState>>,
     next_ctx: u64,
     ticks: u64,
+    /// Consecutive ticks without a known leader.
+    leaderless_ticks: u64,
+    election_ticks: u64,
+    tick_period: std::time::Duration,
     /// KV commands applied since start (for status counters).
     pub commands_applied: u64,
     max_inflight: usize,
@@ -193,6 +210,7 @@ impl Group {
             applied_conf: snap_conf,
             snapshot_index: snap_index,
             queued: Vec::new(),
+            reproposals: Vec::new(),
             waiting: HashMap::new(),
             read_queue: Vec::new(),
             read_batches: HashMap::new(),
@@ -200,6 +218,9 @@ impl Group {
             conf_waiters: HashMap::new(),
             next_ctx: rand::random::<u64>() >> 1,
             ticks: 0,
+            leaderless_ticks: 0,
+            election_ticks: cfg.election_ticks() as u64,
+            tick_period: cfg.heartbeat_period,
             commands_applied: 0,
             max_inflight,
             snapshot_threshold: cfg.snapshot_entry_threshold,
@@ -247,8 +268,10 @@ impl Group {
 
     // ---- inputs ---------------------------------------------------------
 
-    /// One raft tick; also retries ReadIndex requests that got no answer
-    /// and forgets waiters whose callers have gone away.
+    /// One raft tick; also retries ReadIndex requests that got no answer,
+    /// proposes again writes raft may have dropped, fails calls once the
+    /// group has had no leader for a while, and forgets waiters whose
+    /// callers have gone away.
     pub fn tick(&mut self) {
         self.raw.tick();
         self.ticks += 1;
@@ -266,9 +289,74 @@ impl Group {
             self.raw.read_index(ctx.to_le_bytes().to_vec());
         }
         if now.is_multiple_of(16) {
-            self.waiting.retain(|_, r| !r.is_canceled());
+            self.waiting.retain(|_, p| !p.reply.is_canceled());
             self.conf_waiters.retain(|_, r| !r.is_canceled());
         }
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            self.leaderless_ticks += 1;
+            if self.leaderless_ticks == 2 * self.election_ticks {
+                self.fail_leaderless();
+            }
+        } else {
+            self.leaderless_ticks = 0;
+            self.repropose_stale();
+        }
+    }
+
+    /// Proposes again, under the same identity, every write that has waited
+    /// two election timeouts or was proposed in an earlier term: a proposal
+    /// forwarded to a leader that lost office, or sitting in a deposed
+    /// leader's log, may never commit. Safe because the state machine runs
+    /// each identity at most once (`kv::session`); a copy that turns out to
+    /// be the second one answers with the first one's result.
+    fn repropose_stale(&mut self) {
+        let (now, term) = (self.ticks, self.raw.raft.term);
+        let patience = 2 * self.election_ticks;
+        for p in self.waiting.values_mut() {
+            if p.proposed_term != term || now - p.proposed_tick >= patience {
+                p.proposed_tick = now;
+                p.proposed_term = term;
+                self.reproposals.push(p.cmd.clone());
+            }
+        }
+    }
+
+    /// The group has had no leader for two election timeouts: this replica
+    /// cannot reach a quorum. Callers get UNAVAILABLE now rather than wait
+    /// out their deadlines; proposed writes may still be applied later (the
+    /// message says so), queued ones were never proposed.
+    fn fail_leaderless(&mut self) {
+        let secs = (self.leaderless_ticks as f64 * self.tick_secs()).max(0.001);
+        let id = self.id;
+        let never = Status::unavailable(format!(
+            "partition {id}: no leader for {secs:.1}s (this replica cannot reach a quorum); \
+             the write was not proposed"
+        ));
+        for (_, r) in self.queued.drain(..) {
+            let _ = r.send(Err(never.clone()));
+        }
+        let unknown = Status::unavailable(format!(
+            "partition {id}: no leader for {secs:.1}s (this replica cannot reach a quorum); \
+             the write's outcome is unknown"
+        ));
+        for (_, p) in self.waiting.drain() {
+            let _ = p.reply.send(Err(unknown.clone()));
+        }
+        self.reproposals.clear();
+        let read = Status::unavailable(format!(
+            "partition {id}: no leader for {secs:.1}s (this replica cannot reach a quorum)"
+        ));
+        let reads = self
+            .read_queue
+            .drain(..)
+            .chain(self.read_batches.drain().flat_map(|(_, b)| b.reads));
+        for r in reads {
+            let _ = r.reply.send(Err(read.clone()));
+        }
+    }
+
+    fn tick_secs(&self) -> f64 {
+        self.tick_period.as_secs_f64()
     }
 
     pub fn step(&mut self, msg: Message) {
@@ -280,6 +368,10 @@ impl Group {
     /// Queues a write for this turn's batch. Refused with RESOURCE_EXHAUSTED
     /// when too many writes of the partition are already in flight.
     pub fn propose(&mut self, cmd: Command, reply: Reply<WriteResult>) {
+        if reply.is_canceled() {
+            // Its caller's deadline passed on the way here: not proposed.
+            return;
+        }
         if self.waiting.len() + self.queued.len() >= self.max_inflight {
             let _ = reply.send(Err(Status::resource_exhausted(format!(
                 "partition {}: {} writes in flight; retry later",
@@ -327,23 +419,41 @@ impl Group {
 
     /// Turns this turn's queued writes and reads into raft requests.
     pub fn flush(&mut self) {
-        if !self.queued.is_empty() && self.raw.raft.leader_id != raft::INVALID_ID {
+        // A caller that has gone (deadline passed, client cancelled) no
+        // longer wants its write proposed.
+        self.queued.retain(|(_, r)| !r.is_canceled());
+        let has_writes = !self.queued.is_empty() || !self.reproposals.is_empty();
+        if has_writes && self.raw.raft.leader_id != raft::INVALID_ID {
             let batch: Vec<_> = std::mem::take(&mut self.queued);
-            let cmds: Vec<Command> = batch.iter().map(|(c, _)| c.clone()).collect();
+            let mut cmds: Vec<Command> = std::mem::take(&mut self.reproposals);
+            cmds.extend(batch.iter().map(|(c, _)| c.clone()));
             let data = command::encode_batch(&cmds);
             match self.raw.propose(Vec::new(), data.to_vec()) {
                 Ok(()) => {
-                    for (c, r) in batch {
-                        self.waiting.insert(c.id, r);
+                    let (tick, term) = (self.ticks, self.raw.raft.term);
+                    for (cmd, reply) in batch {
+                        let p = Pending {
+                            cmd,
+                            reply,
+                            proposed_tick: tick,
+                            proposed_term: term,
+                        };
+                        // The same write again (a caller retried through
+                        // this node): the newer caller waits, the older
+                        // one is told to look elsewhere.
+                        if let Some(old) = self.waiting.insert(p.cmd.id, p) {
+                            let _ = old.reply.send(Err(Status::unavailable(
+                                "superseded by a retry of the same write",
+                            )));
+                        }
                     }
                 }
                 // Dropped (e.g. a leader transfer in progress): keep them
                 // queued and try again next turn; their callers' deadlines
-                // bound the wait.
+                // bound the wait. Reproposals come back on the next tick.
                 Err(_) => self.queued = batch,
             }
         }
-        self.queued.retain(|(_, r)| !r.is_canceled());
         if !self.read_queue.is_empty() {
             let ctx = self.next_ctx;
             self.next_ctx += 1;
@@ -450,12 +560,24 @@ impl Group {
         self.commands_applied += cmds.len() as u64;
         for cmd in cmds {
             let id = cmd.id;
-            let applied = self.kv.apply(cmd);
-            if let Some(r) = self.waiting.remove(&id) {
-                let _ = r.send(Ok(WriteResult {
+            let result = match self.kv.apply(cmd, e.index) {
+                Outcome::Applied(applied) => Ok(WriteResult {
                     applied,
                     index: e.index,
-                }));
+                }),
+                Outcome::Duplicate { applied, index } => Ok(WriteResult { applied, index }),
+                Outcome::Refused(Refusal::Finished) => Err(Status::aborted(
+                    "this copy of the write came after its proposer had finished with it; not applied",
+                )),
+                Outcome::Refused(Refusal::Expired) => Err(Status::aborted(
+                    "the write's session belongs to an earlier run of its node; not applied",
+                )),
+            };
+            if id.session.node == 0 {
+                continue;
+            }
+            if let Some(p) = self.waiting.remove(&id) {
+                let _ = p.reply.send(result);
             }
         }
     }
@@ -542,9 +664,10 @@ impl Group {
         for (_, r) in self.queued.drain(..) {
             let _ = r.send(Err(status.clone()));
         }
-        for (_, r) in self.waiting.drain() {
-            let _ = r.send(Err(status.clone()));
+        for (_, p) in self.waiting.drain() {
+            let _ = p.reply.send(Err(status.clone()));
         }
+        self.reproposals.clear();
         for (_, r) in self.conf_waiters.drain() {
             let _ = r.send(Err(status.clone()));
         }
