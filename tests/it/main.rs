@@ -7,9 +7,12 @@
 //! - `kv`: the replicated key-value data plane.
 //! - `durability`: crashes, restarts and on-disk corruption.
 //! - `diskfull`: a node whose disk fills up (a loop-mounted ext4; needs root).
+//! - `forwarding`: nodes that host nothing, failover, short deadlines,
+//!   unfinished Join and stuck Leave.
 
 mod diskfull;
 mod durability;
+mod forwarding;
 mod kv;
 mod node_api;
 mod support;
