@@ -169,6 +169,33 @@ async fn short_deadlines_are_met_or_exceeded_never_unavailable() {
     }
     assert!(ok > 0, "no Put with a short deadline succeeded");
     note(format!("{ok} of 40 Puts with 5-100 ms deadlines succeeded"));
+
+    // A deadline of one microsecond, sent as `grpc-timeout: 1u` with no
+    // client-side timer: the server itself must say DEADLINE_EXCEEDED.
+    let mut r = tonic::Request::new(PutRequest {
+        key: b"tiny".to_vec(),
+        value: b"v".to_vec(),
+        partition_id: 1,
+    });
+    r.metadata_mut()
+        .insert("grpc-timeout", "1u".parse().unwrap());
+    expect_code(
+        kv.put(r).await,
+        Code::DeadlineExceeded,
+        "put with grpc-timeout 1u",
+    );
+    let mut r = tonic::Request::new(GetRequest {
+        key: b"tiny".to_vec(),
+        partition_id: 1,
+        serializable: false,
+    });
+    r.metadata_mut()
+        .insert("grpc-timeout", "1u".parse().unwrap());
+    expect_code(
+        kv.get(r).await,
+        Code::DeadlineExceeded,
+        "get with grpc-timeout 1u",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
