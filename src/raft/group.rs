@@ -294,7 +294,7 @@ impl Group {
         }
         if self.raw.raft.leader_id == raft::INVALID_ID {
             self.leaderless_ticks += 1;
-            if self.leaderless_ticks == 2 * self.election_ticks {
+            if self.cannot_reach_quorum() {
                 self.fail_leaderless();
             }
         } else {
@@ -321,31 +321,36 @@ impl Group {
         }
     }
 
+    /// No leader for two election timeouts: this replica cannot reach a
+    /// quorum (a leader that cannot steps down after one, with check-quorum;
+    /// a follower campaigns after one).
+    fn cannot_reach_quorum(&self) -> bool {
+        self.leaderless_ticks >= 2 * self.election_ticks
+    }
+
+    fn no_quorum_status(&self, what: &str) -> Status {
+        let secs = self.leaderless_ticks as f64 * self.tick_secs();
+        Status::unavailable(format!(
+            "partition {}: no leader for {secs:.1}s (this replica cannot reach a quorum); {what}",
+            self.id
+        ))
+    }
+
     /// The group has had no leader for two election timeouts: this replica
     /// cannot reach a quorum. Callers get UNAVAILABLE now rather than wait
     /// out their deadlines; proposed writes may still be applied later (the
     /// message says so), queued ones were never proposed.
     fn fail_leaderless(&mut self) {
-        let secs = (self.leaderless_ticks as f64 * self.tick_secs()).max(0.001);
-        let id = self.id;
-        let never = Status::unavailable(format!(
-            "partition {id}: no leader for {secs:.1}s (this replica cannot reach a quorum); \
-             the write was not proposed"
-        ));
+        let never = self.no_quorum_status("the write was not proposed");
         for (_, r) in self.queued.drain(..) {
             let _ = r.send(Err(never.clone()));
         }
-        let unknown = Status::unavailable(format!(
-            "partition {id}: no leader for {secs:.1}s (this replica cannot reach a quorum); \
-             the write's outcome is unknown"
-        ));
+        let unknown = self.no_quorum_status("the write's outcome is unknown");
         for (_, p) in self.waiting.drain() {
             let _ = p.reply.send(Err(unknown.clone()));
         }
         self.reproposals.clear();
-        let read = Status::unavailable(format!(
-            "partition {id}: no leader for {secs:.1}s (this replica cannot reach a quorum)"
-        ));
+        let read = self.no_quorum_status("retry");
         let reads = self
             .read_queue
             .drain(..)
@@ -372,6 +377,10 @@ impl Group {
             // Its caller's deadline passed on the way here: not proposed.
             return;
         }
+        if self.cannot_reach_quorum() {
+            let _ = reply.send(Err(self.no_quorum_status("the write was not proposed")));
+            return;
+        }
         if self.waiting.len() + self.queued.len() >= self.max_inflight {
             let _ = reply.send(Err(Status::resource_exhausted(format!(
                 "partition {}: {} writes in flight; retry later",
@@ -384,6 +393,10 @@ impl Group {
 
     /// Queues a linearizable read for this turn's ReadIndex request.
     pub fn read(&mut self, key: Bytes, reply: Reply<ReadResult>) {
+        if self.cannot_reach_quorum() {
+            let _ = reply.send(Err(self.no_quorum_status("retry")));
+            return;
+        }
         self.read_queue.push(ReadWaiter { key, reply });
     }
 
