@@ -386,6 +386,22 @@ impl Api {
         if node == 0 {
             return Err(Status::invalid_argument("RemoveVoter needs a node id"));
         }
+        self.change_membership(pid, node, ConfChangeType::RemoveNode, Vec::new(), deadline)
+            .await?;
+        Ok(RemoveVoterResponse {})
+    }
+
+    /// Proposes adding (`AddNode`, with the raft address as context) or
+    /// removing `node` in partition `pid` on the local replica, unless the
+    /// configuration already says so, and waits for it to apply here.
+    async fn change_membership(
+        &self,
+        pid: u32,
+        node: u64,
+        change: ConfChangeType,
+        context: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<(), Status> {
         let rx = self
             .node
             .call(self.node.shard_of(pid), move |s, tx| {
@@ -396,23 +412,25 @@ impl Api {
                     return;
                 };
                 let (ctx, crx) = futures::channel::oneshot::channel();
-                if !g.voters().contains(&node) {
+                let adding = change == ConfChangeType::AddNode;
+                if g.voters().contains(&node) == adding {
                     let _ = ctx.send(Ok(Default::default()));
                 } else {
                     let mut cc = ConfChange::default();
-                    cc.set_change_type(ConfChangeType::RemoveNode);
+                    cc.set_change_type(change);
                     cc.node_id = node;
+                    cc.context = context.into();
                     g.propose_conf_change(cc, ctx);
                 }
                 let _ = tx.send(Ok(crx));
             })
             .await?;
         match with_deadline(super::api::answer_by(deadline), rx).await {
-            Some(Ok(Ok(_))) => Ok(RemoveVoterResponse {}),
+            Some(Ok(Ok(_))) => Ok(()),
             Some(Ok(Err(s))) => Err(s),
             Some(Err(_)) => Err(Status::unavailable("partition stopped")),
             None => Err(Status::deadline_exceeded(format!(
-                "removing node {node} from partition {pid} did not commit in time"
+                "{change:?} of node {node} in partition {pid} did not commit before the deadline"
             ))),
         }
     }
@@ -438,39 +456,10 @@ impl Api {
         // new voter as soon as the change applies.
         self.node
             .broadcast_address(req.node_id, req.raft_addr.clone());
-        let node = req.node_id;
-        let addr = req.raft_addr.clone();
-        let rx = self
-            .node
-            .call(self.node.shard_of(pid), move |s, tx| {
-                let Some(g) = s.groups.get_mut(&pid) else {
-                    let _ = tx.send(Err(Status::not_found(format!(
-                        "partition {pid} is not hosted here"
-                    ))));
-                    return;
-                };
-                let (ctx, crx) = futures::channel::oneshot::channel();
-                if g.voters().contains(&node) {
-                    let _ = ctx.send(Ok(Default::default()));
-                } else {
-                    let mut cc = ConfChange::default();
-                    cc.set_change_type(ConfChangeType::AddNode);
-                    cc.node_id = node;
-                    cc.context = addr.into_bytes().into();
-                    g.propose_conf_change(cc, ctx);
-                }
-                let _ = tx.send(Ok(crx));
-            })
+        let addr = req.raft_addr.into_bytes();
+        self.change_membership(pid, req.node_id, ConfChangeType::AddNode, addr, deadline)
             .await?;
-        let until = super::api::answer_by(deadline);
-        match with_deadline(until, rx).await {
-            Some(Ok(Ok(_))) => Ok(AddVoterResponse {}),
-            Some(Ok(Err(s))) => Err(s),
-            Some(Err(_)) => Err(Status::unavailable("partition stopped")),
-            None => Err(Status::unavailable(format!(
-                "adding node {node} to partition {pid} did not commit in time"
-            ))),
-        }
+        Ok(AddVoterResponse {})
     }
 
     /// Internal: the voters of a partition as this member sees them.
