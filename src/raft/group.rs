@@ -580,10 +580,10 @@ impl Group {
                 }),
                 Outcome::Duplicate { applied, index } => Ok(WriteResult { applied, index }),
                 Outcome::Refused(Refusal::Finished) => Err(Status::aborted(
-                    "this copy of the write came after its proposer had finished with it; not applied",
+                    "this copy of the write came after its proposer had finished with it; this copy was not applied",
                 )),
                 Outcome::Refused(Refusal::Expired) => Err(Status::aborted(
-                    "the write's session belongs to an earlier run of its node; not applied",
+                    "the write's session belongs to an earlier run of its node; this copy was not applied",
                 )),
             };
             if id.session.node == 0 {
