@@ -7,10 +7,12 @@
 //! - `kv`: the replicated key-value data plane.
 //! - `durability`: crashes, restarts and on-disk corruption.
 //! - `diskfull`: a node whose disk fills up (a loop-mounted ext4; needs root).
+//! - `netns`: per-node network namespaces and nftables partitions (needs root).
 
 mod diskfull;
 mod durability;
 mod kv;
+mod netns;
 mod node_api;
 mod support;
 
