@@ -7,11 +7,16 @@
 //! - `kv`: the replicated key-value data plane.
 //! - `durability`: crashes, restarts and on-disk corruption.
 //! - `diskfull`: a node whose disk fills up (a loop-mounted ext4; needs root).
-//! - `netns`: per-node network namespaces and nftables partitions (needs root).
+//! - `faults`: linearizability under partitions, crashes and pauses (needs
+//!   root and network namespaces).
+//! - `netns`: per-node network namespaces and nftables partitions for `faults`.
+//! - `linearizability`: the checker that `faults` runs on recorded histories.
 
 mod diskfull;
 mod durability;
+mod faults;
 mod kv;
+mod linearizability;
 mod netns;
 mod node_api;
 mod support;
