@@ -87,8 +87,10 @@ const HEAL_MS: std::ops::RangeInclusive<u64> = 1000..=3000;
 
 /// How long a healed cluster may take to have leaders and take writes.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(15);
-/// Bound on checking one round's history.
+/// Bound on checking one round's history, and per second of the round (a
+/// long round's history takes longer).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+const CHECK_TIMEOUT_PER_ROUND_SECOND: Duration = Duration::from_secs(4);
 
 /// Length of a round in the CI test.
 const CI_ROUND: Duration = Duration::from_secs(14);
@@ -149,7 +151,7 @@ async fn run_suite(rounds: u64, secs: Duration) {
             let outcome = run_round(&mut cluster, nemesis, number, secs, &mut rng).await;
             note(format!(
                 "round {round}/{rounds} {}: {} calls ({} ok / {} unknown / {} failed{}), \
-                 {} faults; {}{}",
+                 {} faults; {} (checked in {:.1}s){}",
                 nemesis.name(),
                 outcome.calls,
                 outcome.ok,
@@ -164,6 +166,7 @@ async fn run_suite(rounds: u64, secs: Duration) {
                     Ok(()) => "linearizable".to_string(),
                     Err(e) => short(e),
                 },
+                outcome.checked_in.as_secs_f64(),
                 match &outcome.recovery {
                     Ok(t) => format!("; recovered in {:.1}s", t.as_secs_f64()),
                     Err(_) => "; did NOT recover".to_string(),
@@ -246,6 +249,7 @@ struct Outcome {
     /// One line per fault and heal, with times from the round's origin.
     timeline: String,
     verdict: Result<(), String>,
+    checked_in: Duration,
     recovery: Result<Duration, String>,
 }
 
@@ -344,7 +348,10 @@ async fn run_round(
     let calls = log.history.len();
     let (unknown_by, failed_by) = (log.unknown_by, log.failed_by);
 
-    let verdict = check(log.history, log.nodes).await;
+    let checking = Instant::now();
+    let check_timeout = CHECK_TIMEOUT.max(CHECK_TIMEOUT_PER_ROUND_SECOND * length.as_secs() as u32);
+    let verdict = check(log.history, log.nodes, check_timeout).await;
+    let checked_in = checking.elapsed();
     let recovery = fc.recover(number).await;
     Outcome {
         calls,
@@ -356,13 +363,18 @@ async fn run_round(
         faults,
         timeline,
         verdict,
+        checked_in,
         recovery,
     }
 }
 
-/// Runs the checker off the async workers, bounded by [`CHECK_TIMEOUT`].
+/// Runs the checker off the async workers, bounded by `timeout`.
 /// A violation is reported with the node each of its calls went to.
-async fn check(history: Vec<Call>, nodes: BTreeMap<(u32, u64), u64>) -> Result<(), String> {
+async fn check(
+    history: Vec<Call>,
+    nodes: BTreeMap<(u32, u64), u64>,
+    timeout: Duration,
+) -> Result<(), String> {
     let calls = history.len();
     let task = tokio::task::spawn_blocking(move || {
         linearizability::check(&history).map(|_| ()).map_err(|v| {
@@ -378,10 +390,10 @@ async fn check(history: Vec<Call>, nodes: BTreeMap<(u32, u64), u64>) -> Result<(
             format!("{v}node each listed call went to: {}", via.join(" "))
         })
     });
-    match tokio::time::timeout(CHECK_TIMEOUT, task).await {
+    match tokio::time::timeout(timeout, task).await {
         Ok(result) => result.expect("linearizability checker panicked"),
         Err(_) => Err(format!(
-            "the checker did not decide within {CHECK_TIMEOUT:?} on {calls} calls"
+            "the checker did not decide within {timeout:?} on {calls} calls"
         )),
     }
 }
