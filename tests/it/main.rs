@@ -9,11 +9,18 @@
 //! - `diskfull`: a node whose disk fills up (a loop-mounted ext4; needs root).
 //! - `forwarding`: nodes that host nothing, failover, short deadlines,
 //!   unfinished Join and stuck Leave.
+//! - `faults`: linearizability under partitions, crashes and pauses (needs
+//!   root and network namespaces).
+//! - `netns`: per-node network namespaces and nftables partitions for `faults`.
+//! - `linearizability`: the checker that `faults` runs on recorded histories.
 
 mod diskfull;
 mod durability;
+mod faults;
 mod forwarding;
 mod kv;
+mod linearizability;
+mod netns;
 mod node_api;
 mod support;
 

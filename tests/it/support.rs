@@ -179,6 +179,11 @@ pub struct Node {
     pub config_path: Option<PathBuf>,
     /// Further `serve` arguments appended on every (re)start.
     pub extra_args: Vec<String>,
+    /// A command the server is started through, e.g. `ip netns exec NAME`
+    /// to run it inside a network namespace; empty runs the binary directly.
+    /// The prefix must exec the server in place (as `ip netns exec` does) so
+    /// that `pid()`, signals and `kill9` reach the server itself.
+    pub exec_prefix: Vec<String>,
     child: Option<Child>,
     /// Cached connection; reset whenever the process changes.
     channel: Mutex<Option<Channel>>,
@@ -199,6 +204,7 @@ impl Node {
             shards,
             config_path,
             extra_args: Vec::new(),
+            exec_prefix: Vec::new(),
             child: None,
             channel: Mutex::new(None),
             starts: 0,
@@ -237,10 +243,23 @@ impl Node {
             .append(true)
             .open(&self.log_path)
             .expect("open node log");
-        let args = self.serve_args();
-        writeln!(log, "=== start #{}: {BIN} {}", self.starts, args.join(" ")).unwrap();
+        let mut args = self.serve_args();
+        let program = match self.exec_prefix.split_first() {
+            None => BIN.to_string(),
+            Some((first, rest)) => {
+                args.splice(0..0, rest.iter().cloned().chain([BIN.to_string()]));
+                first.clone()
+            }
+        };
+        writeln!(
+            log,
+            "=== start #{}: {program} {}",
+            self.starts,
+            args.join(" ")
+        )
+        .unwrap();
         let stderr = log.try_clone().expect("clone log fd");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(&program);
         cmd.args(&args)
             .env(
                 "RUST_LOG",
@@ -259,7 +278,9 @@ impl Node {
                 Ok(())
             });
         }
-        let child = cmd.spawn().expect("spawn multiraft serve");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program} (multiraft serve): {e}"));
         self.child = Some(child);
         *self.channel.lock().unwrap() = None;
     }
