@@ -212,6 +212,9 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Exit code of a node stopped by a panic (the fsync-failure path uses 70).
+const EXIT_PANIC: i32 = 101;
+
 fn serve(
     node_id: u64,
     api_addr: SocketAddr,
@@ -234,6 +237,26 @@ fn serve(
             std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
         cfg.raft = RaftConfig::from_json(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     }
+    // A panic on any thread ends the node, with one log line: a shard that
+    // died alone would leave a node that looks alive to its supervisor but
+    // answers only part of its calls. Restarting replays the WAL.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(thread = name, at, "panic, stopping the node: {msg}");
+        eprintln!("multiraft: panic on thread {name} at {at}: {msg}; stopping the node");
+        std::process::exit(EXIT_PANIC);
+    }));
     // Block the signals before any thread starts, so only the waiting
     // iterator below receives them.
     let mut signals = signal_hook::iterator::Signals::new([

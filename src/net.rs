@@ -5,6 +5,24 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+/// Fails when `addr` is already bound by another socket, even one that
+/// uses SO_REUSEPORT: the probe binds without it, which the kernel refuses
+/// while any listener holds the address. (The shards' own listeners share
+/// the address through SO_REUSEPORT, and so would a second process of the
+/// same user; probing first is what keeps two nodes from silently splitting
+/// one address's traffic.)
+pub fn check_address_free(addr: SocketAddr) -> std::io::Result<()> {
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    // Connections of an earlier run in TIME_WAIT must not count as a user.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
+}
+
 /// Binds a fresh SO_REUSEPORT listener on `addr` for the calling shard.
 ///
 /// Every shard calls this with the same address and gets its own socket, so

@@ -31,6 +31,8 @@ use meta::NodeMeta;
 pub struct Node {
     triggers: Vec<ShutdownTrigger>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    /// Held (flock'd) for as long as the node runs; see [`lock_data_dir`].
+    _lock: std::fs::File,
 }
 
 impl Node {
@@ -45,6 +47,17 @@ impl Node {
         }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("create {}: {e}", config.data_dir.display()))?;
+        // One process per data directory and per address: a second node
+        // with the same identity would otherwise start and share the WAL,
+        // or split calls and raft traffic with the first (SO_REUSEPORT).
+        let lock = lock_data_dir(&config.data_dir)?;
+        for (what, addr) in [("API", config.api_addr), ("raft", config.raft_addr)] {
+            crate::net::check_address_free(addr).map_err(|e| {
+                format!(
+                    "{what} address {addr} is not available (another process listens on it?): {e}"
+                )
+            })?;
+        }
         let mut meta = match NodeMeta::load(&config.data_dir)? {
             Some(m) => {
                 if m.node_id != config.node_id {
@@ -118,7 +131,11 @@ impl Node {
             threads.push(handle);
         }
         drop(ready_tx);
-        let mut node_handle = Node { triggers, threads };
+        let mut node_handle = Node {
+            triggers,
+            threads,
+            _lock: lock,
+        };
         for _ in 0..n {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
@@ -317,4 +334,42 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     ))
     .detach();
     Ok(shard)
+}
+
+/// Takes an exclusive `flock` on `DATA_DIR/LOCK` (and writes this process's
+/// pid into it, for the message another process gets). The lock goes with
+/// the process, however it ends.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = dir.join("LOCK");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Err(match err.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => format!(
+                "data directory {} is in use by another multiraft process (pid {})",
+                dir.display(),
+                holder.trim()
+            ),
+            _ => format!("lock {}: {err}", path.display()),
+        });
+    }
+    let pid = std::process::id().to_string();
+    let written = file
+        .set_len(0)
+        .and_then(|_| file.rewind())
+        .and_then(|_| file.write_all(pid.as_bytes()));
+    written.map_err(|e| format!("write {}: {e}", path.display()))?;
+    Ok(file)
 }

@@ -365,6 +365,21 @@ impl Group {
     }
 
     pub fn step(&mut self, msg: Message) {
+        // raft-rs trusts its peers and panics on a heartbeat that commits
+        // past the end of the log; no correct leader sends one (it commits
+        // at most what this follower acknowledged, which was synced).
+        if msg.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat
+            && msg.commit > self.raw.raft.raft_log.last_index()
+        {
+            tracing::warn!(
+                partition = self.id,
+                from = msg.from,
+                commit = msg.commit,
+                last_index = self.raw.raft.raft_log.last_index(),
+                "dropped a heartbeat that commits past the end of the log"
+            );
+            return;
+        }
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(partition = self.id, "step: {e}");
         }

@@ -9,6 +9,8 @@
 //! - `diskfull`: a node whose disk fills up (a loop-mounted ext4; needs root).
 //! - `forwarding`: nodes that host nothing, failover, short deadlines,
 //!   unfinished Join and stuck Leave.
+//! - `identity`: one process per data directory and address; a malformed
+//!   heartbeat does not take a shard down.
 //! - `faults`: linearizability under partitions, crashes and pauses (needs
 //!   root and network namespaces).
 //! - `netns`: per-node network namespaces and nftables partitions for `faults`.
@@ -18,6 +20,7 @@ mod diskfull;
 mod durability;
 mod faults;
 mod forwarding;
+mod identity;
 mod kv;
 mod linearizability;
 mod netns;

@@ -1,0 +1,241 @@
+//! One node per identity, and a shard that survives a malformed peer:
+//! - a second `serve` on a data directory in use, or on an address another
+//!   node listens on (even with SO_REUSEPORT), refuses to start and says
+//!   which;
+//! - a heartbeat that commits past the end of a follower's log (which
+//!   raft-rs would panic on) is dropped, and the node keeps serving;
+//! - a panic on a shard thread (here: raft-rs on an append that rewrites
+//!   committed entries, not validated yet) ends the whole process with exit
+//!   code 101 and one log line, never a half-dead node.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use multiraft::proto::peer::{envelope, Envelope, Hello, RaftMessage};
+use prost::Message as _;
+use protobuf::Message as _;
+
+use crate::pb::multiraft::admin::v1::Role;
+use crate::support::*;
+
+/// Runs `multiraft serve` with `args` and returns its exit status and
+/// output; panics if it is still running after 20 s.
+fn serve_expecting_exit(args: &[String]) -> (std::process::ExitStatus, String) {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn multiraft serve");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            let out = child.wait_with_output().expect("output");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return (status, text);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("a second `serve` ({args:?}) kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn serve_args(id: u64, api: &str, raft: &str, dir: &std::path::Path) -> Vec<String> {
+    [
+        "serve",
+        "--node-id",
+        &id.to_string(),
+        "--api-addr",
+        api,
+        "--raft-addr",
+        raft,
+        "--data-dir",
+        &dir.display().to_string(),
+        "--shards",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_cannot_take_a_nodes_identity() {
+    let cluster = Cluster::start(1, 2, Some(FAST_CONFIG)).await;
+    cluster.bootstrap(&cluster.layout(1..=1)).await;
+    let node = cluster.node(1);
+    let other = |port: u16| format!("127.0.0.1:{port}");
+    let spare = cluster.dir.path().join("spare");
+
+    let cases = [
+        (
+            "same data directory",
+            serve_args(1, &other(free_port()), &other(free_port()), &node.data_dir),
+            "is in use by another multiraft process",
+        ),
+        (
+            "same API address",
+            serve_args(
+                2,
+                &node.api_addr.to_string(),
+                &other(free_port()),
+                &spare.join("a"),
+            ),
+            "API address",
+        ),
+        (
+            "same raft address",
+            serve_args(
+                3,
+                &other(free_port()),
+                &node.raft_addr.to_string(),
+                &spare.join("b"),
+            ),
+            "raft address",
+        ),
+    ];
+    for (what, args, says) in cases {
+        let (status, out) = tokio::task::block_in_place(|| serve_expecting_exit(&args));
+        assert!(!status.success(), "{what}: a second node started:\n{out}");
+        assert!(
+            out.contains(says),
+            "{what}: the error does not say so:\n{out}"
+        );
+        if what == "same data directory" {
+            let pid = node.pid().to_string();
+            assert!(
+                out.contains(&pid),
+                "{what}: the holder's pid is not named:\n{out}"
+            );
+        }
+    }
+    // The first node is untouched.
+    let mut kv = node.kv().await;
+    put(&mut kv, 1, b"still", b"here").await;
+}
+
+/// Connects to `node`'s raft port as node `from` and sends `msg` for
+/// partition 1.
+fn send_as_peer(node: &Node, from: u64, msg: &raft::eraftpb::Message) -> std::net::TcpStream {
+    let env = Envelope {
+        body: Some(envelope::Body::Raft(RaftMessage {
+            partition_id: 1,
+            message: msg.write_to_bytes().unwrap().into(),
+        })),
+    };
+    let mut wire = Vec::new();
+    for body in [
+        Hello {
+            node_id: from,
+            reserved: 0,
+            shard: Some(0),
+        }
+        .encode_to_vec(),
+        env.encode_to_vec(),
+    ] {
+        wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        wire.extend_from_slice(&body);
+    }
+    let mut sock = std::net::TcpStream::connect(node.raft_addr).unwrap();
+    sock.write_all(&wire).unwrap();
+    sock
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_past_the_log_does_not_take_a_shard_down() {
+    let cluster = Cluster::start(3, 1, Some(FAST_CONFIG)).await;
+    cluster.bootstrap(&cluster.layout(1..=1)).await;
+    let (leader, term) = cluster.wait_leader(1, Duration::from_secs(10)).await;
+    let follower = cluster.ids().into_iter().find(|&id| id != leader).unwrap();
+    let f = cluster.node(follower);
+    let st = f.partition_status(1).await.unwrap();
+    assert_eq!(st.role, Role::Follower as i32);
+
+    // Pose as the leader on the follower's raft port.
+    let mut hb = raft::eraftpb::Message::default();
+    hb.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+    hb.from = leader;
+    hb.to = follower;
+    hb.term = term;
+    hb.commit = st.commit_index + 1_000_000;
+    let sock = send_as_peer(f, leader, &hb);
+
+    wait_until(
+        Duration::from_secs(10),
+        "the follower to log the dropped heartbeat",
+        async || {
+            f.log()
+                .contains("dropped a heartbeat that commits past the end of the log")
+        },
+    )
+    .await;
+    drop(sock);
+    // Still whole: the process runs, its shard serves reads and writes.
+    let mut cluster = cluster;
+    assert!(
+        cluster.node_mut(follower).try_exit().is_none(),
+        "the follower exited"
+    );
+    let mut kv = cluster.node(follower).kv().await;
+    put(&mut kv, 1, b"after-attack", b"ok").await;
+    assert_eq!(
+        get(&mut kv, 1, b"after-attack", false).await.as_deref(),
+        Some(&b"ok"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_on_a_shard_stops_the_whole_node() {
+    let mut cluster = Cluster::start(3, 1, Some(FAST_CONFIG)).await;
+    cluster.bootstrap(&cluster.layout(1..=1)).await;
+    let (leader, term) = cluster.wait_leader(1, Duration::from_secs(10)).await;
+    let mut kv = cluster.node(leader).kv().await;
+    put(&mut kv, 1, b"k", b"v").await;
+    let follower = cluster.ids().into_iter().find(|&id| id != leader).unwrap();
+    let commit = wait_for(
+        Duration::from_secs(10),
+        "the follower to commit past the bootstrap snapshot",
+        async || match cluster.node(follower).partition_status(1).await {
+            Ok(s) if s.commit_index > 6 => Ok(s.commit_index),
+            Ok(s) => Err(format!("commit index {}", s.commit_index)),
+            Err(e) => Err(e),
+        },
+    )
+    .await;
+
+    // An append after the committed entry (so raft-rs takes it) that
+    // carries a different committed entry 6 (which raft-rs panics on).
+    let mut app = raft::eraftpb::Message::default();
+    app.set_msg_type(raft::eraftpb::MessageType::MsgAppend);
+    app.from = leader;
+    app.to = follower;
+    app.term = term;
+    app.index = commit;
+    app.log_term = term;
+    let e = raft::eraftpb::Entry {
+        index: 6,
+        term: term + 1000,
+        ..Default::default()
+    };
+    app.set_entries(vec![e].into());
+    let _sock = send_as_peer(cluster.node(follower), leader, &app);
+
+    let status = cluster
+        .node_mut(follower)
+        .wait_exit(Duration::from_secs(10))
+        .await;
+    assert_eq!(status.code(), Some(101), "exit status {status}");
+    let log = cluster.node(follower).log();
+    assert!(
+        log.contains("panic, stopping the node"),
+        "no log line names the panic:\n{}",
+        cluster.node(follower).log_tail(20)
+    );
+}
