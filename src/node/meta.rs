@@ -108,7 +108,21 @@ pub fn check_address(addr: &str) -> bool {
 
 /// Validates one partition config; `field` names it in messages
 /// (e.g. "partitions[2]").
+/// Most partitions one layout may name: the node keeps the whole layout in
+/// memory and in `node.json`, and a replica costs memory and a WAL share.
+pub const MAX_LAYOUT_PARTITIONS: usize = 65_536;
+/// Most members one partition may list (raft groups are a handful of
+/// voters; each member is a peer every replica talks to).
+pub const MAX_MEMBERS: usize = 64;
+
 pub fn validate_partition(p: &PartitionConfig, field: &str) -> Result<Members, Status> {
+    if p.members.len() > MAX_MEMBERS {
+        return Err(Status::invalid_argument(format!(
+            "{field}.members lists {} nodes; the limit is {MAX_MEMBERS} (partition {})",
+            p.members.len(),
+            p.partition_id
+        )));
+    }
     if p.partition_id == 0 {
         return Err(Status::invalid_argument(format!(
             "{field}.partition_id must be non-zero"
@@ -143,6 +157,12 @@ pub fn validate_partition(p: &PartitionConfig, field: &str) -> Result<Members, S
 pub fn validate_layout(partitions: &[PartitionConfig]) -> Result<BTreeMap<u32, Members>, Status> {
     if partitions.is_empty() {
         return Err(Status::invalid_argument("partitions must not be empty"));
+    }
+    if partitions.len() > MAX_LAYOUT_PARTITIONS {
+        return Err(Status::invalid_argument(format!(
+            "partitions lists {} partitions; the limit is {MAX_LAYOUT_PARTITIONS}",
+            partitions.len()
+        )));
     }
     let mut layout = BTreeMap::new();
     for (i, p) in partitions.iter().enumerate() {
@@ -179,6 +199,21 @@ mod tests {
             (vec![pc(1, &[(0, "a:1")])], "member id must be non-zero"),
             (vec![pc(1, &[(1, "not-an-address")])], "is not host:port"),
             (vec![pc(1, &[(1, "a:0")])], "is not host:port"),
+            (
+                vec![PartitionConfig {
+                    partition_id: 1,
+                    members: (1..=MAX_MEMBERS as u64 + 1)
+                        .map(|n| (n, format!("h{n}:1")))
+                        .collect(),
+                }],
+                "the limit is 64",
+            ),
+            (
+                (1..=MAX_LAYOUT_PARTITIONS as u32 + 1)
+                    .map(|p| pc(p, &ok))
+                    .collect(),
+                "the limit is 65536",
+            ),
             (
                 vec![pc(1, &ok), pc(1, &ok)],
                 "partitions[1].partition_id 1 is a duplicate",

@@ -32,9 +32,18 @@ use prost::Message;
 /// Size of the length prefix in front of every frame body.
 pub const HEADER_LEN: usize = 4;
 
-/// Default maximum frame body size. Raft snapshots travel as single
-/// messages, so this is generous.
+/// Default maximum frame body size. Snapshots travel in 1 MiB chunks (see
+/// `shard::snapshot`); a raft append can carry up to `max_size_per_msg` of
+/// entries, and one entry may hold a value near the 4 MiB message limit.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
+
+/// Largest frame accepted before the Hello: a Hello is a few bytes, and a
+/// peer that has not said who it is must not make the node allocate more.
+pub const MAX_HELLO_FRAME: usize = 1024;
+
+/// A big frame's buffer grows by at most this much per read, so memory
+/// follows the bytes that actually arrive, not the length a peer claims.
+const MAX_GROWTH: usize = 1 << 20;
 
 /// Reads smaller than this go through the reader's scratch buffer.
 const READ_CHUNK: usize = 64 << 10;
@@ -144,6 +153,12 @@ impl FrameReader {
         r
     }
 
+    /// Changes the largest frame accepted from now on (raised after the
+    /// Hello).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
     /// Bytes read from the stream but not yet returned as frames.
     pub fn buffered(&self) -> &[u8] {
         &self.buf
@@ -167,9 +182,10 @@ impl FrameReader {
             };
             let n = if missing > self.scratch.len() {
                 // A big frame: read straight into its place instead of
-                // copying it through the scratch buffer.
+                // copying it through the scratch buffer, a bounded step at
+                // a time (the length is the peer's claim, not yet data).
                 let start = self.buf.len();
-                self.buf.resize(start + missing, 0);
+                self.buf.resize(start + missing.min(MAX_GROWTH), 0);
                 let res = reader.read(&mut self.buf[start..]).await;
                 let n = *res.as_ref().unwrap_or(&0);
                 self.buf.truncate(start + n);
@@ -375,5 +391,32 @@ mod tests {
             Err(FrameError::Oversize { .. })
         ));
         assert!(read_all(Bytes::new(), 3, 4).unwrap().is_empty());
+    }
+
+    #[test]
+    fn memory_follows_arriving_bytes_not_the_claimed_length() {
+        // A header claiming 60 MiB, then 100 bytes, then the end.
+        let mut data = BytesMut::new();
+        data.put_u32(60 << 20);
+        data.put_slice(&[7u8; 100]);
+        let mut src = Chunked {
+            data: data.freeze(),
+            chunk: usize::MAX,
+        };
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        let res = futures::executor::block_on(reader.next_frame(&mut src));
+        assert!(matches!(res, Err(FrameError::Truncated { buffered: 104 })));
+        assert!(
+            reader.buf.capacity() <= 2 * MAX_GROWTH,
+            "buffer grew to {} bytes for 104 received",
+            reader.buf.capacity()
+        );
+        // Before the Hello, even that claim is refused outright.
+        let mut big_hello = BytesMut::new();
+        big_hello.put_u32(MAX_HELLO_FRAME as u32 + 1);
+        assert!(matches!(
+            read_all(big_hello.freeze(), 4, MAX_HELLO_FRAME),
+            Err(FrameError::Oversize { .. })
+        ));
     }
 }

@@ -104,7 +104,8 @@ async fn serve_conn(
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
-    let mut reader = FrameReader::new(config.max_frame);
+    // Until the peer has said who it is, only a Hello-sized frame is read.
+    let mut reader = FrameReader::new(frame::MAX_HELLO_FRAME);
 
     let first = {
         let read = pin!(reader.next_frame(&mut stream));
@@ -133,6 +134,7 @@ async fn serve_conn(
             return;
         }
     };
+    reader.set_max_frame(config.max_frame);
     let from = hello.node_id;
     tracing::debug!(peer, from, shard = hello.shard, "peer connected");
     if let (Some(handoff), Some(shard)) = (handoff, hello.shard) {
