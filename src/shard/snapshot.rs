@@ -121,7 +121,15 @@ struct Partial {
     next_seq: u32,
     header: Bytes,
     data: BytesMut,
+    last_chunk: std::time::Instant,
 }
+
+/// A transfer with no chunk for this long is abandoned (its sender died or
+/// gave up); its buffer is freed.
+const REASSEMBLY_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Transfers reassembled at once on one shard; a new one beyond this
+/// replaces the one idle longest.
+const MAX_TRANSFERS: usize = 64;
 
 /// Reassembles chunked snapshots arriving on one shard's peer listener.
 #[derive(Default)]
@@ -134,8 +142,29 @@ impl Reassembly {
     /// once the last chunk of a transfer is in.
     pub fn on_chunk(&self, from: u64, c: SnapshotChunk) -> Option<(u32, Message)> {
         let key = (from, c.partition_id);
+        let now = std::time::Instant::now();
         let mut partial = self.partial.borrow_mut();
+        partial.retain(|&(node, p), t| {
+            let live = now.duration_since(t.last_chunk) < REASSEMBLY_IDLE;
+            if !live {
+                tracing::info!(
+                    from = node,
+                    partition = p,
+                    "abandoned snapshot transfer dropped"
+                );
+            }
+            live
+        });
         if c.seq == 0 {
+            if partial.len() >= MAX_TRANSFERS && !partial.contains_key(&key) {
+                let oldest = partial
+                    .iter()
+                    .min_by_key(|(_, t)| t.last_chunk)
+                    .map(|(k, _)| *k);
+                if let Some(k) = oldest {
+                    partial.remove(&k);
+                }
+            }
             partial.insert(
                 key,
                 Partial {
@@ -143,6 +172,7 @@ impl Reassembly {
                     next_seq: 0,
                     header: c.header.clone(),
                     data: BytesMut::new(),
+                    last_chunk: now,
                 },
             );
         }
@@ -161,6 +191,7 @@ impl Reassembly {
         }
         p.data.extend_from_slice(&c.data);
         p.next_seq += 1;
+        p.last_chunk = now;
         if !c.last {
             return None;
         }
@@ -226,5 +257,14 @@ mod tests {
         let cs = chunks(&data, 4);
         let got = cs.into_iter().filter_map(|c| r.on_chunk(1, c)).count();
         assert_eq!(got, 1);
+
+        // Unfinished transfers from many partitions: at most MAX_TRANSFERS
+        // stay buffered.
+        for p in 0..(MAX_TRANSFERS as u32 * 3) {
+            let mut c = chunks(&data, 5)[0].clone();
+            c.partition_id = 100 + p;
+            r.on_chunk(2, c);
+        }
+        assert_eq!(r.partial.borrow().len(), MAX_TRANSFERS);
     }
 }
