@@ -99,6 +99,9 @@ impl Status {
     pub fn failed_precondition(m: impl Into<String>) -> Status {
         Status::new(Code::FailedPrecondition, m)
     }
+    pub fn permission_denied(m: impl Into<String>) -> Status {
+        Status::new(Code::PermissionDenied, m)
+    }
     pub fn aborted(m: impl Into<String>) -> Status {
         Status::new(Code::Aborted, m)
     }

@@ -16,7 +16,9 @@ use prost::Message;
 use crate::grpc::{Code, Handler, Request, Status};
 use crate::node::meta::NodeMeta;
 use crate::proto::admin::{PartitionStatus, StatusResponse};
-use crate::proto::peer::{envelope, Envelope, PeerRequest, PeerResponse};
+use crate::proto::peer::{
+    envelope, AddVoterRequest, Envelope, PeerRequest, PeerResponse, RemoveVoterRequest,
+};
 use crate::shard::NodeShared;
 use crate::transport::PeerLinks;
 
@@ -108,8 +110,10 @@ impl Api {
         id
     }
 
-    /// Routes one call. `from_peer` unlocks the internal methods.
-    pub async fn dispatch(&self, req: Request, from_peer: bool) -> Result<Bytes, Status> {
+    /// Routes one call. `peer` (the node whose peer connection carried the
+    /// call) unlocks the internal methods.
+    pub async fn dispatch(&self, req: Request, peer: Option<u64>) -> Result<Bytes, Status> {
+        let from_peer = peer.is_some();
         let deadline = req.deadline;
         match req.method.as_str() {
             NODE_BOOTSTRAP => reply(self.bootstrap(decode(&req.body)?, deadline).await),
@@ -123,14 +127,48 @@ impl Api {
             KV_GET => self.kv_get(&req, from_peer).await,
             PEER_PROPOSE if from_peer => self.kv_propose(&req).await,
             PEER_ADD_VOTER if from_peer => {
-                reply(self.add_voter(decode(&req.body)?, deadline).await)
+                let r: AddVoterRequest = decode(&req.body)?;
+                self.check_membership_caller(peer, r.partition_id, r.node_id)?;
+                reply(self.add_voter(r, deadline).await)
             }
             PEER_REMOVE_VOTER if from_peer => {
-                reply(self.remove_voter(decode(&req.body)?, deadline).await)
+                let r: RemoveVoterRequest = decode(&req.body)?;
+                self.check_membership_caller(peer, r.partition_id, r.node_id)?;
+                reply(self.remove_voter(r, deadline).await)
             }
             PEER_CONF_QUERY if from_peer => reply(self.conf_query(decode(&req.body)?).await),
             m => Err(Status::unimplemented(format!("unknown method {m}"))),
         }
+    }
+
+    /// A membership change of `partition` asked over the peer port is taken
+    /// only from the node it adds or removes, or from a member.
+    fn check_membership_caller(
+        &self,
+        caller: Option<u64>,
+        partition: u32,
+        node: u64,
+    ) -> Result<(), Status> {
+        let Some(caller) = caller else {
+            return Err(Status::unimplemented("internal method"));
+        };
+        let member = self
+            .meta()
+            .members
+            .get(&partition)
+            .is_some_and(|m| m.contains_key(&caller));
+        if caller == node || member {
+            return Ok(());
+        }
+        tracing::warn!(
+            caller,
+            partition,
+            node,
+            "refused a membership change asked by a node that is neither the subject nor a member"
+        );
+        Err(Status::permission_denied(format!(
+            "node {caller} may not change the membership of partition {partition}"
+        )))
     }
 
     /// Every partition hosted on this node.
@@ -231,14 +269,14 @@ impl Api {
                 deadline,
             };
             let result = match deadline {
-                Some(d) => with_deadline(d, api.dispatch(req, true))
+                Some(d) => with_deadline(d, api.dispatch(req, Some(from)))
                     .await
                     .unwrap_or_else(|| {
                         Err(Status::deadline_exceeded(
                             "the forwarded call's deadline passed on this node",
                         ))
                     }),
-                None => api.dispatch(req, true).await,
+                None => api.dispatch(req, Some(from)).await,
             };
             let (code, message, body) = match result {
                 Ok(b) => (0, String::new(), b),
@@ -264,7 +302,7 @@ impl Api {
 impl Handler for Api {
     fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Bytes, Status>> {
         let api = self.clone();
-        Box::pin(async move { api.dispatch(req, false).await })
+        Box::pin(async move { api.dispatch(req, None).await })
     }
 }
 

@@ -258,6 +258,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
                     sink_node.shard_of(m.partition_id),
                     ShardMsg::Raft {
                         partition: m.partition_id,
+                        from,
                         data: m.message,
                     },
                 );
@@ -269,6 +270,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
                         sink_node.shard_of(partition),
                         ShardMsg::RaftMsg {
                             partition,
+                            from,
                             msg: Box::new(msg),
                         },
                     );

@@ -108,6 +108,9 @@ pub struct Group {
     ticks: u64,
     /// Consecutive ticks without a known leader.
     leaderless_ticks: u64,
+    /// Raft messages refused by `step_from`, and when one was last logged.
+    dropped_msgs: u64,
+    drop_logged: Option<std::time::Instant>,
     election_ticks: u64,
     tick_period: std::time::Duration,
     /// KV commands applied since start (for status counters).
@@ -219,6 +222,8 @@ impl Group {
             next_ctx: rand::random::<u64>() >> 1,
             ticks: 0,
             leaderless_ticks: 0,
+            dropped_msgs: 0,
+            drop_logged: None,
             election_ticks: cfg.election_ticks() as u64,
             tick_period: cfg.heartbeat_period,
             commands_applied: 0,
@@ -362,6 +367,50 @@ impl Group {
 
     fn tick_secs(&self) -> f64 {
         self.tick_period.as_secs_f64()
+    }
+
+    /// Steps a message that arrived on the peer connection of node `from`.
+    /// Only members take part: a message is dropped (and logged with its
+    /// sender) unless it comes from the node it names as sender, is
+    /// addressed to this node, and that sender is a voter or learner of the
+    /// group here. A replica that has no configuration yet (joining, before
+    /// its first snapshot) hears from anyone who names it: its leader is
+    /// not yet known to it.
+    pub fn step_from(&mut self, from: u64, msg: Message) {
+        let me = self.raw.raft.id;
+        let known = self.raw.raft.prs().iter().next().is_some();
+        let reason = if msg.from != from {
+            Some("it names another sender than its connection's node")
+        } else if msg.to != me {
+            Some("it is addressed to another node")
+        } else if known && self.raw.raft.prs().get(msg.from).is_none() {
+            Some("its sender is not a member of the partition here")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.dropped_msgs += 1;
+            // At most one warning per second and group: a flood of bad
+            // messages must not become a flood of log lines.
+            let now = std::time::Instant::now();
+            if self
+                .drop_logged
+                .is_none_or(|t| now.duration_since(t).as_secs() >= 1)
+            {
+                self.drop_logged = Some(now);
+                tracing::warn!(
+                    partition = self.id,
+                    connection_from = from,
+                    msg_from = msg.from,
+                    msg_to = msg.to,
+                    kind = ?msg.get_msg_type(),
+                    dropped_so_far = self.dropped_msgs,
+                    "dropped a raft message: {reason}"
+                );
+            }
+            return;
+        }
+        self.step(msg);
     }
 
     pub fn step(&mut self, msg: Message) {

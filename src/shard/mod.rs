@@ -38,11 +38,17 @@ type AfterSync = Box<dyn FnOnce(&mut Shard)>;
 
 /// What reaches a shard's inbox.
 pub enum ShardMsg {
-    /// A raft message for one of this shard's partitions (raft-rs encoding).
-    Raft { partition: u32, data: Bytes },
+    /// A raft message for one of this shard's partitions (raft-rs
+    /// encoding), from the peer connection of node `from`.
+    Raft {
+        partition: u32,
+        from: u64,
+        data: Bytes,
+    },
     /// A raft message already decoded (a reassembled snapshot).
     RaftMsg {
         partition: u32,
+        from: u64,
         msg: Box<raft::eraftpb::Message>,
     },
     /// Run this on the shard.
@@ -290,9 +296,13 @@ impl Shard {
 
     fn handle(&mut self, msg: ShardMsg) -> bool {
         match msg {
-            ShardMsg::Raft { partition, data } => match self.groups.get_mut(&partition) {
+            ShardMsg::Raft {
+                partition,
+                from,
+                data,
+            } => match self.groups.get_mut(&partition) {
                 Some(g) => match raft::eraftpb::Message::parse_from_bytes(&data) {
-                    Ok(m) => g.step(m),
+                    Ok(m) => g.step_from(from, m),
                     Err(e) => tracing::debug!(partition, "undecodable raft message dropped: {e}"),
                 },
                 None => tracing::debug!(
@@ -300,8 +310,12 @@ impl Shard {
                     "raft message for a partition not hosted here dropped"
                 ),
             },
-            ShardMsg::RaftMsg { partition, msg } => match self.groups.get_mut(&partition) {
-                Some(g) => g.step(*msg),
+            ShardMsg::RaftMsg {
+                partition,
+                from,
+                msg,
+            } => match self.groups.get_mut(&partition) {
+                Some(g) => g.step_from(from, *msg),
                 None => tracing::debug!(
                     partition,
                     "snapshot for a partition not hosted here dropped"

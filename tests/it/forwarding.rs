@@ -135,6 +135,57 @@ async fn node_hosting_nothing_forwards_and_fails_over() {
     put_chain(&mut kv1, 1, b"while-paused", "after", 3, KV_TIMEOUT).await;
 }
 
+/// One unary gRPC call over a bare HTTP/2 connection (no client-side
+/// deadline), returning the grpc-status and grpc-message.
+async fn bare_call(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &[u8],
+    timeout: &str,
+) -> (i32, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .unwrap();
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    framed.extend_from_slice(body);
+    send.send_data(framed.into(), true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let status_of = |h: &http::HeaderMap| {
+        h.get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+            .map(|code| {
+                let msg = h
+                    .get("grpc-message")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                (code, msg)
+            })
+    };
+    if let Some(s) = status_of(resp.headers()) {
+        return s; // Trailers-Only
+    }
+    let mut recv = resp.into_body();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.unwrap();
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = recv.trailers().await.unwrap().unwrap_or_default();
+    status_of(&trailers).expect("a grpc-status")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_deadlines_are_met_or_exceeded_never_unavailable() {
     let cluster = Cluster::start(3, 2, Some(FAST_CONFIG)).await;
@@ -170,32 +221,37 @@ async fn short_deadlines_are_met_or_exceeded_never_unavailable() {
     assert!(ok > 0, "no Put with a short deadline succeeded");
     note(format!("{ok} of 40 Puts with 5-100 ms deadlines succeeded"));
 
-    // A deadline of one microsecond, sent as `grpc-timeout: 1u` with no
-    // client-side timer: the server itself must say DEADLINE_EXCEEDED.
-    let mut r = tonic::Request::new(PutRequest {
+    // A deadline of one microsecond, sent as `grpc-timeout: 1u` by a bare
+    // HTTP/2 client with no timer of its own: the server itself must say
+    // DEADLINE_EXCEEDED (it used to say UNAVAILABLE).
+    let put_body = PutRequest {
         key: b"tiny".to_vec(),
         value: b"v".to_vec(),
         partition_id: 1,
-    });
-    r.metadata_mut()
-        .insert("grpc-timeout", "1u".parse().unwrap());
-    expect_code(
-        kv.put(r).await,
-        Code::DeadlineExceeded,
-        "put with grpc-timeout 1u",
-    );
-    let mut r = tonic::Request::new(GetRequest {
+    };
+    let get_body = GetRequest {
         key: b"tiny".to_vec(),
         partition_id: 1,
         serializable: false,
-    });
-    r.metadata_mut()
-        .insert("grpc-timeout", "1u".parse().unwrap());
-    expect_code(
-        kv.get(r).await,
-        Code::DeadlineExceeded,
-        "get with grpc-timeout 1u",
-    );
+    };
+    let addr = cluster.node(1).api_addr;
+    for (path, body) in [
+        (
+            "/multiraft.kv.v1.KV/Put",
+            prost::Message::encode_to_vec(&put_body),
+        ),
+        (
+            "/multiraft.kv.v1.KV/Get",
+            prost::Message::encode_to_vec(&get_body),
+        ),
+    ] {
+        let (code, message) = bare_call(addr, path, &body, "1u").await;
+        assert_eq!(
+            code,
+            Code::DeadlineExceeded as i32,
+            "{path} with grpc-timeout 1u: code {code} {message}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,8 @@
 //!   which;
 //! - a heartbeat that commits past the end of a follower's log (which
 //!   raft-rs would panic on) is dropped, and the node keeps serving;
+//! - a node that is not a member can neither add voters nor, by a spoofed
+//!   MsgTimeoutNow, move the leadership;
 //! - a panic on a shard thread (here: raft-rs on an append that rewrites
 //!   committed entries, not validated yet) ends the whole process with exit
 //!   code 101 and one log line, never a half-dead node.
@@ -11,7 +13,9 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use multiraft::proto::peer::{envelope, Envelope, Hello, RaftMessage};
+use multiraft::proto::peer::{
+    envelope, AddVoterRequest, Envelope, Hello, PeerRequest, RaftMessage,
+};
 use prost::Message as _;
 use protobuf::Message as _;
 
@@ -130,6 +134,11 @@ fn send_as_peer(node: &Node, from: u64, msg: &raft::eraftpb::Message) -> std::ne
             message: msg.write_to_bytes().unwrap().into(),
         })),
     };
+    send_envelope(node, from, &env)
+}
+
+/// Connects to `node`'s raft port, says Hello as node `from`, sends `env`.
+fn send_envelope(node: &Node, from: u64, env: &Envelope) -> std::net::TcpStream {
     let mut wire = Vec::new();
     for body in [
         Hello {
@@ -237,5 +246,65 @@ async fn a_panic_on_a_shard_stops_the_whole_node() {
         log.contains("panic, stopping the node"),
         "no log line names the panic:\n{}",
         cluster.node(follower).log_tail(20)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_member_changes_neither_membership_nor_leadership() {
+    let cluster = Cluster::start(3, 1, Some(FAST_CONFIG)).await;
+    cluster.bootstrap(&cluster.layout(1..=1)).await;
+    let (leader, term) = cluster.wait_leader(1, Duration::from_secs(10)).await;
+    let follower = cluster.ids().into_iter().find(|&id| id != leader).unwrap();
+    let outsider = 999;
+
+    // "Add node 4242", asked by node 999 of the leader.
+    let add = Envelope {
+        body: Some(envelope::Body::Request(PeerRequest {
+            id: 1,
+            origin_shard: 0,
+            method: "/multiraft.peer.v1.Internal/AddVoter".into(),
+            body: AddVoterRequest {
+                partition_id: 1,
+                node_id: 4242,
+                raft_addr: "127.0.0.1:9".into(),
+            }
+            .encode_to_vec()
+            .into(),
+            timeout_ms: 2000,
+            reply_addr: String::new(),
+        })),
+    };
+    let _a = send_envelope(cluster.node(leader), outsider, &add);
+    // "Campaign now", told by node 999 to a follower.
+    let mut tn = raft::eraftpb::Message::default();
+    tn.set_msg_type(raft::eraftpb::MessageType::MsgTimeoutNow);
+    tn.from = outsider;
+    tn.to = follower;
+    tn.term = term;
+    let _b = send_as_peer(cluster.node(follower), outsider, &tn);
+
+    wait_until(
+        Duration::from_secs(10),
+        "both refusals in the logs",
+        async || {
+            cluster
+                .node(leader)
+                .log()
+                .contains("refused a membership change")
+                && cluster
+                    .node(follower)
+                    .log()
+                    .contains("its sender is not a member of the partition here")
+        },
+    )
+    .await;
+    for id in cluster.ids() {
+        let st = cluster.node(id).partition_status(1).await.unwrap();
+        assert_eq!(st.voters, vec![1, 2, 3], "node {id}");
+    }
+    assert_eq!(
+        cluster.agreed_leader(1).await.unwrap(),
+        (leader, term),
+        "the leadership moved"
     );
 }
