@@ -11,16 +11,32 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// the address through SO_REUSEPORT, and so would a second process of the
 /// same user; probing first is what keeps two nodes from silently splitting
 /// one address's traffic.)
-pub fn check_address_free(addr: SocketAddr) -> std::io::Result<()> {
+///
+/// A process that was just killed can keep its listeners for a moment:
+/// io_uring releases the files of its in-flight requests after the process
+/// is gone. So a busy address is probed again for up to `patience` before
+/// it counts as taken.
+pub fn check_address_free(addr: SocketAddr, patience: std::time::Duration) -> std::io::Result<()> {
     let domain = if addr.is_ipv6() {
         Domain::IPV6
     } else {
         Domain::IPV4
     };
-    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    // Connections of an earlier run in TIME_WAIT must not count as a user.
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())
+    let give_up = std::time::Instant::now() + patience;
+    loop {
+        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        // Connections of an earlier run in TIME_WAIT must not count as a user.
+        socket.set_reuse_address(true)?;
+        match socket.bind(&addr.into()) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < give_up =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Binds a fresh SO_REUSEPORT listener on `addr` for the calling shard.

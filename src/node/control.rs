@@ -179,8 +179,11 @@ impl Api {
             if !asked && !others.is_empty() {
                 let to = others[next % others.len()];
                 next += 1;
+                // Never past the deadline: the answer must reach the client
+                // before its own timer fires.
+                let attempt = PEER_ATTEMPT.min(until.saturating_duration_since(Instant::now()));
                 match self
-                    .peer_call(to, PEER_ADD_VOTER, body.clone(), PEER_ATTEMPT)
+                    .peer_call(to, PEER_ADD_VOTER, body.clone(), attempt)
                     .await
                 {
                     Ok(_) => asked = true,
@@ -490,7 +493,8 @@ impl Api {
     {
         let until = super::api::answer_by(deadline);
         loop {
-            if cond().await? {
+            // A step that talks to other nodes is cut short at the deadline.
+            if with_deadline(until, cond()).await.transpose()? == Some(true) {
                 return Ok(());
             }
             if Instant::now() >= until {

@@ -52,7 +52,7 @@ impl Node {
         // or split calls and raft traffic with the first (SO_REUSEPORT).
         let lock = lock_data_dir(&config.data_dir)?;
         for (what, addr) in [("API", config.api_addr), ("raft", config.raft_addr)] {
-            crate::net::check_address_free(addr).map_err(|e| {
+            crate::net::check_address_free(addr, ADDRESS_PATIENCE).map_err(|e| {
                 format!(
                     "{what} address {addr} is not available (another process listens on it?): {e}"
                 )
@@ -337,6 +337,10 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     .detach();
     Ok(shard)
 }
+
+/// How long start-up waits for a busy address to become free (see
+/// `net::check_address_free`) before refusing to start.
+const ADDRESS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Takes an exclusive `flock` on `DATA_DIR/LOCK` (and writes this process's
 /// pid into it, for the message another process gets). The lock goes with
