@@ -59,6 +59,15 @@ fn snapshot(index: u64, term: u64, data: &[u8]) -> Snapshot {
     s
 }
 
+/// Appends entries `range` of group 1 (3000 bytes each, term 1) with one
+/// sync per entry: enough to fill several small segments.
+async fn append_synced(wal: &mut Wal, range: std::ops::RangeInclusive<u64>) {
+    for i in range {
+        wal.append_entries(1, &entries(i, i, 1, 3000));
+        wal.sync().await.unwrap();
+    }
+}
+
 fn small() -> WalConfig {
     WalConfig {
         segment_size: 64 << 10,
@@ -404,10 +413,7 @@ fn reopen_after_partial_purge_keeps_needed_entries() {
     run(move || async move {
         {
             let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
-            for i in 1..=60 {
-                wal.append_entries(1, &entries(i, i, 1, 3000));
-                wal.sync().await.unwrap();
-            }
+            append_synced(&mut wal, 1..=60).await;
             wal.compact(1, 30);
             wal.sync().await.unwrap();
             wal.purge().await.unwrap();
@@ -429,10 +435,7 @@ fn purge_never_outruns_the_durable_compaction() {
     run(move || async move {
         {
             let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
-            for i in 1..=60 {
-                wal.append_entries(1, &entries(i, i, 1, 3000));
-                wal.sync().await.unwrap();
-            }
+            append_synced(&mut wal, 1..=60).await;
             wal.compact(1, 30);
             wal.purge().await.unwrap();
             // Dropped without a sync of its own: a crash.
@@ -457,10 +460,7 @@ fn a_hole_below_the_first_entry_is_corruption() {
     run(move || async move {
         {
             let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
-            for i in 1..=60 {
-                wal.append_entries(1, &entries(i, i, 1, 3000));
-                wal.sync().await.unwrap();
-            }
+            append_synced(&mut wal, 1..=60).await;
         }
         // Lose the first segment (as an early purge would have).
         std::fs::remove_file(seg_path(&d, 1)).unwrap();
