@@ -41,6 +41,13 @@ pub struct Request {
 /// answered with `Code::Unimplemented` by the handler.
 pub trait Handler: 'static {
     fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Bytes, Status>>;
+
+    /// Whether `method` exists. An unknown method is answered UNIMPLEMENTED
+    /// from the request headers alone, without waiting for a body that a
+    /// streaming client (grpcurl's reflection stream) may never end.
+    fn knows(&self, _method: &str) -> bool {
+        true
+    }
 }
 
 /// Frontend limits.

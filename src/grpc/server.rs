@@ -228,6 +228,10 @@ async fn serve_stream(
     let (parts, body) = req.into_parts();
     let reply = match check_headers(&parts) {
         Err(reply) => reply,
+        Ok(_) if !handler.knows(parts.uri.path()) => Reply::Status(Status::unimplemented(format!(
+            "unknown method {}",
+            parts.uri.path()
+        ))),
         Ok(timeout) => {
             let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
             let method = parts.uri.path().to_owned();

@@ -304,6 +304,20 @@ impl Handler for Api {
         let api = self.clone();
         Box::pin(async move { api.dispatch(req, None).await })
     }
+
+    fn knows(&self, method: &str) -> bool {
+        matches!(
+            method,
+            NODE_BOOTSTRAP
+                | NODE_JOIN
+                | NODE_LEAVE
+                | ADMIN_STATUS
+                | KV_PUT
+                | KV_GET
+                | KV_DELETE
+                | KV_CAS
+        )
+    }
 }
 
 /// Decodes a request message; a bad one is the caller's fault.

@@ -566,6 +566,35 @@ async fn unknown_methods_oversized_and_garbage_messages() {
         );
     }
 
+    // An unknown method on a stream whose body never ends (what grpcurl's
+    // reflection client does): answered from the headers, not after a
+    // half-close that never comes.
+    let tcp = tokio::net::TcpStream::connect(node.api_addr).await.unwrap();
+    let (mut h2c, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::post(format!(
+        "http://{}/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        node.api_addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, _open_body) = h2c.send_request(request, false).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("an unknown method on an open stream got no answer")
+        .unwrap();
+    assert_eq!(
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok()),
+        Some("12"),
+        "UNIMPLEMENTED, Trailers-Only: {:?}",
+        response.headers()
+    );
+
     // 5 MiB in one message: above the 4 MiB frontend limit.
     let mut kv = node.kv().await.max_encoding_message_size(usize::MAX);
     let big = PutRequest {
