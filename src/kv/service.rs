@@ -140,6 +140,9 @@ impl Api {
     }
 
     fn check_key(&self, key: &[u8]) -> Result<(), Status> {
+        if key.is_empty() {
+            return Err(Status::invalid_argument("key must not be empty"));
+        }
         let max = self.node.config.max_key_size;
         if key.len() > max {
             return Err(Status::invalid_argument(format!(

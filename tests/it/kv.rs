@@ -435,6 +435,22 @@ async fn size_limits_and_unknown_partitions() {
         Some(1 << 20)
     );
 
+    // An empty key is not a key.
+    let msg = expect_code(
+        kv.put(req(
+            PutRequest {
+                key: Vec::new(),
+                value: b"x".to_vec(),
+                partition_id: 1,
+            },
+            KV_TIMEOUT,
+        ))
+        .await,
+        Code::InvalidArgument,
+        "Put with an empty key",
+    );
+    assert!(msg.contains("key must not be empty"), "{msg}");
+
     // Past them: INVALID_ARGUMENT for every method.
     expect_code(
         kv.put(req(
