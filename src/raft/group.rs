@@ -414,23 +414,48 @@ impl Group {
     }
 
     pub fn step(&mut self, msg: Message) {
-        // raft-rs trusts its peers and panics on a heartbeat that commits
-        // past the end of the log; no correct leader sends one (it commits
-        // at most what this follower acknowledged, which was synced).
-        if msg.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat
-            && msg.commit > self.raw.raft.raft_log.last_index()
-        {
+        if let Some(reason) = self.would_panic(&msg) {
             tracing::warn!(
                 partition = self.id,
                 from = msg.from,
-                commit = msg.commit,
-                last_index = self.raw.raft.raft_log.last_index(),
-                "dropped a heartbeat that commits past the end of the log"
+                kind = ?msg.get_msg_type(),
+                "dropped a raft message: {reason}"
             );
             return;
         }
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(partition = self.id, "step: {e}");
+        }
+    }
+
+    /// raft-rs trusts its peers and panics on some messages no correct peer
+    /// sends; those are refused here. (Others, e.g. an append that rewrites
+    /// committed entries, still reach a panic, which stops the node.)
+    fn would_panic(&self, msg: &Message) -> Option<String> {
+        use raft::eraftpb::MessageType;
+        let last = self.raw.raft.raft_log.last_index();
+        match msg.get_msg_type() {
+            // A leader commits at most what this follower acknowledged,
+            // which it had synced.
+            MessageType::MsgHeartbeat if msg.commit > last => Some(format!(
+                "a heartbeat that commits index {} past the end of the log ({last})",
+                msg.commit
+            )),
+            // Followers forward proposals with their entries.
+            MessageType::MsgPropose if msg.entries.is_empty() => {
+                Some("a proposal with no entries".into())
+            }
+            MessageType::MsgSnapshot
+                if msg
+                    .get_snapshot()
+                    .get_metadata()
+                    .get_conf_state()
+                    .voters
+                    .is_empty() =>
+            {
+                Some("a snapshot whose configuration has no voters".into())
+            }
+            _ => None,
         }
     }
 
