@@ -127,12 +127,21 @@ impl Drop for LiveGuard {
     }
 }
 
+/// Streams a client may reset before the server has taken them, per
+/// connection, before the connection is closed with ENHANCE_YOUR_CALM.
+/// h2's default (20) is hit by honest clients: a node that was paused for
+/// a few seconds wakes to every call its clients gave up on meanwhile, and
+/// tonic reports the GOAWAY as RESOURCE_EXHAUSTED on calls the server may
+/// already have carried out. A rapid-reset flood is still thousands.
+const MAX_PENDING_RESETS: usize = 1024;
+
 fn h2_builder() -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST_SIZE);
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
     b
 }
 

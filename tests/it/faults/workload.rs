@@ -191,8 +191,14 @@ async fn answer<T>(
             Code::InvalidArgument
             | Code::NotFound
             | Code::FailedPrecondition
-            | Code::ResourceExhausted
             | Code::Unimplemented => (Ret::Failed, format!("{:?}", status.code())),
+            // The server's own RESOURCE_EXHAUSTED (too many writes in
+            // flight) refuses the call; tonic also reports an HTTP/2
+            // GOAWAY(ENHANCE_YOUR_CALM) that way, for calls the server may
+            // already have carried out.
+            Code::ResourceExhausted if status.message().contains("writes in flight") => {
+                (Ret::Failed, "ResourceExhausted".to_string())
+            }
             code => (Ret::Unknown, format!("{code:?}")),
         }),
         Err(_) => Err((Ret::Unknown, "client timeout".to_string())),
