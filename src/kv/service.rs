@@ -102,7 +102,7 @@ impl Write {
 }
 
 /// The response message of a write, encoded.
-fn write_response(method: &str, p: u32, w: WriteResult) -> Bytes {
+fn write_response(method: &str, p: u32, w: WriteResult) -> Result<Bytes, Status> {
     let index = w.index;
     let body = match (method, w.applied) {
         (KV_PUT, Applied::Put { previous }) => PutResponse {
@@ -124,10 +124,16 @@ fn write_response(method: &str, p: u32, w: WriteResult) -> Bytes {
             partition_id: p,
         }
         .encode_to_vec(),
-        // A result of another kind cannot belong to this method's command.
-        (_, other) => unreachable!("{method} applied as {other:?}"),
+        // Only a caller that gave two different writes one identity can
+        // get the first one's result in answer to the second.
+        (_, other) => {
+            return Err(Status::aborted(format!(
+                "partition {p}: this write's identity belongs to another write ({other:?}); \
+                 it was not applied"
+            )))
+        }
     };
-    Bytes::from(body)
+    Ok(Bytes::from(body))
 }
 
 fn deadline_of(req: &Request) -> Instant {
@@ -336,7 +342,7 @@ impl Api {
             Route::Local(p) => {
                 let cmd = w.into_command(ticket.id(), ticket.acked());
                 let r = self.write(p, cmd, deadline).await?;
-                Ok(write_response(&req.method, p, r))
+                write_response(&req.method, p, r)
             }
             Route::Forward(p, members) => {
                 let id = ticket.id();
@@ -382,7 +388,7 @@ impl Api {
         let r = self
             .write(p, w.into_command(id, pr.acked), deadline_of(req))
             .await?;
-        Ok(write_response(&pr.method, p, r))
+        write_response(&pr.method, p, r)
     }
 
     /// Get. A call forwarded from another node (`from_peer`) is served
