@@ -148,8 +148,9 @@ impl NodeConfig {
             api_addr,
             raft_addr,
             data_dir,
+            // One per CPU, at most 256 (see `node::Node::start`).
             shards: std::thread::available_parallelism()
-                .map(|n| n.get())
+                .map(|n| n.get().min(256))
                 .unwrap_or(1),
             raft: RaftConfig::default(),
             max_message_size: 4 << 20,

@@ -45,6 +45,11 @@ impl Node {
         if config.shards == 0 {
             return Err("--shards must be at least 1".into());
         }
+        // A shard's write session carries its index in 8 bits (see
+        // `kv::command::SessionId`): two shards must never share one.
+        if config.shards > 256 {
+            return Err("--shards must be at most 256".into());
+        }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("create {}: {e}", config.data_dir.display()))?;
         // One process per data directory and per address: a second node
