@@ -1,7 +1,6 @@
 //! gRPC over HTTP/2, by hand on the `h2` crate.
 //!
-//! CONTRACT (filled in by the implementation; other modules rely on exactly
-//! these items):
+//! What the rest of the crate uses:
 //! - `Request`, `Handler`, `ServerConfig`, `serve` (server side, glommio).
 //! - `Client` (client side, tokio) used by the CLI and the bench.
 //! - `codec`: the 5-byte length-prefixed message framing, `grpc-timeout`

@@ -67,7 +67,8 @@ pub struct NodeShared {
     /// Inbox of every shard, by shard index.
     pub inboxes: Vec<mpsc::UnboundedSender<ShardMsg>>,
     /// Control-plane metadata. Locked briefly by Bootstrap/Join/Leave and
-    /// by calls that need the layout; never on the raft path.
+    /// by calls that need the layout, and when a shard learns a peer's
+    /// address from an applied conf change (rare); never per message.
     pub meta: Mutex<NodeMeta>,
     /// Serialises Bootstrap, Join and Leave across cores.
     pub control: futures::lock::Mutex<()>,

@@ -1,7 +1,7 @@
 //! The ready cycle of one shard: every group's `Ready`, one WAL append and
 //! one fdatasync for all of them, then what raft allows after persistence.
 //!
-//! Numbered as in raft-rs's `five_mem_node` example:
+//! The steps, in the order raft-rs's async-ready contract needs them:
 //! 1. turn each group's queued proposals and reads into raft requests;
 //! 2. take the `Ready` of every group that has one;
 //! 3. send the messages a leader may send before persisting (appends,

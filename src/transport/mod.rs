@@ -1,9 +1,10 @@
 //! Peer transport: raft messages and forwarded calls between nodes.
 //!
-//! CONTRACT (other modules rely on exactly these items):
+//! What the rest of the crate uses:
 //! - `PeerLinks`: one per shard, outgoing links to every other node.
-//! - `serve`: accepts peer connections on the shard's SO_REUSEPORT raft
-//!   listener and hands every received `Envelope` to a sink.
+//! - `serve_handing_off` / `serve_adopted`: accept peer connections on the
+//!   shard's SO_REUSEPORT raft listener (moving each to the shard its Hello
+//!   names) and hand every received `Envelope` to a sink.
 //!
 //! # Design
 //!

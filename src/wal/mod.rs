@@ -20,7 +20,11 @@
 //! All of this runs on the shard's glommio executor: `Wal` is `!Send` and
 //! takes no locks.
 //!
-//! CONTRACT (the raft layer relies on exactly these items).
+//! Durability rules the shard relies on: records reach the disk in the
+//! order they were buffered; a snapshot's file is durable before any record
+//! that names it; `purge` deletes only segments that the durable state no
+//! longer needs (it syncs first); replay refuses a log whose entries do not
+//! continue its snapshot/compaction floor.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
