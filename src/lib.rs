@@ -15,7 +15,8 @@
 //! - [`raft`]: one raft group per partition and its `raft::Storage`.
 //! - [`wal`]: the per-shard write-ahead log (segments, recovery, purge).
 //! - [`transport`]: peer links between nodes (raft messages, forwarded calls).
-//! - [`kv`]: the replicated key-value state machine and its service.
+//! - [`kv`]: the replicated key-value state machine (with its session
+//!   table: every write applied at most once), its service, forwarding.
 //! - [`proto`]: generated protobuf messages.
 //! - [`cli`]: operator commands, the local-cluster launcher and `bench`.
 

@@ -1,8 +1,11 @@
 //! The partition state machine: a replicated key-value map.
 //!
 //! Writes reach it as commands inside raft entries; several commands of one
-//! loop turn share an entry (see [`command`]). Reads are served from the
-//! applied map by the raft layer once ReadIndex allows.
+//! loop turn share an entry (see [`command`]). Each write carries the
+//! identity its first node gave it, and the map's [`session`] table applies
+//! each identity at most once. Reads are served from the applied map by the
+//! raft layer once ReadIndex allows. [`service`] is the gRPC side; calls for
+//! partitions hosted elsewhere go through [`forward`].
 
 pub mod command;
 pub mod forward;
