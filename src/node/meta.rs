@@ -107,7 +107,7 @@ pub fn check_address(addr: &str) -> bool {
 }
 
 /// Validates one partition config; `field` names it in messages
-/// (e.g. "partitions[2]").
+/// (e.g. `partitions[2]`).
 /// Most partitions one layout may name: the node keeps the whole layout in
 /// memory and in `node.json`, and a replica costs memory and a WAL share.
 pub const MAX_LAYOUT_PARTITIONS: usize = 65_536;
