@@ -106,8 +106,6 @@ pub fn check_address(addr: &str) -> bool {
     }
 }
 
-/// Validates one partition config; `field` names it in messages
-/// (e.g. `partitions[2]`).
 /// Most partitions one layout may name: the node keeps the whole layout in
 /// memory and in `node.json`, and a replica costs memory and a WAL share.
 pub const MAX_LAYOUT_PARTITIONS: usize = 65_536;
@@ -115,6 +113,8 @@ pub const MAX_LAYOUT_PARTITIONS: usize = 65_536;
 /// voters; each member is a peer every replica talks to).
 pub const MAX_MEMBERS: usize = 64;
 
+/// Validates one partition config; `field` names it in messages
+/// (e.g. `partitions[2]`).
 pub fn validate_partition(p: &PartitionConfig, field: &str) -> Result<Members, Status> {
     if p.members.len() > MAX_MEMBERS {
         return Err(Status::invalid_argument(format!(
