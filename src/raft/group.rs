@@ -388,43 +388,41 @@ impl Group {
         } else {
             None
         };
-        if let Some(reason) = reason {
-            self.dropped_msgs += 1;
-            // At most one warning per second and group: a flood of bad
-            // messages must not become a flood of log lines.
-            let now = std::time::Instant::now();
-            if self
-                .drop_logged
-                .is_none_or(|t| now.duration_since(t).as_secs() >= 1)
-            {
-                self.drop_logged = Some(now);
-                tracing::warn!(
-                    partition = self.id,
-                    connection_from = from,
-                    msg_from = msg.from,
-                    msg_to = msg.to,
-                    kind = ?msg.get_msg_type(),
-                    dropped_so_far = self.dropped_msgs,
-                    "dropped a raft message: {reason}"
-                );
-            }
-            return;
+        match reason {
+            Some(reason) => self.refuse(from, &msg, reason),
+            None => self.step(msg),
         }
-        self.step(msg);
     }
 
     pub fn step(&mut self, msg: Message) {
         if let Some(reason) = self.would_panic(&msg) {
-            tracing::warn!(
-                partition = self.id,
-                from = msg.from,
-                kind = ?msg.get_msg_type(),
-                "dropped a raft message: {reason}"
-            );
+            self.refuse(msg.from, &msg, &reason);
             return;
         }
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(partition = self.id, "step: {e}");
+        }
+    }
+
+    /// Counts a refused message and logs it, at most once per second and
+    /// group: a flood of bad messages must not become a flood of log lines.
+    fn refuse(&mut self, from: u64, msg: &Message, reason: &str) {
+        self.dropped_msgs += 1;
+        let now = std::time::Instant::now();
+        if self
+            .drop_logged
+            .is_none_or(|t| now.duration_since(t).as_secs() >= 1)
+        {
+            self.drop_logged = Some(now);
+            tracing::warn!(
+                partition = self.id,
+                connection_from = from,
+                msg_from = msg.from,
+                msg_to = msg.to,
+                kind = ?msg.get_msg_type(),
+                dropped_so_far = self.dropped_msgs,
+                "dropped a raft message: {reason}"
+            );
         }
     }
 
