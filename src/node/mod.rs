@@ -38,7 +38,11 @@ pub struct Node {
 impl Node {
     /// Starts every shard and returns once all of them serve, or with the
     /// first start-up error (e.g. a corrupt WAL, a port in use).
-    pub fn start(config: NodeConfig) -> Result<Node, String> {
+    pub fn start(mut config: NodeConfig) -> Result<Node, String> {
+        // Why absolute: glommio fails to open a relative directory on the
+        // shard threads (EBADF), so `--data-dir data` would not start.
+        config.data_dir = std::path::absolute(&config.data_dir)
+            .map_err(|e| format!("data directory {}: {e}", config.data_dir.display()))?;
         if config.node_id == 0 {
             return Err("--node-id must be non-zero".into());
         }

@@ -305,3 +305,43 @@ async fn a_non_member_changes_neither_membership_nor_leadership() {
         "the leadership moved"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_data_directory_works() {
+    let dir = test_dir();
+    let api = format!("127.0.0.1:{}", free_port());
+    let raft = format!("127.0.0.1:{}", free_port());
+    let args = serve_args(1, &api, &raft, std::path::Path::new("data"));
+    let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(&args)
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn multiraft serve");
+    let ready = wait_for(Duration::from_secs(20), "Admin/Status", async || {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Ok(Err(status));
+        }
+        let channel = connect(api.parse().unwrap(), Duration::from_secs(1)).await;
+        crate::pb::multiraft::admin::v1::admin_client::AdminClient::new(channel)
+            .status(req(
+                crate::pb::multiraft::admin::v1::StatusRequest {},
+                Duration::from_secs(2),
+            ))
+            .await
+            .map(|_| Ok(()))
+            .map_err(|e| format!("{e:?}"))
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(dir.path().join("node.log")).unwrap();
+    assert!(
+        ready.is_ok(),
+        "serve --data-dir data exited: {ready:?}\n{log}"
+    );
+    assert!(dir.path().join("data/node.json").exists(), "{log}");
+}
