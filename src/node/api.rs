@@ -115,6 +115,15 @@ impl Api {
     pub async fn dispatch(&self, req: Request, peer: Option<u64>) -> Result<Bytes, Status> {
         let from_peer = peer.is_some();
         let deadline = req.deadline;
+        // The peer port carries only what nodes send each other: forwarded
+        // proposals and reads, and the steps of Join and Leave. Control and
+        // admin calls come through the API port, where they can require a
+        // client certificate; a peer asking for one is refused.
+        if let Some(from) = peer.filter(|_| !is_peer_method(&req.method)) {
+            let why = format!("{} is not served over the peer port", req.method);
+            refused_peer_call(from, &why);
+            return Err(Status::permission_denied(why));
+        }
         match req.method.as_str() {
             NODE_BOOTSTRAP => reply(self.bootstrap(decode(&req.body)?, deadline).await),
             NODE_JOIN => reply(self.join(decode(&req.body)?, deadline).await),
@@ -297,6 +306,30 @@ impl Api {
         })
         .detach();
     }
+}
+
+/// Logs a refused peer call, at most once per second per shard (no correct
+/// peer makes one, so they come in floods or not at all).
+fn refused_peer_call(from: u64, why: &str) {
+    thread_local! {
+        static LOGGED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let now = Instant::now();
+    if LOGGED
+        .get()
+        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+    {
+        LOGGED.set(Some(now));
+        tracing::warn!(from, "refused a peer call: {why}");
+    }
+}
+
+/// Methods a peer may call over the peer port.
+fn is_peer_method(method: &str) -> bool {
+    matches!(
+        method,
+        PEER_PROPOSE | PEER_ADD_VOTER | PEER_REMOVE_VOTER | PEER_CONF_QUERY | KV_GET
+    )
 }
 
 impl Handler for Api {

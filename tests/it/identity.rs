@@ -5,7 +5,8 @@
 //! - a heartbeat that commits past the end of a follower's log (which
 //!   raft-rs would panic on) is dropped, and the node keeps serving;
 //! - a node that is not a member can neither add voters nor, by a spoofed
-//!   MsgTimeoutNow, move the leadership;
+//!   MsgTimeoutNow, move the leadership, nor ask for a control call (Leave)
+//!   over the peer port;
 //! - a panic on a shard thread (here: raft-rs on an append that rewrites
 //!   committed entries, not validated yet) ends the whole process with exit
 //!   code 101 and one log line, never a half-dead node.
@@ -13,6 +14,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use multiraft::proto::node::LeaveRequest;
 use multiraft::proto::peer::{
     envelope, AddVoterRequest, Envelope, Hello, PeerRequest, RaftMessage,
 };
@@ -272,6 +274,18 @@ async fn a_non_member_changes_neither_membership_nor_leadership() {
         })),
     };
     let _a = send_envelope(cluster.node(leader), outsider, &add);
+    // "Leave partition 1", asked by node 999 of a follower over the peer
+    // port (control calls come only through the API port).
+    let leave = Envelope {
+        body: Some(envelope::Body::Request(PeerRequest {
+            id: 2,
+            origin_shard: 0,
+            method: "/atomix.multiraft.v1.Node/Leave".into(),
+            body: LeaveRequest { partition_id: 1 }.encode_to_vec().into(),
+            timeout_ms: 2000,
+            reply_addr: String::new(),
+        })),
+    };
     // "Campaign now", told by node 999 to a follower.
     let mut tn = raft::eraftpb::Message::default();
     tn.set_msg_type(raft::eraftpb::MessageType::MsgTimeoutNow);
@@ -279,6 +293,7 @@ async fn a_non_member_changes_neither_membership_nor_leadership() {
     tn.to = follower;
     tn.term = term;
     let _b = send_as_peer(cluster.node(follower), outsider, &tn);
+    let _c = send_envelope(cluster.node(follower), outsider, &leave);
 
     wait_until(
         Duration::from_secs(10),
@@ -292,6 +307,10 @@ async fn a_non_member_changes_neither_membership_nor_leadership() {
                     .node(follower)
                     .log()
                     .contains("its sender is not a member of the partition here")
+                && cluster
+                    .node(follower)
+                    .log()
+                    .contains("Leave is not served over the peer port")
         },
     )
     .await;
