@@ -134,6 +134,10 @@ pub struct NodeConfig {
     pub io_memory: usize,
     /// Size of one preallocated WAL segment file (default 64 MiB).
     pub wal_segment_size: u64,
+    /// Mutual TLS between nodes (default: none, peers talk in clear).
+    pub peer_tls: Option<crate::tls::PeerTls>,
+    /// TLS on the API port (default: none, h2c).
+    pub api_tls: Option<crate::tls::ApiTls>,
 }
 
 impl NodeConfig {
@@ -159,6 +163,8 @@ impl NodeConfig {
             max_inflight_proposals: 8192,
             io_memory: 2 << 20,
             wal_segment_size: 64 << 20,
+            peer_tls: None,
+            api_tls: None,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! - [`raft`]: one raft group per partition and its `raft::Storage`.
 //! - [`wal`]: the per-shard write-ahead log (segments, recovery, purge).
 //! - [`transport`]: peer links between nodes (raft messages, forwarded calls).
+//! - [`tls`]: mutual TLS between nodes, optional TLS on the API port.
 //! - [`kv`]: the replicated key-value state machine (with its session
 //!   table: every write applied at most once), its service, forwarding.
 //! - [`proto`]: generated protobuf messages.
@@ -30,5 +31,6 @@ pub mod proto;
 pub mod raft;
 pub mod shard;
 pub mod shutdown;
+pub mod tls;
 pub mod transport;
 pub mod wal;

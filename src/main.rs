@@ -19,6 +19,28 @@ use multiraft::config::{parse_duration, NodeConfig, RaftConfig};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// TLS files. `serve` uses them as the node's identity among its peers
+/// (mutual TLS on the raft port); the client commands as the CA that the
+/// node's API certificate must chain to and, for control calls, a client
+/// certificate. `deploy/tls/make-certs.sh` makes a test set.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// CA certificate (PEM). serve: the cluster CA every peer must chain
+    /// to. Client commands: the CA of the nodes' API certificates (turns
+    /// TLS on).
+    #[arg(long, global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Certificate chain (PEM). serve: this node's, naming DNS:node-ID.
+    /// Client commands: a client certificate for control calls.
+    #[arg(long, global = true)]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, global = true)]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -47,6 +69,13 @@ enum Cmd {
         /// Size of one preallocated WAL segment, in MiB.
         #[arg(long, default_value_t = 64)]
         wal_segment_mib: u64,
+        /// Serve the API over TLS with --tls-cert/--tls-key (default: h2c).
+        #[arg(long)]
+        api_tls: bool,
+        /// Ask API clients for certificates from this CA (PEM); Node
+        /// (control) calls then require one. Implies --api-tls.
+        #[arg(long)]
+        api_client_ca: Option<PathBuf>,
     },
     /// Give a node the cluster layout: partitions 1..=N, each with all members.
     Bootstrap {
@@ -137,7 +166,72 @@ fn dur(s: &str) -> Result<Duration> {
     parse_duration(s).map_err(|e| anyhow!("{e}"))
 }
 
+/// Fills in the node's TLS settings from the flags.
+fn node_tls(
+    cfg: &mut NodeConfig,
+    tls: &TlsArgs,
+    api_tls: bool,
+    api_client_ca: Option<PathBuf>,
+) -> Result<()> {
+    let files = match (&tls.tls_ca, &tls.tls_cert, &tls.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(multiraft::tls::TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, None, None) => None,
+        _ => bail!("--tls-ca, --tls-cert and --tls-key go together"),
+    };
+    match &files {
+        Some(files) => cfg.peer_tls = Some(multiraft::tls::PeerTls::load(files, cfg.node_id)?),
+        None => tracing::warn!(
+            "no --tls-ca/--tls-cert/--tls-key: peers talk in clear and anyone who reaches \
+             the raft port can pose as a member; use TLS outside local development"
+        ),
+    }
+    if api_tls || api_client_ca.is_some() {
+        let Some(files) = &files else {
+            bail!("--api-tls and --api-client-ca need --tls-ca, --tls-cert and --tls-key");
+        };
+        cfg.api_tls = Some(multiraft::tls::ApiTls::load(
+            &files.cert,
+            &files.key,
+            api_client_ca.as_deref(),
+        )?);
+    }
+    Ok(())
+}
+
+/// Makes the client commands' connections use TLS when --tls-ca is given.
+fn client_tls(tls: &TlsArgs) -> Result<()> {
+    let Some(ca) = &tls.tls_ca else {
+        if tls.tls_cert.is_some() || tls.tls_key.is_some() {
+            bail!("--tls-cert and --tls-key need --tls-ca");
+        }
+        return Ok(());
+    };
+    let cert_key = match (&tls.tls_cert, &tls.tls_key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    multiraft::grpc::client::use_tls(multiraft::tls::api_client(ca, cert_key)?);
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
+    let local_cluster = match &cli.cmd {
+        Cmd::Cluster { .. } => true,
+        Cmd::Bench(args) => args.addr.is_empty(),
+        _ => false,
+    };
+    let tls_given = cli.tls.tls_ca.is_some() || cli.tls.tls_cert.is_some();
+    if local_cluster && tls_given {
+        bail!("the local cluster runs without TLS; the TLS flags go with serve and with --addr");
+    }
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        client_tls(&cli.tls)?;
+    }
     match cli.cmd {
         Cmd::Serve {
             node_id,
@@ -147,15 +241,13 @@ fn run(cli: Cli) -> Result<()> {
             shards,
             config,
             wal_segment_mib,
-        } => serve(
-            node_id,
-            api_addr,
-            raft_addr,
-            data_dir,
-            shards,
-            config,
-            wal_segment_mib,
-        ),
+            api_tls,
+            api_client_ca,
+        } => {
+            let mut cfg = NodeConfig::new(node_id, api_addr, raft_addr, data_dir);
+            node_tls(&mut cfg, &cli.tls, api_tls, api_client_ca)?;
+            serve(cfg, shards, config, wal_segment_mib)
+        }
         Cmd::Bootstrap {
             addr,
             partitions,
@@ -216,15 +308,12 @@ fn run(cli: Cli) -> Result<()> {
 const EXIT_PANIC: i32 = 101;
 
 fn serve(
-    node_id: u64,
-    api_addr: SocketAddr,
-    raft_addr: SocketAddr,
-    data_dir: PathBuf,
+    mut cfg: NodeConfig,
     shards: Option<usize>,
     config: Option<PathBuf>,
     wal_segment_mib: u64,
 ) -> Result<()> {
-    let mut cfg = NodeConfig::new(node_id, api_addr, raft_addr, data_dir);
+    let node_id = cfg.node_id;
     if wal_segment_mib == 0 {
         bail!("--wal-segment-mib must be at least 1");
     }

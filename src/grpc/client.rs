@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use h2::{Reason, RecvStream};
 use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE, TE};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, StatusCode};
+use rustls_pki_types::ServerName;
 use tracing::debug;
 
 use super::codec::{self, UnaryDecoder};
@@ -35,7 +37,19 @@ pub const DEFAULT_MAX_RESPONSE_SIZE: usize = 64 << 20;
 pub struct Client {
     send: SendRequest<Bytes>,
     authority: Authority,
+    scheme: Scheme,
     max_response_size: usize,
+}
+
+/// TLS for every [`Client::connect`] of this process (the CLI sets it once
+/// from its flags); unset means h2c.
+static TLS: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+
+/// Makes every later [`Client::connect`] use TLS with `config`. The node's
+/// certificate must name the host of the address connected to. Returns
+/// false if TLS was already set.
+pub fn use_tls(config: Arc<rustls::ClientConfig>) -> bool {
+    TLS.set(config).is_ok()
 }
 
 /// Connects to `addr` (`host:port`, resolved with the system resolver).
@@ -45,6 +59,31 @@ pub struct Client {
 /// Failures are reported as `UNAVAILABLE`.
 pub async fn connect(addr: &str) -> Result<Client, Status> {
     Client::connect(addr).await
+}
+
+/// The HTTP/2 handshake on `io`; the connection is driven by a spawned
+/// task.
+async fn handshake<T>(io: T, addr: &str) -> Result<SendRequest<Bytes>, Status>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        // Why: until the server's SETTINGS arrive h2 would assume no
+        // stream limit, and a burst of calls right after connecting
+        // gets REFUSED_STREAM. 100 is the RFC 9113 suggested minimum.
+        .initial_max_send_streams(100)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| Status::unavailable(format!("HTTP/2 handshake with {addr}: {e}")))?;
+    let peer = addr.to_owned();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%peer, error = %e, "grpc client: connection ended");
+        }
+    });
+    Ok(send)
 }
 
 impl Client {
@@ -60,29 +99,28 @@ impl Client {
         // hold back the last segment of each one.
         tcp.set_nodelay(true)
             .map_err(|e| Status::unavailable(format!("set_nodelay {addr}: {e}")))?;
-        let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            // Why: until the server's SETTINGS arrive h2 would assume no
-            // stream limit, and a burst of calls right after connecting
-            // gets REFUSED_STREAM. 100 is the RFC 9113 suggested minimum.
-            .initial_max_send_streams(100)
-            .handshake::<_, Bytes>(tcp)
+        let Some(tls) = TLS.get() else {
+            let send = handshake(tcp, addr).await?;
+            return Ok(Client::new(send, authority, Scheme::HTTP));
+        };
+        let name = ServerName::try_from(authority.host().trim_matches(['[', ']']).to_owned())
+            .map_err(|e| Status::invalid_argument(format!("bad host in {addr:?}: {e}")))?;
+        let tls = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
             .await
-            .map_err(|e| Status::unavailable(format!("HTTP/2 handshake with {addr}: {e}")))?;
-        let peer = addr.to_owned();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "grpc client: connection ended");
-            }
-        });
-        Ok(Client {
-            send,
-            authority,
-            max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
-        })
+            .map_err(|e| Status::unavailable(format!("TLS handshake with {addr}: {e}")))?;
+        let send = handshake(tls, addr).await?;
+        Ok(Client::new(send, authority, Scheme::HTTPS))
     }
 
+    fn new(send: SendRequest<Bytes>, authority: Authority, scheme: Scheme) -> Client {
+        Client {
+            send,
+            authority,
+            scheme,
+            max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
+        }
+    }
     /// Sets the largest response message this handle accepts (default
     /// [`DEFAULT_MAX_RESPONSE_SIZE`]); larger ones fail RESOURCE_EXHAUSTED.
     pub fn with_max_response_size(mut self, max: usize) -> Client {
@@ -179,7 +217,7 @@ impl Client {
         let path = PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(method.as_bytes()))
             .map_err(|e| Status::invalid_argument(format!("bad method path {method:?}: {e}")))?;
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = Some(path);
         let uri = Uri::from_parts(parts)

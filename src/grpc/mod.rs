@@ -32,6 +32,9 @@ pub struct Request {
     pub body: Bytes,
     /// From `grpc-timeout`, if the client sent one.
     pub deadline: Option<Instant>,
+    /// Whether the connection presented a client certificate that the
+    /// API's client CA verified (only with TLS and a client CA).
+    pub client_verified: bool,
 }
 
 /// The application behind the frontend (one per shard; not `Send`).
@@ -55,12 +58,15 @@ pub struct ServerConfig {
     /// Largest accepted request message (default 4 MiB); larger ones get
     /// RESOURCE_EXHAUSTED.
     pub max_message_size: usize,
+    /// TLS (default: none, h2c with prior knowledge).
+    pub tls: Option<crate::tls::ApiTls>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_message_size: 4 << 20,
+            tls: None,
         }
     }
 }

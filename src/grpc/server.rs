@@ -1,5 +1,5 @@
-//! The gRPC server: HTTP/2 (h2c, prior knowledge) on a glommio executor,
-//! unary calls only.
+//! The gRPC server: HTTP/2 (h2c with prior knowledge, or h2 over TLS) on a
+//! glommio executor, unary calls only.
 //!
 //! Layout: one accept loop per shard ([`run`]), one local task per
 //! connection (drives the h2 connection and accepts streams) and one local
@@ -81,7 +81,7 @@ pub(crate) async fn run(
         match accepted {
             None => break,
             Some(Ok(stream)) => {
-                let conn = serve_connection(
+                let conn = accept_connection(
                     stream,
                     handler.clone(),
                     config.clone(),
@@ -145,35 +145,80 @@ fn h2_builder() -> h2::server::Builder {
     b
 }
 
-/// Drives one HTTP/2 connection: keeps polling `accept` (which is what moves
-/// bytes on the socket) and spawns a task per stream.
-async fn serve_connection(
+/// Resolves to `fut`'s output, or to `None` when `timeout` passes or the
+/// server shuts down first.
+async fn within<F: Future>(timeout: Duration, shutdown: &Shutdown, fut: F) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    let mut timer = pin!(glommio::timer::sleep(timeout));
+    let mut stop = pin!(shutdown.wait());
+    poll_fn(|cx| {
+        if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if timer.as_mut().poll(cx).is_ready() || stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Takes one accepted socket through TLS (when configured) and serves it.
+async fn accept_connection(
     stream: glommio::net::TcpStream,
     handler: Rc<dyn Handler>,
     config: Rc<ServerConfig>,
     shutdown: Shutdown,
-    _live: LiveGuard,
+    live: LiveGuard,
 ) {
     let peer = stream.peer_addr().ok();
     if let Err(e) = stream.set_nodelay(true) {
         debug!(?peer, error = %e, "grpc: set_nodelay failed");
     }
-    let handshake = h2_builder().handshake::<_, Bytes>(stream.compat());
-    let handshake = {
-        let mut handshake = pin!(handshake);
-        let mut timer = pin!(glommio::timer::sleep(HANDSHAKE_TIMEOUT));
-        let mut stop = pin!(shutdown.wait());
-        poll_fn(|cx| {
-            if let Poll::Ready(r) = handshake.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
-            }
-            if timer.as_mut().poll(cx).is_ready() || stop.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await
+    let Some(tls) = config.tls.clone() else {
+        return serve_connection(stream, peer, false, handler, config, shutdown, live).await;
     };
+    let accept = futures_rustls::TlsAcceptor::from(tls.server.clone()).accept(stream);
+    let stream = match within(HANDSHAKE_TIMEOUT, &shutdown, accept).await {
+        Some(Ok(stream)) => stream,
+        Some(Err(e)) => {
+            debug!(?peer, error = %e, "grpc: TLS handshake failed");
+            return;
+        }
+        None => {
+            debug!(
+                ?peer,
+                "grpc: TLS handshake timed out or server shutting down"
+            );
+            return;
+        }
+    };
+    // With a client CA, rustls only lets a certificate through that
+    // verified against it; an absent one is allowed at this level.
+    let verified = tls.client_auth
+        && stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .is_some_and(|chain| !chain.is_empty());
+    serve_connection(stream, peer, verified, handler, config, shutdown, live).await
+}
+
+/// Drives one HTTP/2 connection: keeps polling `accept` (which is what moves
+/// bytes on the socket) and spawns a task per stream.
+async fn serve_connection<S>(
+    stream: S,
+    peer: Option<std::net::SocketAddr>,
+    client_verified: bool,
+    handler: Rc<dyn Handler>,
+    config: Rc<ServerConfig>,
+    shutdown: Shutdown,
+    _live: LiveGuard,
+) where
+    S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin + 'static,
+{
+    let handshake = h2_builder().handshake::<_, Bytes>(stream.compat());
+    let handshake = within(HANDSHAKE_TIMEOUT, &shutdown, handshake).await;
     let mut conn = match handshake {
         Some(Ok(conn)) => conn,
         Some(Err(e)) => {
@@ -204,7 +249,13 @@ async fn serve_connection(
                 closing = true;
             }
             Some(Some(Ok((req, respond)))) => {
-                let call = serve_stream(req, respond, handler.clone(), config.clone());
+                let call = serve_stream(
+                    req,
+                    respond,
+                    handler.clone(),
+                    config.clone(),
+                    client_verified,
+                );
                 glommio::spawn_local(call).detach();
             }
             Some(Some(Err(e))) => {
@@ -233,6 +284,7 @@ async fn serve_stream(
     mut respond: SendResponse<Bytes>,
     handler: Rc<dyn Handler>,
     config: Rc<ServerConfig>,
+    client_verified: bool,
 ) {
     let (parts, body) = req.into_parts();
     let reply = match check_headers(&parts) {
@@ -252,6 +304,7 @@ async fn serve_stream(
                 encoding,
                 &*handler,
                 config.max_message_size,
+                client_verified,
             );
             let mut work = pin!(work);
             // Why a glommio timer and not only `Request.deadline`: handlers
@@ -335,6 +388,7 @@ async fn call(
     encoding: Option<HeaderValue>,
     handler: &dyn Handler,
     max_message_size: usize,
+    client_verified: bool,
 ) -> Reply {
     let mut decoder = UnaryDecoder::new(max_message_size);
     while let Some(chunk) = body.data().await {
@@ -374,6 +428,7 @@ async fn call(
             method,
             body,
             deadline,
+            client_verified,
         })
         .await
     {

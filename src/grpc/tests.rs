@@ -97,6 +97,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn small_config() -> ServerConfig {
     ServerConfig {
         max_message_size: 1 << 20,
+        ..ServerConfig::default()
     }
 }
 

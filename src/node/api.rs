@@ -276,6 +276,7 @@ impl Api {
                 method: r.method,
                 body: r.body,
                 deadline,
+                client_verified: false,
             };
             let result = match deadline {
                 Some(d) => with_deadline(d, api.dispatch(req, Some(from)))
@@ -332,8 +333,28 @@ fn is_peer_method(method: &str) -> bool {
     )
 }
 
+/// Prefix of the control service's methods (Bootstrap, Join, Leave).
+const NODE_SERVICE: &str = "/atomix.multiraft.v1.Node/";
+
 impl Handler for Api {
     fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Bytes, Status>> {
+        // With a client CA on the API port, the control service requires a
+        // client certificate that verified against it.
+        let needs_cert = self
+            .node
+            .config
+            .api_tls
+            .as_ref()
+            .is_some_and(|t| t.client_auth);
+        if needs_cert && req.method.starts_with(NODE_SERVICE) && !req.client_verified {
+            return Box::pin(std::future::ready(Err(Status::new(
+                Code::Unauthenticated,
+                format!(
+                    "{} requires a client certificate from the API's client CA",
+                    req.method
+                ),
+            ))));
+        }
         let api = self.clone();
         Box::pin(async move { api.dispatch(req, None).await })
     }

@@ -181,7 +181,11 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     let (wal, recovered) = Wal::open(dir, wal_config)
         .await
         .map_err(|e| e.to_string())?;
-    let links = PeerLinks::new(cfg.node_id, shutdown.clone());
+    let transport_config = crate::transport::TransportConfig {
+        tls: cfg.peer_tls.clone(),
+        ..Default::default()
+    };
+    let links = PeerLinks::with_config(cfg.node_id, shutdown.clone(), transport_config.clone());
     links.set_local_shard(k as u32);
     let meta = node.meta().clone();
     for (n, a) in &meta.addresses {
@@ -248,6 +252,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     let api = Api::new(node.clone(), k, links.clone(), shard.peer_pending.clone());
     let grpc_config = crate::grpc::ServerConfig {
         max_message_size: cfg.max_message_size,
+        tls: cfg.api_tls.clone(),
     };
     glommio::spawn_local(crate::grpc::serve(
         api_listener,
@@ -298,7 +303,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     // placement on both nodes, that shard index owns the partitions the
     // connection carries, so the connection moves there and its raft
     // messages reach their groups without a hop between cores.
-    let config = Rc::new(crate::transport::TransportConfig::default());
+    let config = Rc::new(transport_config);
     let stats = Rc::new(crate::transport::RecvStats::default());
     {
         let (sink, shutdown, config, stats) = (

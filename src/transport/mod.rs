@@ -28,6 +28,7 @@
 //! every binary), since glommio's sends do not pass `MSG_NOSIGNAL`.
 
 pub mod frame;
+mod secure;
 mod server;
 mod writer;
 
@@ -66,8 +67,11 @@ pub struct TransportConfig {
     pub backoff_min: Duration,
     /// Cap of the reconnect delay.
     pub backoff_max: Duration,
-    /// An accepted connection must send its Hello within this time.
+    /// An accepted connection must send its Hello (and, with TLS, complete
+    /// its handshake) within this time.
     pub hello_timeout: Duration,
+    /// Mutual TLS with the cluster CA; `None` runs peers in clear.
+    pub tls: Option<crate::tls::PeerTls>,
 }
 
 impl Default for TransportConfig {
@@ -81,6 +85,7 @@ impl Default for TransportConfig {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             hello_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }

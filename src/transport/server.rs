@@ -9,8 +9,10 @@ use std::time::Duration;
 use futures::future::{select, Either};
 use glommio::net::{TcpListener, TcpStream};
 
+use futures::io::AsyncRead;
+
 use super::frame::{self, FrameError, FrameReader};
-use super::{Counter, TransportConfig};
+use super::{secure, Counter, TransportConfig};
 use crate::proto::peer::{Envelope, Hello};
 use crate::shutdown::Shutdown;
 
@@ -28,7 +30,8 @@ pub struct RecvStats {
     /// Frame bytes received (headers included, Hello excluded).
     pub recv_bytes: Counter,
     /// Connections closed for a protocol violation (bad or missing Hello,
-    /// oversize or undecodable frame).
+    /// oversize or undecodable frame) or refused by TLS (no handshake,
+    /// a certificate that does not name the node the Hello claims).
     pub rejected: Counter,
 }
 
@@ -150,7 +153,35 @@ async fn serve_conn(
             }
         }
     }
-    read_frames(stream, reader, from, &peer, sink, stats).await;
+    after_hello(stream, reader, from, &peer, sink, config, stats).await;
+}
+
+/// Reads the envelopes of a connection whose Hello claimed node `from`:
+/// in clear, or, with TLS configured, only after a handshake proving the
+/// claim (see [`secure`]).
+async fn after_hello(
+    stream: TcpStream,
+    reader: FrameReader,
+    from: u64,
+    peer: &str,
+    sink: &dyn Fn(u64, Envelope),
+    config: &TransportConfig,
+    stats: &RecvStats,
+) {
+    let Some(tls) = &config.tls else {
+        return read_frames(stream, reader, from, peer, sink, stats).await;
+    };
+    let buffered = reader.buffered().to_vec();
+    match secure::accept(tls, stream, buffered, from, config.hello_timeout).await {
+        Ok(stream) => {
+            let reader = FrameReader::new(config.max_frame);
+            read_frames(stream, reader, from, peer, sink, stats).await
+        }
+        Err(why) => {
+            stats.rejected.inc();
+            tracing::warn!(peer, from, "peer connection refused: {why}");
+        }
+    }
 }
 
 /// Serves a connection handed over by another shard's listener (see
@@ -172,14 +203,16 @@ pub async fn serve_adopted(
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let reader = FrameReader::with_buffered(config.max_frame, &buffered);
-    let conn = pin!(read_frames(stream, reader, from, &peer, &*sink, &stats));
+    let conn = pin!(after_hello(
+        stream, reader, from, &peer, &*sink, &config, &stats
+    ));
     let stop = pin!(shutdown.wait());
     select(conn, stop).await;
 }
 
 /// Reads envelopes until the connection ends, feeding them to `sink`.
-async fn read_frames(
-    mut stream: TcpStream,
+async fn read_frames<S: AsyncRead + Unpin>(
+    mut stream: S,
     mut reader: FrameReader,
     from: u64,
     peer: &str,

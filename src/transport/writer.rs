@@ -17,7 +17,7 @@ use glommio::net::TcpStream;
 use rand::Rng;
 
 use super::frame;
-use super::{Link, Shared};
+use super::{secure, Link, Shared};
 use crate::proto::peer::Hello;
 
 /// Capacity a fresh batch buffer starts with.
@@ -95,7 +95,9 @@ fn resolve(addr: &str) -> io::Result<SocketAddr> {
     })
 }
 
-async fn connect(addr: &str, shared: &Shared) -> io::Result<TcpStream> {
+/// Connects to node `node` at `addr` and sends the Hello; with TLS, then
+/// runs the handshake, which must prove that the peer is node `node`.
+async fn connect(node: u64, addr: &str, shared: &Shared) -> io::Result<secure::ClientStream> {
     let config = &shared.config;
     let sa = resolve(addr)?;
     let mut stream = TcpStream::connect_timeout(sa, config.connect_timeout).await?;
@@ -113,7 +115,10 @@ async fn connect(addr: &str, shared: &Shared) -> io::Result<TcpStream> {
     )
     .map_err(io::Error::other)?;
     stream.write_all(&hello).await?;
-    Ok(stream)
+    match &config.tls {
+        None => Ok(Box::new(stream)),
+        Some(tls) => secure::connect(tls, stream, node, config.connect_timeout).await,
+    }
 }
 
 async fn drive(link: &Link, shared: &Shared) {
@@ -131,7 +136,7 @@ async fn drive(link: &Link, shared: &Shared) {
         }
         let gen = link.addr_gen.get();
         let addr = link.addr.borrow().clone();
-        let mut stream = match connect(&addr, shared).await {
+        let mut stream = match connect(node, &addr, shared).await {
             Ok(stream) => stream,
             Err(err) => {
                 stats.connect_failures.inc();
@@ -162,7 +167,12 @@ async fn drive(link: &Link, shared: &Shared) {
             }
             let msgs = link.pending_msgs.replace(0);
             let batch = std::mem::replace(&mut *link.pending.borrow_mut(), spare);
-            let res = stream.write_all(&batch).await;
+            // The flush matters for TLS, whose stream may keep the tail of
+            // a batch in its record buffer; a plain socket has none.
+            let res = match stream.write_all(&batch).await {
+                Ok(()) => stream.flush().await,
+                Err(e) => Err(e),
+            };
             let bytes = batch.len() as u64;
             spare = recycle(batch);
             match res {

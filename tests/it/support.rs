@@ -495,6 +495,17 @@ impl Cluster {
     /// Starts `n` nodes with `--shards shards` and, if given, `config_json`
     /// as `--config`, and waits until all answer `Admin/Status`.
     pub async fn start(n: usize, shards: u32, config_json: Option<&str>) -> Cluster {
+        Cluster::start_with(n, shards, config_json, |_| Vec::new()).await
+    }
+
+    /// [`Cluster::start`], with `args(id)` appended to node `id`'s `serve`
+    /// arguments.
+    pub async fn start_with(
+        n: usize,
+        shards: u32,
+        config_json: Option<&str>,
+        args: impl Fn(u64) -> Vec<String>,
+    ) -> Cluster {
         let dir = test_dir();
         let config_path = config_json.map(|json| {
             let path = dir.path().join("config.json");
@@ -508,7 +519,8 @@ impl Cluster {
             dir,
         };
         for _ in 0..n {
-            cluster.add_node();
+            let id = cluster.add_node();
+            cluster.node_mut(id).extra_args = args(id);
         }
         for node in &mut cluster.nodes {
             node.start();
