@@ -340,6 +340,8 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
         };
         handoff_node.send(to, ShardMsg::Exec(Box::new(job))).is_ok()
     });
+    #[cfg(debug_assertions)]
+    debug_panic_hook(k);
     glommio::spawn_local(crate::transport::serve_handing_off(
         raft_listener,
         sink,
@@ -350,6 +352,22 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     ))
     .detach();
     Ok(shard)
+}
+
+/// Test hook, in debug builds only: with `MULTIRAFT_DEBUG_PANIC_SHARD=K`,
+/// shard K panics two seconds after it starts serving, so the tests can
+/// check the panic policy (the whole node exits with code 101) now that no
+/// known peer input reaches a panic. Release builds ignore the variable.
+#[cfg(debug_assertions)]
+fn debug_panic_hook(k: usize) {
+    let wanted = std::env::var("MULTIRAFT_DEBUG_PANIC_SHARD").ok();
+    if wanted.and_then(|v| v.parse::<usize>().ok()) == Some(k) {
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(std::time::Duration::from_secs(2)).await;
+            panic!("MULTIRAFT_DEBUG_PANIC_SHARD={k}");
+        })
+        .detach();
+    }
 }
 
 /// How long start-up waits for a busy address to become free (see

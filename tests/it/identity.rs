@@ -7,9 +7,11 @@
 //! - a node that is not a member can neither add voters nor, by a spoofed
 //!   MsgTimeoutNow, move the leadership, nor ask for a control call (Leave)
 //!   over the peer port;
-//! - a panic on a shard thread (here: raft-rs on an append that rewrites
-//!   committed entries, not validated yet) ends the whole process with exit
-//!   code 101 and one log line, never a half-dead node.
+//! - an append that would rewrite committed entries (raft-rs panics on it)
+//!   is refused, and the follower keeps serving;
+//! - a panic on a shard thread (set off by the debug build's test hook)
+//!   ends the whole process with exit code 101 and one log line, never a
+//!   half-dead node.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -200,8 +202,8 @@ async fn a_heartbeat_past_the_log_does_not_take_a_shard_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panic_on_a_shard_stops_the_whole_node() {
-    let mut cluster = Cluster::start(3, 1, Some(FAST_CONFIG)).await;
+async fn an_append_that_rewrites_committed_entries_is_refused() {
+    let cluster = Cluster::start(3, 1, Some(FAST_CONFIG)).await;
     cluster.bootstrap(&cluster.layout(1..=1)).await;
     let (leader, term) = cluster.wait_leader(1, Duration::from_secs(10)).await;
     let mut kv = cluster.node(leader).kv().await;
@@ -218,7 +220,7 @@ async fn a_panic_on_a_shard_stops_the_whole_node() {
     )
     .await;
 
-    // An append after the committed entry (so raft-rs takes it) that
+    // An append after the committed entry (so raft-rs would take it) that
     // carries a different committed entry 6 (which raft-rs panics on).
     let mut app = raft::eraftpb::Message::default();
     app.set_msg_type(raft::eraftpb::MessageType::MsgAppend);
@@ -229,22 +231,53 @@ async fn a_panic_on_a_shard_stops_the_whole_node() {
     app.log_term = term;
     let e = raft::eraftpb::Entry {
         index: 6,
-        term: term + 1000,
+        term,
         ..Default::default()
     };
     app.set_entries(vec![e].into());
     let _sock = send_as_peer(cluster.node(follower), leader, &app);
 
-    let status = cluster
-        .node_mut(follower)
-        .wait_exit(Duration::from_secs(10))
-        .await;
+    wait_until(
+        Duration::from_secs(10),
+        "the refusal in the follower's log",
+        async || {
+            cluster
+                .node(follower)
+                .log()
+                .contains("dropped a raft message: an append after index")
+        },
+    )
+    .await;
+    // The follower is whole: it takes and serves new writes.
+    put(&mut kv, 1, b"after", b"append").await;
+    let mut kv_f = cluster.node(follower).kv().await;
+    assert_eq!(
+        get(&mut kv_f, 1, b"after", false).await.as_deref(),
+        Some(&b"append"[..])
+    );
+    assert!(cluster.node(follower).is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_on_a_shard_stops_the_whole_node() {
+    let dir = test_dir();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, FAST_CONFIG).unwrap();
+    let mut node = Node::new(dir.path(), 1, 2, Some(config));
+    // The debug build's hook panics shard 1 two seconds into serving.
+    node.exec_prefix = vec!["env".into(), "MULTIRAFT_DEBUG_PANIC_SHARD=1".into()];
+    node.start();
+    wait_until(Duration::from_secs(20), "the node to serve", async || {
+        node.log().contains("node ready")
+    })
+    .await;
+    let status = node.wait_exit(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(101), "exit status {status}");
-    let log = cluster.node(follower).log();
+    let log = node.log();
     assert!(
-        log.contains("panic, stopping the node"),
+        log.contains("panic, stopping the node") && log.contains("MULTIRAFT_DEBUG_PANIC_SHARD=1"),
         "no log line names the panic:\n{}",
-        cluster.node(follower).log_tail(20)
+        node.log_tail(20)
     );
 }
 

@@ -64,12 +64,29 @@ impl Group {
     }
 
     /// raft-rs trusts its peers and panics on some messages no correct peer
-    /// sends; those are refused here. (Others, e.g. an append that rewrites
-    /// committed entries, still reach a panic, which stops the node.)
+    /// sends; those are refused here. (Should one still slip through, the
+    /// panic stops the whole node: see `main.rs`.)
     fn would_panic(&self, msg: &Message) -> Option<String> {
         use raft::eraftpb::MessageType;
         let last = self.raw.raft.raft_log.last_index();
         match msg.get_msg_type() {
+            // A leader's append carries the entries that follow `index`, in
+            // order, none from a later term than its own. raft-rs assumes
+            // so: an entry numbered below `index` would be checked against
+            // the committed log and, differing, end in a panic.
+            MessageType::MsgAppend => {
+                let misplaced = msg
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .find(|(i, e)| e.index != msg.index + 1 + *i as u64 || e.term > msg.term);
+                misplaced.map(|(i, e)| {
+                    format!(
+                        "an append after index {} (term {}) whose entry {i} is index {} of term {}",
+                        msg.index, msg.term, e.index, e.term
+                    )
+                })
+            }
             // A leader commits at most what this follower acknowledged,
             // which it had synced.
             MessageType::MsgHeartbeat if msg.commit > last => Some(format!(
@@ -90,7 +107,65 @@ impl Group {
             {
                 Some("a snapshot whose configuration has no voters".into())
             }
+            MessageType::MsgSnapshot => {
+                conf_state_conflict(msg.get_snapshot().get_metadata().get_conf_state())
+                    .map(|why| format!("a snapshot whose configuration {why}"))
+            }
             _ => None,
+        }
+    }
+}
+
+/// Why raft-rs could not restore `cs` (it panics on such a configuration),
+/// if it could not: a node is a voter and a learner at once, or a learner
+/// to be is not an outgoing voter.
+fn conf_state_conflict(cs: &raft::eraftpb::ConfState) -> Option<String> {
+    let voter = |n: &u64| cs.voters.contains(n) || cs.voters_outgoing.contains(n);
+    if let Some(n) = cs.learners.iter().find(|n| voter(n)) {
+        return Some(format!("makes node {n} both voter and learner"));
+    }
+    if let Some(n) = cs
+        .learners_next
+        .iter()
+        .find(|n| !cs.voters_outgoing.contains(n) || cs.voters.contains(n))
+    {
+        return Some(format!(
+            "demotes node {n} to learner without it being an outgoing voter only"
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conf_state_conflict;
+    use raft::eraftpb::ConfState;
+
+    fn cs(voters: &[u64], learners: &[u64], outgoing: &[u64], next: &[u64]) -> ConfState {
+        ConfState {
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            voters_outgoing: outgoing.to_vec(),
+            learners_next: next.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn configurations_raft_rs_cannot_restore_are_named() {
+        assert_eq!(conf_state_conflict(&cs(&[1, 2, 3], &[4], &[], &[])), None);
+        // Joint: 3 is being demoted to a learner.
+        assert_eq!(
+            conf_state_conflict(&cs(&[1, 2], &[], &[1, 2, 3], &[3])),
+            None
+        );
+        for bad in [
+            cs(&[1, 2, 3], &[3], &[], &[]),
+            cs(&[1, 2], &[3], &[1, 2, 3], &[]),
+            cs(&[1, 2, 3], &[], &[], &[4]),
+            cs(&[1, 2, 3], &[], &[1, 2, 3], &[3]),
+        ] {
+            assert!(conf_state_conflict(&bad).is_some(), "{bad:?}");
         }
     }
 }
