@@ -138,6 +138,9 @@ pub struct NodeConfig {
     pub peer_tls: Option<crate::tls::PeerTls>,
     /// TLS on the API port (default: none, h2c).
     pub api_tls: Option<crate::tls::ApiTls>,
+    /// Client connections and the bytes their calls hold, per shard
+    /// (defaults in [`crate::grpc::ServerConfig`]).
+    pub api_limits: crate::grpc::Limits,
 }
 
 impl NodeConfig {
@@ -165,6 +168,7 @@ impl NodeConfig {
             wal_segment_size: 64 << 20,
             peer_tls: None,
             api_tls: None,
+            api_limits: crate::grpc::ServerConfig::default().limits,
         }
     }
 }

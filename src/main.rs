@@ -76,6 +76,10 @@ enum Cmd {
         /// (control) calls then require one. Implies --api-tls.
         #[arg(long)]
         api_client_ca: Option<PathBuf>,
+        /// API connections per shard; at the limit a new connection makes
+        /// the longest-idle one go away, or is closed if all are busy.
+        #[arg(long, default_value_t = 1024)]
+        max_connections: usize,
     },
     /// Give a node the cluster layout: partitions 1..=N, each with all members.
     Bootstrap {
@@ -243,8 +247,13 @@ fn run(cli: Cli) -> Result<()> {
             wal_segment_mib,
             api_tls,
             api_client_ca,
+            max_connections,
         } => {
             let mut cfg = NodeConfig::new(node_id, api_addr, raft_addr, data_dir);
+            if max_connections == 0 {
+                bail!("--max-connections must be at least 1");
+            }
+            cfg.api_limits.max_connections = max_connections;
             node_tls(&mut cfg, &cli.tls, api_tls, api_client_ca)?;
             serve(cfg, shards, config, wal_segment_mib)
         }

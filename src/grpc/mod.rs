@@ -9,12 +9,14 @@
 pub mod client;
 pub mod codec;
 mod flow;
+mod limits;
 mod server;
 pub mod status;
 #[cfg(test)]
 mod tests;
 
 pub use client::Client;
+pub use limits::Limits;
 pub use status::{Code, Status};
 
 use std::rc::Rc;
@@ -60,6 +62,9 @@ pub struct ServerConfig {
     pub max_message_size: usize,
     /// TLS (default: none, h2c with prior knowledge).
     pub tls: Option<crate::tls::ApiTls>,
+    /// Connections and bytes held per shard (see [`Limits`]); defaults:
+    /// 1,024 connections, 32 MiB per connection, 256 MiB per shard.
+    pub limits: Limits,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +72,11 @@ impl Default for ServerConfig {
         ServerConfig {
             max_message_size: 4 << 20,
             tls: None,
+            limits: Limits {
+                max_connections: 1024,
+                max_conn_bytes: 32 << 20,
+                max_shard_bytes: 256 << 20,
+            },
         }
     }
 }

@@ -7,7 +7,6 @@
 //! response). Everything is `!Send` and stays on the shard that accepted the
 //! connection.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::pin::pin;
 use std::rc::Rc;
@@ -25,6 +24,7 @@ use tracing::{debug, warn};
 
 use super::codec::{self, FrameError, UnaryDecoder};
 use super::flow::send_all;
+use super::limits::{Call, ConnHandle, Registry};
 use super::{Code, Handler, Request, ServerConfig, Status};
 use crate::shutdown::Shutdown;
 
@@ -41,6 +41,9 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
 /// A connection that has not completed the HTTP/2 preface by then is
 /// dropped, so idle or bogus sockets do not hold a task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A response the client has not read within this time (its window stays
+/// shut) is reset, freeing what the call held.
+const RESPONSE_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for open connections to finish in-flight calls.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed `accept` (e.g. EMFILE) so the loop does not spin.
@@ -61,8 +64,8 @@ pub(crate) async fn run(
     config: ServerConfig,
     shutdown: Shutdown,
 ) {
+    let registry = Registry::new(config.limits);
     let config = Rc::new(config);
-    let live = Rc::new(Cell::new(0usize));
     let mut stop = pin!(shutdown.wait());
     loop {
         // Why one accept future per iteration raced against a long-lived
@@ -81,12 +84,17 @@ pub(crate) async fn run(
         match accepted {
             None => break,
             Some(Ok(stream)) => {
+                // At the limit with every connection busy, the new one is
+                // closed at once (the registry logs why).
+                let Some(place) = registry.admit() else {
+                    continue;
+                };
                 let conn = accept_connection(
                     stream,
                     handler.clone(),
                     config.clone(),
                     shutdown.clone(),
-                    LiveGuard::new(live.clone()),
+                    place,
                 );
                 glommio::spawn_local(conn).detach();
             }
@@ -99,31 +107,14 @@ pub(crate) async fn run(
     // Connections saw the same shutdown signal and are draining. A poll is
     // plenty here: this runs once per process lifetime.
     let started = Instant::now();
-    while live.get() > 0 && started.elapsed() < DRAIN_TIMEOUT {
+    while registry.len() > 0 && started.elapsed() < DRAIN_TIMEOUT {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    if live.get() > 0 {
+    if registry.len() > 0 {
         debug!(
-            connections = live.get(),
+            connections = registry.len(),
             "grpc: drain timeout, abandoning connections"
         );
-    }
-}
-
-/// Counts a live connection task; decrements on drop, including when the
-/// task is cancelled with its executor.
-struct LiveGuard(Rc<Cell<usize>>);
-
-impl LiveGuard {
-    fn new(live: Rc<Cell<usize>>) -> LiveGuard {
-        live.set(live.get() + 1);
-        LiveGuard(live)
-    }
-}
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
     }
 }
 
@@ -145,9 +136,14 @@ fn h2_builder() -> h2::server::Builder {
     b
 }
 
-/// Resolves to `fut`'s output, or to `None` when `timeout` passes or the
-/// server shuts down first.
-async fn within<F: Future>(timeout: Duration, shutdown: &Shutdown, fut: F) -> Option<F::Output> {
+/// Resolves to `fut`'s output, or to `None` when `timeout` passes, the
+/// server shuts down or the connection is asked to make room first.
+async fn within<F: Future>(
+    timeout: Duration,
+    shutdown: &Shutdown,
+    place: &ConnHandle,
+    fut: F,
+) -> Option<F::Output> {
     let mut fut = pin!(fut);
     let mut timer = pin!(glommio::timer::sleep(timeout));
     let mut stop = pin!(shutdown.wait());
@@ -155,7 +151,10 @@ async fn within<F: Future>(timeout: Duration, shutdown: &Shutdown, fut: F) -> Op
         if let Poll::Ready(r) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
         }
-        if timer.as_mut().poll(cx).is_ready() || stop.as_mut().poll(cx).is_ready() {
+        if timer.as_mut().poll(cx).is_ready()
+            || stop.as_mut().poll(cx).is_ready()
+            || place.poll_evicted(cx).is_ready()
+        {
             return Poll::Ready(None);
         }
         Poll::Pending
@@ -169,17 +168,17 @@ async fn accept_connection(
     handler: Rc<dyn Handler>,
     config: Rc<ServerConfig>,
     shutdown: Shutdown,
-    live: LiveGuard,
+    place: ConnHandle,
 ) {
     let peer = stream.peer_addr().ok();
     if let Err(e) = stream.set_nodelay(true) {
         debug!(?peer, error = %e, "grpc: set_nodelay failed");
     }
     let Some(tls) = config.tls.clone() else {
-        return serve_connection(stream, peer, false, handler, config, shutdown, live).await;
+        return serve_connection(stream, peer, false, handler, config, shutdown, place).await;
     };
     let accept = futures_rustls::TlsAcceptor::from(tls.server.clone()).accept(stream);
-    let stream = match within(HANDSHAKE_TIMEOUT, &shutdown, accept).await {
+    let stream = match within(HANDSHAKE_TIMEOUT, &shutdown, &place, accept).await {
         Some(Ok(stream)) => stream,
         Some(Err(e)) => {
             debug!(?peer, error = %e, "grpc: TLS handshake failed");
@@ -201,7 +200,7 @@ async fn accept_connection(
             .1
             .peer_certificates()
             .is_some_and(|chain| !chain.is_empty());
-    serve_connection(stream, peer, verified, handler, config, shutdown, live).await
+    serve_connection(stream, peer, verified, handler, config, shutdown, place).await
 }
 
 /// Drives one HTTP/2 connection: keeps polling `accept` (which is what moves
@@ -213,12 +212,12 @@ async fn serve_connection<S>(
     handler: Rc<dyn Handler>,
     config: Rc<ServerConfig>,
     shutdown: Shutdown,
-    _live: LiveGuard,
+    place: ConnHandle,
 ) where
     S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin + 'static,
 {
     let handshake = h2_builder().handshake::<_, Bytes>(stream.compat());
-    let handshake = within(HANDSHAKE_TIMEOUT, &shutdown, handshake).await;
+    let handshake = within(HANDSHAKE_TIMEOUT, &shutdown, &place, handshake).await;
     let mut conn = match handshake {
         Some(Ok(conn)) => conn,
         Some(Err(e)) => {
@@ -235,7 +234,8 @@ async fn serve_connection<S>(
     let mut closing = false;
     loop {
         let next = poll_fn(|cx| {
-            if !closing && stop.as_mut().poll(cx).is_ready() {
+            if !closing && (stop.as_mut().poll(cx).is_ready() || place.poll_evicted(cx).is_ready())
+            {
                 return Poll::Ready(None);
             }
             conn.poll_accept(cx).map(Some)
@@ -243,8 +243,9 @@ async fn serve_connection<S>(
         .await;
         match next {
             None => {
-                // Shutdown: GOAWAY, then keep driving the connection until
-                // the in-flight streams are done and `accept` returns None.
+                // Shutdown, or room needed for a new connection: GOAWAY,
+                // then keep driving the connection until the in-flight
+                // streams are done and `accept` returns None.
                 conn.graceful_shutdown();
                 closing = true;
             }
@@ -255,6 +256,7 @@ async fn serve_connection<S>(
                     handler.clone(),
                     config.clone(),
                     client_verified,
+                    place.start_call(),
                 );
                 glommio::spawn_local(call).detach();
             }
@@ -285,6 +287,7 @@ async fn serve_stream(
     handler: Rc<dyn Handler>,
     config: Rc<ServerConfig>,
     client_verified: bool,
+    mut held: Call,
 ) {
     let (parts, body) = req.into_parts();
     let reply = match check_headers(&parts) {
@@ -297,15 +300,13 @@ async fn serve_stream(
             let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
             let method = parts.uri.path().to_owned();
             let encoding = parts.headers.get(GRPC_ENCODING).cloned();
-            let work = call(
-                body,
+            let what = CallParts {
                 method,
                 deadline,
                 encoding,
-                &*handler,
-                config.max_message_size,
                 client_verified,
-            );
+            };
+            let work = call(body, what, &*handler, config.max_message_size, &mut held);
             let mut work = pin!(work);
             // Why a glommio timer and not only `Request.deadline`: handlers
             // may ignore the deadline; the client must still get
@@ -343,9 +344,29 @@ async fn serve_stream(
             }
         }
     };
-    if let Err(e) = send_reply(&mut respond, reply).await {
-        debug!(path = parts.uri.path(), error = %e, "grpc: sending response failed");
+    // The response waits on the client's flow-control window; a reader
+    // that never opens it must not pin the call's bytes forever.
+    let send = pin!(send_reply(&mut respond, reply));
+    let timer = pin!(glommio::timer::sleep(RESPONSE_SEND_TIMEOUT));
+    match futures::future::select(send, timer).await {
+        futures::future::Either::Left((Ok(()), _)) => {}
+        futures::future::Either::Left((Err(e), _)) => {
+            debug!(path = parts.uri.path(), error = %e, "grpc: sending response failed");
+        }
+        futures::future::Either::Right(_) => debug!(
+            path = parts.uri.path(),
+            "grpc: the client read no response within {RESPONSE_SEND_TIMEOUT:?}; stream reset"
+        ),
     }
+    drop(held);
+}
+
+/// The call's identity and metadata, as `call` needs them.
+struct CallParts {
+    method: String,
+    deadline: Option<Instant>,
+    encoding: Option<HeaderValue>,
+    client_verified: bool,
 }
 
 /// Validates method and headers; returns the `grpc-timeout`, if any.
@@ -383,13 +404,17 @@ fn check_headers(parts: &http::request::Parts) -> Result<Option<Duration>, Reply
 /// Reads the request message and runs the handler.
 async fn call(
     mut body: RecvStream,
-    method: String,
-    deadline: Option<Instant>,
-    encoding: Option<HeaderValue>,
+    what: CallParts,
     handler: &dyn Handler,
     max_message_size: usize,
-    client_verified: bool,
+    held: &mut Call,
 ) -> Reply {
+    let CallParts {
+        method,
+        deadline,
+        encoding,
+        client_verified,
+    } = what;
     let mut decoder = UnaryDecoder::new(max_message_size);
     while let Some(chunk) = body.data().await {
         let chunk = match chunk {
@@ -404,6 +429,9 @@ async fn call(
         // referenced by the decoder); the window reopens as fast as we read.
         // Failure means the stream is gone, which `data()` reports next.
         let _ = body.flow_control().release_capacity(chunk.len());
+        if let Err(status) = held.hold(chunk.len()) {
+            return Reply::Status(status);
+        }
         if let Err(e) = decoder.push(chunk) {
             // Early answer: the rest of the body is not read. Dropping the
             // RecvStream makes h2 reset the request side after the response.
@@ -432,7 +460,10 @@ async fn call(
         })
         .await
     {
-        Ok(msg) => Reply::Message(msg),
+        Ok(msg) => match held.hold(msg.len()) {
+            Ok(()) => Reply::Message(msg),
+            Err(status) => Reply::Status(status),
+        },
         Err(status) => Reply::Status(status),
     }
 }

@@ -253,6 +253,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     let grpc_config = crate::grpc::ServerConfig {
         max_message_size: cfg.max_message_size,
         tls: cfg.api_tls.clone(),
+        limits: cfg.api_limits,
     };
     glommio::spawn_local(crate::grpc::serve(
         api_listener,

@@ -5,6 +5,8 @@
 //! - `support`: the harness (node processes, clusters, clients, waiting).
 //! - `node_api`: the `atomix.multiraft.v1.Node` control API and gRPC edge cases.
 //! - `kv`: the replicated key-value data plane.
+//! - `limits`: memory and connections stay bounded against greedy clients
+//!   and peers.
 //! - `durability`: crashes, restarts and on-disk corruption.
 //! - `diskfull`: a node whose disk fills up (a loop-mounted ext4; needs root).
 //! - `forwarding`: nodes that host nothing, failover, short deadlines,
@@ -23,6 +25,7 @@ mod faults;
 mod forwarding;
 mod identity;
 mod kv;
+mod limits;
 mod linearizability;
 mod netns;
 mod node_api;
