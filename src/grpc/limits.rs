@@ -1,5 +1,5 @@
-//! What clients can make one shard's frontend hold, bounded: connections,
-//! and the bytes of calls in progress (request messages being read or
+//! What clients can make one shard's frontend hold, bounded: connections
+//! (the peer port uses the same registry), and the bytes of calls in progress (request messages being read or
 //! served, responses waiting for a slow reader's flow-control window).
 //!
 //! - **Connections.** At most `max_connections` per shard. When a new one
@@ -32,6 +32,8 @@ pub struct Limits {
 
 /// One shard's open connections and the bytes their calls hold.
 pub(crate) struct Registry {
+    /// Which port, for the logs ("API", "peer").
+    port: &'static str,
     limits: Limits,
     conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_id: Cell<u64>,
@@ -52,8 +54,9 @@ struct Conn {
 }
 
 impl Registry {
-    pub(crate) fn new(limits: Limits) -> Rc<Registry> {
+    pub(crate) fn new(port: &'static str, limits: Limits) -> Rc<Registry> {
         Rc::new(Registry {
+            port,
             limits,
             conns: RefCell::new(HashMap::new()),
             next_id: Cell::new(0),
@@ -125,7 +128,7 @@ impl Registry {
             .is_none_or(|t| now.duration_since(t).as_secs() >= 1)
         {
             self.logged.set(Some(now));
-            tracing::warn!("grpc: {what}");
+            tracing::warn!(port = self.port, "{what}");
         }
     }
 }
@@ -227,11 +230,14 @@ mod tests {
     use crate::grpc::Code;
 
     fn registry(max_connections: usize) -> Rc<Registry> {
-        Registry::new(Limits {
-            max_connections,
-            max_conn_bytes: 100,
-            max_shard_bytes: 150,
-        })
+        Registry::new(
+            "test",
+            Limits {
+                max_connections,
+                max_conn_bytes: 100,
+                max_shard_bytes: 150,
+            },
+        )
     }
 
     fn evicted(h: &ConnHandle) -> bool {

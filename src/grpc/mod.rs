@@ -9,7 +9,7 @@
 pub mod client;
 pub mod codec;
 mod flow;
-mod limits;
+pub(crate) mod limits;
 mod server;
 pub mod status;
 #[cfg(test)]

@@ -64,7 +64,7 @@ pub(crate) async fn run(
     config: ServerConfig,
     shutdown: Shutdown,
 ) {
-    let registry = Registry::new(config.limits);
+    let registry = Registry::new("API", config.limits);
     let config = Rc::new(config);
     let mut stop = pin!(shutdown.wait());
     loop {

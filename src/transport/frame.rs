@@ -41,8 +41,10 @@ pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 /// peer that has not said who it is must not make the node allocate more.
 pub const MAX_HELLO_FRAME: usize = 1024;
 
-/// A big frame's buffer grows by at most this much per read, so memory
-/// follows the bytes that actually arrive, not the length a peer claims.
+/// A big frame's buffer grows by at most this much per read, and by no
+/// more than it already holds (so at least doubling the bytes that arrived
+/// before growing again, from [`READ_CHUNK`]): memory follows the bytes
+/// that actually arrive, not the length a peer claims.
 const MAX_GROWTH: usize = 1 << 20;
 
 /// Reads smaller than this go through the reader's scratch buffer.
@@ -185,7 +187,8 @@ impl FrameReader {
                 // copying it through the scratch buffer, a bounded step at
                 // a time (the length is the peer's claim, not yet data).
                 let start = self.buf.len();
-                self.buf.resize(start + missing.min(MAX_GROWTH), 0);
+                let step = missing.min(MAX_GROWTH).min(start.max(READ_CHUNK));
+                self.buf.resize(start + step, 0);
                 let res = reader.read(&mut self.buf[start..]).await;
                 let n = *res.as_ref().unwrap_or(&0);
                 self.buf.truncate(start + n);
@@ -407,7 +410,7 @@ mod tests {
         let res = futures::executor::block_on(reader.next_frame(&mut src));
         assert!(matches!(res, Err(FrameError::Truncated { buffered: 104 })));
         assert!(
-            reader.buf.capacity() <= 2 * MAX_GROWTH,
+            reader.buf.capacity() <= 2 * READ_CHUNK,
             "buffer grew to {} bytes for 104 received",
             reader.buf.capacity()
         );

@@ -72,6 +72,10 @@ pub struct TransportConfig {
     pub hello_timeout: Duration,
     /// Mutual TLS with the cluster CA; `None` runs peers in clear.
     pub tls: Option<crate::tls::PeerTls>,
+    /// Incoming connections per shard; at the limit, the one waiting
+    /// longest for its Hello is closed to make room, or the new one if
+    /// none waits.
+    pub max_connections: usize,
 }
 
 impl Default for TransportConfig {
@@ -86,6 +90,7 @@ impl Default for TransportConfig {
             backoff_max: Duration::from_secs(2),
             hello_timeout: Duration::from_secs(10),
             tls: None,
+            max_connections: 1024,
         }
     }
 }

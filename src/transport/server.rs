@@ -1,9 +1,11 @@
 //! The accepting side of the peer transport: one task per incoming
 //! connection, reading the Hello and then envelopes (see [`super::frame`]).
 
+use std::future::{poll_fn, Future};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::future::{select, Either};
@@ -13,6 +15,7 @@ use futures::io::AsyncRead;
 
 use super::frame::{self, FrameError, FrameReader};
 use super::{secure, Counter, TransportConfig};
+use crate::grpc::limits::{ConnHandle, Limits, Registry};
 use crate::proto::peer::{Envelope, Hello};
 use crate::shutdown::Shutdown;
 
@@ -61,6 +64,16 @@ pub async fn serve_handing_off(
     stats: Rc<RecvStats>,
     handoff: Option<Handoff>,
 ) {
+    let registry = Registry::new(
+        "peer",
+        Limits {
+            max_connections: config.max_connections,
+            // Peer connections hold no call bytes in the registry (frames
+            // are bounded by `max_frame` and the reader's growth).
+            max_conn_bytes: 0,
+            max_shard_bytes: 0,
+        },
+    );
     let config = Rc::new(config);
     loop {
         let accepted = {
@@ -74,13 +87,19 @@ pub async fn serve_handing_off(
         match accepted {
             Ok(stream) => {
                 stats.accepted.inc();
+                // At the limit, the connection that has waited longest for
+                // its Hello makes room; if none waits, the new one is closed.
+                let Some(place) = registry.admit() else {
+                    stats.rejected.inc();
+                    continue;
+                };
                 let sink = sink.clone();
                 let shutdown = shutdown.clone();
                 let config = config.clone();
                 let stats = stats.clone();
                 let handoff = handoff.clone();
                 glommio::spawn_local(async move {
-                    let conn = pin!(serve_conn(stream, &*sink, &config, &stats, handoff));
+                    let conn = pin!(serve_conn(stream, &*sink, &config, &stats, handoff, place));
                     let stop = pin!(shutdown.wait());
                     select(conn, stop).await;
                 })
@@ -102,6 +121,7 @@ async fn serve_conn(
     config: &TransportConfig,
     stats: &RecvStats,
     handoff: Option<Handoff>,
+    place: ConnHandle,
 ) {
     let peer = stream
         .peer_addr()
@@ -111,13 +131,23 @@ async fn serve_conn(
     let mut reader = FrameReader::new(frame::MAX_HELLO_FRAME);
 
     let first = {
-        let read = pin!(reader.next_frame(&mut stream));
-        let timeout = pin!(glommio::timer::sleep(config.hello_timeout));
-        match select(read, timeout).await {
-            Either::Left((res, _)) => res,
-            Either::Right(_) => {
+        let mut read = pin!(reader.next_frame(&mut stream));
+        let mut timeout = pin!(glommio::timer::sleep(config.hello_timeout));
+        let outcome = poll_fn(|cx| {
+            if let Poll::Ready(res) = read.as_mut().poll(cx) {
+                return Poll::Ready(Some(res));
+            }
+            if timeout.as_mut().poll(cx).is_ready() || place.poll_evicted(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        match outcome {
+            Some(res) => res,
+            None => {
                 stats.rejected.inc();
-                tracing::warn!(peer, "no Hello from peer in time; closing");
+                tracing::debug!(peer, "no Hello from peer in time, or room needed; closing");
                 return;
             }
         }
@@ -153,6 +183,8 @@ async fn serve_conn(
             }
         }
     }
+    // Past its Hello, the connection is no longer the one to make room.
+    let _busy = place.start_call();
     after_hello(stream, reader, from, &peer, sink, config, stats).await;
 }
 

@@ -425,3 +425,38 @@ fn large_envelopes_cross_intact() {
         server.stop().await;
     });
 }
+
+#[test]
+fn silent_connections_make_room_for_peers() {
+    run(|| async {
+        let config = TransportConfig {
+            max_connections: 4,
+            ..Default::default()
+        };
+        let server = TestServer::start(any_port(), config);
+        // Ten sockets that never say Hello; all but the limit are closed
+        // as later ones arrive.
+        let mut silent = Vec::new();
+        for _ in 0..10 {
+            silent.push(TcpStream::connect(server.addr).await.unwrap());
+        }
+        // A peer still gets through, making room in turn.
+        let (_trigger, shutdown) = Shutdown::new();
+        let links = PeerLinks::new(3, shutdown);
+        links.set_address(2, &server.addr.to_string());
+        links.send(2, env(0));
+        assert!(wait_until(|| server.len() == 1).await);
+        let mut closed = 0;
+        for sock in &mut silent {
+            let mut byte = [0u8; 1];
+            let read = pin!(sock.read(&mut byte));
+            let timer = pin!(glommio::timer::sleep(Duration::from_millis(50)));
+            if let Either::Left((Ok(0) | Err(_), _)) = select(read, timer).await {
+                closed += 1;
+            }
+        }
+        // 10 silent + 1 peer through a limit of 4: at least 7 went.
+        assert!(closed >= 7, "only {closed} silent sockets closed");
+        server.stop().await;
+    });
+}
