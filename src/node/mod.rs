@@ -106,6 +106,7 @@ impl Node {
         let node = Arc::new(NodeShared {
             config: config.clone(),
             inboxes: senders,
+            inbox_len: (0..n).map(|_| Default::default()).collect(),
             meta: Mutex::new(meta),
             control: futures::lock::Mutex::new(()),
             meta_version: Default::default(),
@@ -269,7 +270,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     let sink = Rc::new(
         move |from: u64, env: crate::proto::peer::Envelope| match env.body {
             Some(envelope::Body::Raft(m)) => {
-                let _ = sink_node.send(
+                let _ = sink_node.send_bounded(
                     sink_node.shard_of(m.partition_id),
                     ShardMsg::Raft {
                         partition: m.partition_id,
@@ -281,7 +282,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
             Some(envelope::Body::Request(r)) => sink_api.serve_peer_request(from, r),
             Some(envelope::Body::SnapshotChunk(c)) => {
                 if let Some((partition, msg)) = reassembly.on_chunk(from, c) {
-                    let _ = sink_node.send(
+                    let _ = sink_node.send_bounded(
                         sink_node.shard_of(partition),
                         ShardMsg::RaftMsg {
                             partition,

@@ -396,7 +396,26 @@ impl Group {
             let _ = reply.send(Err(self.no_quorum_status("retry")));
             return;
         }
+        if self.reads_in_flight() >= self.max_inflight {
+            let _ = reply.send(Err(Status::resource_exhausted(format!(
+                "partition {}: {} linearizable reads in flight; retry later",
+                self.id, self.max_inflight
+            ))));
+            return;
+        }
         self.read_queue.push(ReadWaiter { key, reply });
+    }
+
+    /// Linearizable reads queued, waiting for their ReadIndex or for apply.
+    /// (A handful of batches at a time: one per turn in flight.)
+    fn reads_in_flight(&self) -> usize {
+        self.read_queue.len()
+            + self
+                .read_batches
+                .values()
+                .map(|b| b.reads.len())
+                .sum::<usize>()
+            + self.ready_reads.iter().map(|(_, r)| r.len()).sum::<usize>()
     }
 
     /// Serves a read from the local replica as it is now.
@@ -690,6 +709,38 @@ impl Group {
             .chain(self.ready_reads.drain(..).flat_map(|(_, r)| r));
         for r in reads {
             let _ = r.reply.send(Err(status.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_in_flight_are_bounded() {
+        let cfg = RaftConfig::default();
+        let mut g = Group::new(1, 1, &cfg, 4, GroupInit::bootstrap(vec![1])).unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            let (tx, rx) = oneshot::channel();
+            g.read(Bytes::from_static(b"k"), tx);
+            answers.push(rx);
+        }
+        // Four wait for their ReadIndex; the fifth is refused at once.
+        let fifth = answers.pop().unwrap().try_recv().unwrap();
+        let err = fifth.expect("an answer").unwrap_err();
+        assert_eq!(err.code, crate::grpc::Code::ResourceExhausted);
+        assert!(
+            err.message.contains("4 linearizable reads"),
+            "{}",
+            err.message
+        );
+        for mut rx in answers {
+            assert!(
+                rx.try_recv().unwrap().is_none(),
+                "a queued read was answered"
+            );
         }
     }
 }

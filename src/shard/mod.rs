@@ -61,11 +61,24 @@ pub enum ShardMsg {
     Stop,
 }
 
+/// Most messages waiting in one shard's inbox before calls and peers'
+/// raft messages for it are refused (a shard drains up to 16,384 per turn,
+/// so this is several turns behind).
+pub const MAX_INBOX: usize = 65_536;
+
+/// Whether `msg` counts toward [`MAX_INBOX`]: ticks and the stop signal
+/// come from the shard's own timer and are never refused.
+fn counted(msg: &ShardMsg) -> bool {
+    !matches!(msg, ShardMsg::Tick | ShardMsg::Stop)
+}
+
 /// Node-wide state every shard can see.
 pub struct NodeShared {
     pub config: NodeConfig,
     /// Inbox of every shard, by shard index.
     pub inboxes: Vec<mpsc::UnboundedSender<ShardMsg>>,
+    /// Messages waiting in each inbox (ticks excepted), for [`MAX_INBOX`].
+    pub inbox_len: Vec<std::sync::atomic::AtomicUsize>,
     /// Control-plane metadata. Locked briefly by Bootstrap/Join/Leave and
     /// by calls that need the layout, and when a shard learns a peer's
     /// address from an applied conf change (rare); never per message.
@@ -117,9 +130,26 @@ impl NodeShared {
 
     /// Sends `msg` to shard `shard`. Fails only when the node is stopping.
     pub fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), Status> {
+        if counted(&msg) {
+            self.inbox_len[shard].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.inboxes[shard]
             .unbounded_send(msg)
             .map_err(|_| Status::unavailable("node is shutting down"))
+    }
+
+    /// [`NodeShared::send`] for work that may be refused when the shard
+    /// is behind: past [`MAX_INBOX`] waiting messages it fails with
+    /// RESOURCE_EXHAUSTED (a raft message refused so is retransmitted by
+    /// raft; a client call reports the status).
+    pub fn send_bounded(&self, shard: usize, msg: ShardMsg) -> Result<(), Status> {
+        let waiting = self.inbox_len[shard].load(std::sync::atomic::Ordering::Relaxed);
+        if waiting >= MAX_INBOX {
+            return Err(Status::resource_exhausted(format!(
+                "shard {shard} is behind: {waiting} messages wait in its inbox; retry later"
+            )));
+        }
+        self.send(shard, msg)
     }
 
     /// Runs `f` on shard `shard` and waits for the value it sends back.
@@ -129,7 +159,7 @@ impl NodeShared {
         f: impl FnOnce(&mut Shard, oneshot::Sender<Result<T, Status>>) + Send + 'static,
     ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
-        self.send(shard, ShardMsg::Exec(Box::new(move |s| f(s, tx))))?;
+        self.send_bounded(shard, ShardMsg::Exec(Box::new(move |s| f(s, tx))))?;
         rx.await.unwrap_or_else(|_| {
             Err(Status::unavailable(
                 "request dropped: node is shutting down",
@@ -350,10 +380,18 @@ impl Shard {
             tick,
             shutdown.clone(),
         );
+        let node = self.node.clone();
+        let waiting = &node.inbox_len[self.index];
+        let taken = |m: &ShardMsg| {
+            if counted(m) {
+                waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
         'outer: loop {
             let Some(first) = inbox.next().await else {
                 break;
             };
+            taken(&first);
             if !self.handle(first) {
                 break;
             }
@@ -361,6 +399,7 @@ impl Shard {
             for _ in 0..16_384 {
                 match inbox.try_recv() {
                     Ok(m) => {
+                        taken(&m);
                         if !self.handle(m) {
                             break 'outer;
                         }
