@@ -34,7 +34,9 @@ pub const CHUNK: usize = 1 << 20;
 const MAX_QUEUED: usize = 8 << 20;
 /// A transfer that cannot make progress for this long is abandoned.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
-/// Largest snapshot a receiver assembles (bounds memory per transfer).
+/// Largest snapshot a receiver assembles, and the most bytes all of a
+/// shard's unfinished transfers may hold together: a chunk past it drops
+/// its transfer (the sender's raft sends the snapshot again later).
 const MAX_SNAPSHOT: usize = 4 << 30;
 
 /// True for a snapshot message that must travel in chunks.
@@ -141,6 +143,16 @@ impl Reassembly {
     /// Takes one chunk from node `from`; returns the complete raft message
     /// once the last chunk of a transfer is in.
     pub fn on_chunk(&self, from: u64, c: SnapshotChunk) -> Option<(u32, Message)> {
+        self.on_chunk_within(from, c, MAX_SNAPSHOT)
+    }
+
+    /// [`Reassembly::on_chunk`] with the limit on bytes held as a parameter.
+    fn on_chunk_within(
+        &self,
+        from: u64,
+        c: SnapshotChunk,
+        max_buffered: usize,
+    ) -> Option<(u32, Message)> {
         let key = (from, c.partition_id);
         let now = std::time::Instant::now();
         let mut partial = self.partial.borrow_mut();
@@ -176,11 +188,19 @@ impl Reassembly {
                 },
             );
         }
+        let buffered: usize = partial.values().map(|t| t.data.len()).sum();
         let p = partial.get_mut(&key)?;
-        if p.transfer_id != c.transfer_id
-            || p.next_seq != c.seq
-            || p.data.len() + c.data.len() > MAX_SNAPSHOT
-        {
+        if buffered + c.data.len() > max_buffered {
+            tracing::warn!(
+                from,
+                partition = c.partition_id,
+                buffered,
+                "snapshot transfers would hold more than {max_buffered} bytes; transfer dropped"
+            );
+            partial.remove(&key);
+            return None;
+        }
+        if p.transfer_id != c.transfer_id || p.next_seq != c.seq {
             tracing::debug!(
                 from,
                 partition = c.partition_id,
@@ -266,5 +286,27 @@ mod tests {
             r.on_chunk(2, c);
         }
         assert_eq!(r.partial.borrow().len(), MAX_TRANSFERS);
+    }
+
+    #[test]
+    fn unfinished_transfers_hold_a_bounded_number_of_bytes() {
+        let data: Vec<u8> = (0..(CHUNK * 3)).map(|i| i as u8).collect();
+        let r = Reassembly::default();
+        let limit = CHUNK * 4;
+        // Two transfers of two chunks each fill the budget exactly.
+        for p in [1u32, 2] {
+            for mut c in chunks(&data, 10 + p as u64).into_iter().take(2) {
+                c.partition_id = p;
+                assert!(r.on_chunk_within(1, c, limit).is_none());
+            }
+        }
+        assert_eq!(r.partial.borrow().len(), 2);
+        // One more chunk of either would pass it: that transfer goes.
+        let mut c = chunks(&data, 11)[2].clone();
+        c.partition_id = 1;
+        assert!(r.on_chunk_within(1, c, limit).is_none());
+        let held: usize = r.partial.borrow().values().map(|t| t.data.len()).sum();
+        assert_eq!(held, 2 * CHUNK);
+        assert!(!r.partial.borrow().contains_key(&(1, 1)));
     }
 }
