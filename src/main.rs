@@ -76,6 +76,10 @@ enum Cmd {
         /// (control) calls then require one. Implies --api-tls.
         #[arg(long)]
         api_client_ca: Option<PathBuf>,
+        /// With --api-client-ca: which calls need a client certificate,
+        /// "control" (Bootstrap, Join, Leave) or "all".
+        #[arg(long, default_value = "control", value_parser = ["control", "all"])]
+        api_auth: String,
         /// API connections per shard; at the limit a new connection makes
         /// the longest-idle one go away, or is closed if all are busy.
         #[arg(long, default_value_t = 1024)]
@@ -176,6 +180,7 @@ fn node_tls(
     tls: &TlsArgs,
     api_tls: bool,
     api_client_ca: Option<PathBuf>,
+    auth_all: bool,
 ) -> Result<()> {
     let files = match (&tls.tls_ca, &tls.tls_cert, &tls.tls_key) {
         (Some(ca), Some(cert), Some(key)) => Some(multiraft::tls::TlsFiles {
@@ -193,6 +198,9 @@ fn node_tls(
              the raft port can pose as a member; use TLS outside local development"
         ),
     }
+    if auth_all && api_client_ca.is_none() {
+        bail!("--api-auth all needs --api-client-ca");
+    }
     if api_tls || api_client_ca.is_some() {
         let Some(files) = &files else {
             bail!("--api-tls and --api-client-ca need --tls-ca, --tls-cert and --tls-key");
@@ -201,6 +209,7 @@ fn node_tls(
             &files.cert,
             &files.key,
             api_client_ca.as_deref(),
+            auth_all,
         )?);
     }
     Ok(())
@@ -247,6 +256,7 @@ fn run(cli: Cli) -> Result<()> {
             wal_segment_mib,
             api_tls,
             api_client_ca,
+            api_auth,
             max_connections,
         } => {
             let mut cfg = NodeConfig::new(node_id, api_addr, raft_addr, data_dir);
@@ -254,7 +264,13 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--max-connections must be at least 1");
             }
             cfg.api_limits.max_connections = max_connections;
-            node_tls(&mut cfg, &cli.tls, api_tls, api_client_ca)?;
+            node_tls(
+                &mut cfg,
+                &cli.tls,
+                api_tls,
+                api_client_ca,
+                api_auth == "all",
+            )?;
             serve(cfg, shards, config, wal_segment_mib)
         }
         Cmd::Bootstrap {

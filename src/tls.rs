@@ -19,7 +19,8 @@
 //!
 //! On the API port TLS is optional. With a client CA, clients may present a
 //! certificate; calls to the control service (`atomix.multiraft.v1.Node`)
-//! require one that verifies, KV and Admin calls do not.
+//! require one that verifies, KV and Admin calls do not, unless every call
+//! is to require one ([`ClientAuth::All`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -178,13 +179,24 @@ impl PeerTls {
     }
 }
 
+/// Which API calls need a verified client certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// None: no client CA.
+    Off,
+    /// The control service (Bootstrap, Join, Leave).
+    Control,
+    /// Every call; the TLS handshake itself requires a certificate.
+    All,
+}
+
 /// TLS on the API port.
 #[derive(Clone)]
 pub struct ApiTls {
     pub server: Arc<ServerConfig>,
-    /// Whether clients are asked for certificates (a client CA was given);
-    /// control calls then require one.
-    pub client_auth: bool,
+    /// Which calls need a client certificate that verified against the
+    /// client CA.
+    pub client_auth: ClientAuth,
 }
 
 impl fmt::Debug for ApiTls {
@@ -197,29 +209,38 @@ impl fmt::Debug for ApiTls {
 
 impl ApiTls {
     /// Serves `cert`/`key`; with `client_ca`, verifies the certificates
-    /// clients present (presenting one stays optional at the TLS level).
-    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ApiTls, TlsError> {
+    /// clients present, which calls need one depending on `all` (only
+    /// with `all` does the handshake itself require one).
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        all: bool,
+    ) -> Result<ApiTls, TlsError> {
         let chain = read_certs("certificate", cert)?;
         let key = read_key(key)?;
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(config_err)?;
-        let builder = match client_ca {
+        let (builder, client_auth) = match client_ca {
             Some(ca) => {
                 let verifier =
-                    WebPkiClientVerifier::builder_with_provider(read_roots(ca)?, provider())
-                        .allow_unauthenticated()
-                        .build()
-                        .map_err(config_err)?;
-                builder.with_client_cert_verifier(verifier)
+                    WebPkiClientVerifier::builder_with_provider(read_roots(ca)?, provider());
+                let (verifier, auth) = if all {
+                    (verifier, ClientAuth::All)
+                } else {
+                    (verifier.allow_unauthenticated(), ClientAuth::Control)
+                };
+                let verifier = verifier.build().map_err(config_err)?;
+                (builder.with_client_cert_verifier(verifier), auth)
             }
-            None => builder.with_no_client_auth(),
+            None => (builder.with_no_client_auth(), ClientAuth::Off),
         };
         let mut server = builder.with_single_cert(chain, key).map_err(config_err)?;
         server.alpn_protocols = vec![b"h2".to_vec()];
         Ok(ApiTls {
             server: Arc::new(server),
-            client_auth: client_ca.is_some(),
+            client_auth,
         })
     }
 }
@@ -310,11 +331,14 @@ mod tests {
     fn api_settings_load_with_and_without_a_client_ca() {
         let dir = certs();
         let d = dir.path();
-        let plain = ApiTls::load(&d.join("node-1.pem"), &d.join("node-1.key"), None).unwrap();
-        assert!(!plain.client_auth);
+        let (cert, key) = (d.join("node-1.pem"), d.join("node-1.key"));
+        let plain = ApiTls::load(&cert, &key, None, false).unwrap();
+        assert_eq!(plain.client_auth, ClientAuth::Off);
         let ca = d.join("ca.pem");
-        let auth = ApiTls::load(&d.join("node-1.pem"), &d.join("node-1.key"), Some(&ca)).unwrap();
-        assert!(auth.client_auth);
+        let control = ApiTls::load(&cert, &key, Some(&ca), false).unwrap();
+        assert_eq!(control.client_auth, ClientAuth::Control);
+        let all = ApiTls::load(&cert, &key, Some(&ca), true).unwrap();
+        assert_eq!(all.client_auth, ClientAuth::All);
         api_client(&ca, Some((&d.join("client.pem"), &d.join("client.key")))).unwrap();
         api_client(&ca, None).unwrap();
     }

@@ -193,8 +193,9 @@ async fn accept_connection(
         }
     };
     // With a client CA, rustls only lets a certificate through that
-    // verified against it; an absent one is allowed at this level.
-    let verified = tls.client_auth
+    // verified against it; an absent one is allowed at this level unless
+    // every call needs one.
+    let verified = tls.client_auth != crate::tls::ClientAuth::Off
         && stream
             .get_ref()
             .1

@@ -338,15 +338,16 @@ const NODE_SERVICE: &str = "/atomix.multiraft.v1.Node/";
 
 impl Handler for Api {
     fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Bytes, Status>> {
-        // With a client CA on the API port, the control service requires a
-        // client certificate that verified against it.
-        let needs_cert = self
-            .node
-            .config
-            .api_tls
-            .as_ref()
-            .is_some_and(|t| t.client_auth);
-        if needs_cert && req.method.starts_with(NODE_SERVICE) && !req.client_verified {
+        // With a client CA on the API port, the control service (or every
+        // service) requires a client certificate that verified against it.
+        use crate::tls::ClientAuth;
+        let auth = self.node.config.api_tls.as_ref().map(|t| t.client_auth);
+        let needs_cert = match auth {
+            Some(ClientAuth::All) => true,
+            Some(ClientAuth::Control) => req.method.starts_with(NODE_SERVICE),
+            Some(ClientAuth::Off) | None => false,
+        };
+        if needs_cert && !req.client_verified {
             return Box::pin(std::future::ready(Err(Status::new(
                 Code::Unauthenticated,
                 format!(

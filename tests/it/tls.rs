@@ -324,6 +324,56 @@ async fn the_api_serves_tls_and_control_calls_need_a_client_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_api_auth_all_every_call_needs_a_client_certificate() {
+    let dir = test_dir();
+    let certs = make_certs(&dir.path().join("certs"), &[1]);
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, FAST_CONFIG).unwrap();
+    let mut node = Node::new(dir.path(), 1, 1, Some(config));
+    node.extra_args = peer_tls_args(&certs, 1);
+    node.extra_args.extend([
+        "--api-client-ca".to_string(),
+        file(&certs, "ca.pem"),
+        "--api-auth".to_string(),
+        "all".to_string(),
+    ]);
+    node.start();
+    let operator = tls_channel(&node, &certs, true).await;
+    let layout = BootstrapRequest {
+        partitions: vec![crate::pb::atomix::multiraft::v1::PartitionConfig {
+            partition_id: 1,
+            members: [(1, node.raft_addr.to_string())].into_iter().collect(),
+        }],
+    };
+    NodeClient::new(operator.clone())
+        .bootstrap(req(layout, Duration::from_secs(20)))
+        .await
+        .expect("Bootstrap with the operator's certificate");
+    put(&mut KvClient::new(operator), 1, b"k", b"v").await;
+
+    // Without a certificate the handshake itself fails: no call gets in.
+    let anonymous = tls_endpoint(&node, &certs, false);
+    let call = async {
+        let channel = anonymous.connect().await.map_err(|e| e.to_string())?;
+        KvClient::new(channel)
+            .get(req(
+                crate::pb::multiraft::kv::v1::GetRequest {
+                    key: b"k".to_vec(),
+                    partition_id: 1,
+                    serializable: true,
+                },
+                Duration::from_secs(5),
+            ))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    assert!(
+        call.await.is_err(),
+        "a call without a certificate was served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_refuses_a_certificate_that_does_not_name_it() {
     let dir = test_dir();
     let certs = make_certs(&dir.path().join("certs"), &[1, 2]);
