@@ -533,11 +533,20 @@ async fn bootstrap_deadline_shorter_than_election() {
         let Ok(r) = r else {
             panic!("node {id} ignored the 200 ms deadline");
         };
-        expect_code(
-            r,
-            Code::DeadlineExceeded,
-            &format!("Bootstrap with 200 ms deadline on node {id}"),
-        );
+        // tonic arms its own timer from the same deadline: on a busy
+        // machine it can fire before the server's DEADLINE_EXCEEDED
+        // arrives, and reports CANCELLED "Timeout expired". Either way the
+        // call ended at its deadline; any other outcome is a failure.
+        match r {
+            Err(s) if s.code() == Code::Cancelled && s.message().contains("Timeout expired") => {}
+            r => {
+                expect_code(
+                    r,
+                    Code::DeadlineExceeded,
+                    &format!("Bootstrap with 200 ms deadline on node {id}"),
+                );
+            }
+        }
     }
 
     // The node keeps going (or accepts the layout again) and elects leaders.
