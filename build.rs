@@ -2,8 +2,10 @@
 //! them into a descriptor set that prost-build (and, for the test client,
 //! tonic-build) generate code from.
 //!
-//! Two outputs:
+//! Three outputs:
 //! - `$OUT_DIR/prost/`: the messages the server and its CLI use.
+//! - `$OUT_DIR/descriptors.bin`: the encoded descriptor set, embedded in
+//!   the binary for server reflection.
 //! - `$OUT_DIR/tonic/`: a tonic client generated separately from the same
 //!   protos, compiled only into the integration tests and benches, so they
 //!   talk to the server the way any third-party client would.
@@ -16,12 +18,19 @@ const PROTOS: &[&str] = &[
     "multiraft/admin/v1/admin.proto",
     "multiraft/kv/v1/kv.proto",
     "multiraft/peer/v1/peer.proto",
+    "grpc/health/v1/health.proto",
+    "grpc/reflection/v1/reflection.proto",
+    "grpc/reflection/v1alpha/reflection.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let fds = protox::compile(PROTOS, ["proto"])?;
+    std::fs::write(
+        out.join("descriptors.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
 
     let prost_out = out.join("prost");
     std::fs::create_dir_all(&prost_out)?;

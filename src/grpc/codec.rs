@@ -132,10 +132,18 @@ impl UnaryDecoder {
 
     /// Consumes the next chunk of the stream.
     pub fn push(&mut self, mut chunk: Bytes) -> Result<(), FrameError> {
-        while !chunk.is_empty() {
-            if self.message.is_some() {
-                return Err(FrameError::Trailing);
-            }
+        self.feed(&mut chunk)?;
+        if chunk.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Trailing)
+        }
+    }
+
+    /// Consumes bytes from the front of `chunk` until one message is
+    /// complete (what follows it stays in `chunk`) or `chunk` is empty.
+    fn feed(&mut self, chunk: &mut Bytes) -> Result<(), FrameError> {
+        while !chunk.is_empty() && self.message.is_none() {
             match self.want {
                 None => {
                     let take = (PREFIX_LEN - self.prefix_len).min(chunk.len());
@@ -205,6 +213,57 @@ impl UnaryDecoder {
             return Err(FrameError::TooLarge { len, max: self.max });
         }
         Ok(len)
+    }
+}
+
+/// Incremental decoder of a stream of messages (a streaming call's body).
+#[derive(Debug)]
+pub struct StreamDecoder {
+    max: usize,
+    current: UnaryDecoder,
+    ready: std::collections::VecDeque<Bytes>,
+}
+
+impl StreamDecoder {
+    /// A decoder accepting messages of at most `max_message_size` bytes.
+    pub fn new(max_message_size: usize) -> StreamDecoder {
+        StreamDecoder {
+            max: max_message_size,
+            current: UnaryDecoder::new(max_message_size),
+            ready: Default::default(),
+        }
+    }
+
+    /// Consumes the next chunk; complete messages become [`Self::next_message`]'s.
+    pub fn push(&mut self, mut chunk: Bytes) -> Result<(), FrameError> {
+        while !chunk.is_empty() {
+            self.current.feed(&mut chunk)?;
+            if let Some(m) = self.current.message.take() {
+                self.ready.push_back(m);
+                self.current = UnaryDecoder::new(self.max);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next complete message, if any.
+    pub fn next_message(&mut self) -> Option<Bytes> {
+        self.ready.pop_front()
+    }
+
+    /// At the end of the stream: fails if a message was cut off.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        match self.current.want {
+            Some(want) => Err(FrameError::Incomplete {
+                got: PREFIX_LEN + self.current.buf.len(),
+                want: PREFIX_LEN + want,
+            }),
+            None if self.current.prefix_len > 0 => Err(FrameError::Incomplete {
+                got: self.current.prefix_len,
+                want: PREFIX_LEN,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -314,6 +373,57 @@ pub fn percent_decode(s: &[u8]) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    fn framed(msgs: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in msgs {
+            out.extend_from_slice(&prefix(m.len()).unwrap());
+            out.extend_from_slice(m);
+        }
+        out
+    }
+
+    #[test]
+    fn messages_come_out_whole_however_the_bytes_are_cut() {
+        let wire = framed(&[b"one", b"", b"three", &[9u8; 300]]);
+        for step in [1, 2, 3, 7, 64, wire.len()] {
+            let mut d = StreamDecoder::new(1024);
+            let mut got = Vec::new();
+            for piece in wire.chunks(step) {
+                d.push(Bytes::copy_from_slice(piece)).unwrap();
+                while let Some(m) = d.next_message() {
+                    got.push(m);
+                }
+            }
+            d.finish().unwrap();
+            assert_eq!(got.len(), 4, "step {step}");
+            assert_eq!(&got[0][..], b"one");
+            assert!(got[1].is_empty());
+            assert_eq!(&got[2][..], b"three");
+            assert_eq!(got[3].len(), 300);
+        }
+    }
+
+    #[test]
+    fn a_cut_off_or_oversized_message_is_an_error() {
+        let wire = framed(&[b"abcdef"]);
+        let mut d = StreamDecoder::new(1024);
+        d.push(Bytes::copy_from_slice(&wire[..4])).unwrap();
+        assert!(matches!(d.finish(), Err(FrameError::Incomplete { .. })));
+        let mut d = StreamDecoder::new(1024);
+        d.push(Bytes::copy_from_slice(&wire[..8])).unwrap();
+        assert!(matches!(d.finish(), Err(FrameError::Incomplete { .. })));
+        let mut d = StreamDecoder::new(3);
+        assert!(matches!(
+            d.push(Bytes::from(wire)),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! gRPC over HTTP/2, by hand on the `h2` crate.
 //!
 //! What the rest of the crate uses:
-//! - `Request`, `Handler`, `ServerConfig`, `serve` (server side, glommio).
+//! - `Request`, `Handler`, `ServerConfig`, `serve` (server side, glommio);
+//!   unary calls and, through `stream`, streaming ones.
 //! - `Client` (client side, tokio) used by the CLI and the bench.
 //! - `codec`: the 5-byte length-prefixed message framing, `grpc-timeout`
 //!   parsing/formatting, `grpc-message` percent-encoding.
@@ -12,12 +13,14 @@ mod flow;
 pub(crate) mod limits;
 mod server;
 pub mod status;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 
 pub use client::Client;
 pub use limits::Limits;
 pub use status::{Code, Status};
+pub use stream::{Incoming, Outgoing, StreamCall};
 
 use std::rc::Rc;
 use std::time::Instant;
@@ -46,12 +49,30 @@ pub struct Request {
 pub trait Handler: 'static {
     fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Bytes, Status>>;
 
-    /// Whether `method` exists. An unknown method is answered UNIMPLEMENTED
-    /// from the request headers alone, without waiting for a body that a
-    /// streaming client (grpcurl's reflection stream) may never end.
-    fn knows(&self, _method: &str) -> bool {
-        true
+    /// The shape of `method`, or `None` if it does not exist. An unknown
+    /// method is answered UNIMPLEMENTED from the request headers alone,
+    /// without waiting for a body that a streaming client may never end.
+    fn kind(&self, _method: &str) -> Option<Kind> {
+        Some(Kind::Unary)
     }
+
+    /// Runs a streaming call (a method whose [`Handler::kind`] is
+    /// [`Kind::Streaming`]) to its end; the result becomes the status in
+    /// the trailers.
+    fn stream(&self, call: StreamCall) -> LocalBoxFuture<'static, Result<(), Status>> {
+        let method = call.method;
+        Box::pin(async move { Err(Status::unimplemented(format!("unknown method {method}"))) })
+    }
+}
+
+/// How a method exchanges messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// One request message, one response message ([`Handler::call`]).
+    Unary,
+    /// Any number of messages either way ([`Handler::stream`]): server
+    /// streaming, client streaming and bidirectional calls alike.
+    Streaming,
 }
 
 /// Frontend limits.

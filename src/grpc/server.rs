@@ -25,7 +25,8 @@ use tracing::{debug, warn};
 use super::codec::{self, FrameError, UnaryDecoder};
 use super::flow::send_all;
 use super::limits::{Call, ConnHandle, Registry};
-use super::{Code, Handler, Request, ServerConfig, Status};
+use super::stream::{Incoming, Outgoing, StreamCall};
+use super::{Code, Handler, Kind, Request, ServerConfig, Status};
 use crate::shutdown::Shutdown;
 
 /// Per-stream receive window. Why 1 MiB: a typical request fits in one
@@ -291,13 +292,21 @@ async fn serve_stream(
     mut held: Call,
 ) {
     let (parts, body) = req.into_parts();
-    let reply = match check_headers(&parts) {
+    let reply = match check_headers(&parts).map(|t| (t, handler.kind(parts.uri.path()))) {
         Err(reply) => reply,
-        Ok(_) if !handler.knows(parts.uri.path()) => Reply::Status(Status::unimplemented(format!(
+        Ok((_, None)) => Reply::Status(Status::unimplemented(format!(
             "unknown method {}",
             parts.uri.path()
         ))),
-        Ok(timeout) => {
+        Ok((timeout, Some(Kind::Streaming))) => {
+            let call = Streaming {
+                method: parts.uri.path().to_owned(),
+                timeout,
+                client_verified,
+            };
+            return serve_streaming(call, body, respond, handler, config, held).await;
+        }
+        Ok((timeout, Some(Kind::Unary))) => {
             let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
             let method = parts.uri.path().to_owned();
             let encoding = parts.headers.get(GRPC_ENCODING).cloned();
@@ -358,6 +367,95 @@ async fn serve_stream(
             path = parts.uri.path(),
             "grpc: the client read no response within {RESPONSE_SEND_TIMEOUT:?}; stream reset"
         ),
+    }
+    drop(held);
+}
+
+/// A streaming call's identity and metadata.
+struct Streaming {
+    method: String,
+    timeout: Option<Duration>,
+    client_verified: bool,
+}
+
+/// Runs one streaming call: headers at once, the handler's messages as it
+/// sends them, and its status in the trailers. The handler is dropped when
+/// the client resets the stream or the deadline passes.
+async fn serve_streaming(
+    call: Streaming,
+    body: RecvStream,
+    mut respond: SendResponse<Bytes>,
+    handler: Rc<dyn Handler>,
+    config: Rc<ServerConfig>,
+    held: Call,
+) {
+    let deadline = call.timeout.and_then(|t| Instant::now().checked_add(t));
+    let mut response = http::Response::new(());
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, APPLICATION_GRPC);
+    let stream = match respond.send_response(response, false) {
+        Ok(stream) => stream,
+        Err(e) => {
+            debug!(path = call.method, error = %e, "grpc: sending headers failed");
+            return;
+        }
+    };
+    let shared = Rc::new(std::cell::RefCell::new(Some(stream)));
+    let mut work = handler.stream(StreamCall {
+        method: call.method.clone(),
+        deadline,
+        client_verified: call.client_verified,
+        incoming: Incoming::new(body, config.max_message_size),
+        outgoing: Outgoing {
+            stream: shared.clone(),
+        },
+    });
+    let mut timer = pin!(async {
+        match deadline {
+            Some(d) => glommio::timer::sleep(d.saturating_duration_since(Instant::now())).await,
+            None => futures::future::pending::<()>().await,
+        }
+    });
+    let outcome = poll_fn(|cx| {
+        // While a send is under way the stream is with the handler, whose
+        // send fails on a reset by itself.
+        if let Ok(mut stream) = shared.try_borrow_mut() {
+            if let Some(stream) = stream.as_mut() {
+                if stream.poll_reset(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+            }
+        }
+        if let Poll::Ready(r) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            let ms = call.timeout.unwrap_or_default().as_millis();
+            return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                "deadline exceeded after {ms} ms"
+            )))));
+        }
+        Poll::Pending
+    })
+    .await;
+    // End the handler before the trailers go out.
+    drop(work);
+    let status = match outcome {
+        None => {
+            debug!(path = call.method, "grpc: stream reset by client");
+            return;
+        }
+        Some(Ok(())) => Status::new(Code::Ok, ""),
+        Some(Err(status)) => status,
+    };
+    let taken = shared.borrow_mut().take();
+    if let Some(mut stream) = taken {
+        let mut trailers = HeaderMap::with_capacity(2);
+        status_headers(&mut trailers, &status);
+        if let Err(e) = stream.send_trailers(trailers) {
+            debug!(path = call.method, error = %e, "grpc: sending trailers failed");
+        }
     }
     drop(held);
 }

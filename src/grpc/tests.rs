@@ -44,6 +44,31 @@ impl Handler for Echo {
             }
         })
     }
+
+    fn kind(&self, method: &str) -> Option<super::Kind> {
+        Some(if method.starts_with("/test.Stream/") {
+            super::Kind::Streaming
+        } else {
+            super::Kind::Unary
+        })
+    }
+
+    /// `/test.Stream/Echo` answers every message with itself and, after the
+    /// client half-closes, one message counting them; `/test.Stream/Fail`
+    /// ends with NOT_FOUND after one message.
+    fn stream(&self, mut call: super::StreamCall) -> LocalBoxFuture<'static, Result<(), Status>> {
+        Box::pin(async move {
+            let mut n = 0u8;
+            while let Some(m) = call.incoming.next().await {
+                call.outgoing.send(m?).await?;
+                n += 1;
+                if call.method == "/test.Stream/Fail" {
+                    return Err(Status::not_found("gone"));
+                }
+            }
+            call.outgoing.send(Bytes::from(vec![n])).await
+        })
+    }
 }
 
 struct TestServer {
@@ -531,4 +556,80 @@ fn shutdown_finishes_in_flight_calls() {
             .expect_err("no server");
         assert_eq!(err.code, Code::Unavailable);
     });
+}
+
+/// Opens a streaming call on `path` and returns both ends.
+async fn open_stream(
+    addr: SocketAddr,
+    path: &str,
+) -> (h2::SendStream<Bytes>, h2::client::ResponseFuture) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.expect("ready");
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, stream) = send.send_request(req, false).expect("send request");
+    (stream, resp)
+}
+
+fn message(body: &[u8]) -> Bytes {
+    let mut out = codec::prefix(body.len()).unwrap().to_vec();
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+/// Reads one whole message from `body` (test messages fit one prefix).
+async fn read_message(body: &mut h2::RecvStream, pending: &mut BytesMut) -> Option<Bytes> {
+    loop {
+        if pending.len() >= 5 {
+            let len = u32::from_be_bytes(pending[1..5].try_into().unwrap()) as usize;
+            if pending.len() >= 5 + len {
+                let m = pending.split_to(5 + len);
+                return Some(Bytes::copy_from_slice(&m[5..]));
+            }
+        }
+        let chunk = body.data().await?.expect("body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        pending.extend_from_slice(&chunk);
+    }
+}
+
+#[test]
+fn streaming_calls_exchange_messages_as_they_come() {
+    let server = TestServer::start(small_config());
+    runtime().block_on(async {
+        let (mut send, resp) = open_stream(server.addr, "/test.Stream/Echo").await;
+        // Headers come before any message is sent.
+        let resp = resp.await.expect("headers");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut pending = BytesMut::new();
+        // Each message is answered before the next one is sent.
+        for m in [&b"one"[..], b"", b"three"] {
+            send.send_data(message(m), false).unwrap();
+            let got = read_message(&mut body, &mut pending).await.expect("echo");
+            assert_eq!(&got[..], m);
+        }
+        send.send_data(Bytes::new(), true).unwrap();
+        let count = read_message(&mut body, &mut pending).await.expect("count");
+        assert_eq!(&count[..], &[3]);
+        let trailers = body.trailers().await.unwrap().expect("trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+
+        // A handler error becomes the trailers' status.
+        let (mut send, resp) = open_stream(server.addr, "/test.Stream/Fail").await;
+        send.send_data(message(b"x"), false).unwrap();
+        let mut body = resp.await.expect("headers").into_body();
+        let mut pending = BytesMut::new();
+        assert!(read_message(&mut body, &mut pending).await.is_some());
+        let trailers = body.trailers().await.unwrap().expect("trailers");
+        assert_eq!(trailers["grpc-status"], "5");
+    });
+    server.stop();
 }

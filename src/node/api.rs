@@ -13,7 +13,7 @@ use futures::channel::oneshot;
 use futures::future::LocalBoxFuture;
 use prost::Message;
 
-use crate::grpc::{Code, Handler, Request, Status};
+use crate::grpc::{Code, Handler, Kind, Request, Status};
 use crate::node::meta::NodeMeta;
 use crate::proto::admin::{PartitionStatus, StatusResponse};
 use crate::proto::peer::{
@@ -360,18 +360,12 @@ impl Handler for Api {
         Box::pin(async move { api.dispatch(req, None).await })
     }
 
-    fn knows(&self, method: &str) -> bool {
-        matches!(
-            method,
-            NODE_BOOTSTRAP
-                | NODE_JOIN
-                | NODE_LEAVE
-                | ADMIN_STATUS
-                | KV_PUT
-                | KV_GET
-                | KV_DELETE
-                | KV_CAS
-        )
+    fn kind(&self, method: &str) -> Option<Kind> {
+        match method {
+            NODE_BOOTSTRAP | NODE_JOIN | NODE_LEAVE | ADMIN_STATUS | KV_PUT | KV_GET
+            | KV_DELETE | KV_CAS => Some(Kind::Unary),
+            _ => None,
+        }
     }
 }
 

@@ -1,0 +1,109 @@
+//! Streaming calls: the handler reads the client's messages as they arrive
+//! ([`Incoming`]) and writes its own as it produces them ([`Outgoing`]),
+//! with HTTP/2 flow control both ways: a client that sends faster than the
+//! handler reads is held back by its window (capacity is released only as
+//! messages are taken), and a handler that writes faster than the client
+//! reads waits in [`Outgoing::send`].
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+
+use super::codec::{self, StreamDecoder};
+use super::flow::send_all;
+use super::{Code, Status};
+
+/// One streaming call as the frontend hands it to the application.
+pub struct StreamCall {
+    /// The `:path`, e.g. `/grpc.health.v1.Health/Watch`.
+    pub method: String,
+    /// From `grpc-timeout`, if the client sent one (the frontend ends the
+    /// call then in any case).
+    pub deadline: Option<Instant>,
+    /// See [`super::Request::client_verified`].
+    pub client_verified: bool,
+    pub incoming: Incoming,
+    pub outgoing: Outgoing,
+}
+
+/// The client's messages.
+pub struct Incoming {
+    body: RecvStream,
+    decoder: StreamDecoder,
+    done: bool,
+}
+
+impl Incoming {
+    pub(super) fn new(body: RecvStream, max_message_size: usize) -> Incoming {
+        Incoming {
+            body,
+            decoder: StreamDecoder::new(max_message_size),
+            done: false,
+        }
+    }
+
+    /// The next message; `None` once the client has half-closed. An
+    /// oversized, compressed or cut-off message, or a reset, is an error.
+    pub async fn next(&mut self) -> Option<Result<Bytes, Status>> {
+        loop {
+            if let Some(m) = self.decoder.next_message() {
+                return Some(Ok(m));
+            }
+            if self.done {
+                return None;
+            }
+            match self.body.data().await {
+                Some(Ok(chunk)) => {
+                    // The window reopens only as messages are taken: this
+                    // is where a fast sender is slowed to the handler's pace.
+                    let _ = self.body.flow_control().release_capacity(chunk.len());
+                    if let Err(e) = self.decoder.push(chunk) {
+                        self.done = true;
+                        return Some(Err(e.to_status()));
+                    }
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(Status::new(
+                        Code::Cancelled,
+                        format!("request stream: {e}"),
+                    )));
+                }
+                None => {
+                    self.done = true;
+                    if let Err(e) = self.decoder.finish() {
+                        return Some(Err(e.to_status()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where the handler's messages go. The response headers are already sent;
+/// the frontend sends the trailers with the handler's status.
+pub struct Outgoing {
+    pub(super) stream: Rc<RefCell<Option<SendStream<Bytes>>>>,
+}
+
+impl Outgoing {
+    /// Sends one message, waiting for the client's window to admit it.
+    /// Fails (CANCELLED) once the client is gone.
+    pub async fn send(&mut self, msg: Bytes) -> Result<(), Status> {
+        let pieces = codec::encode(msg)
+            .ok_or_else(|| Status::resource_exhausted("message exceeds the 4 GiB frame limit"))?;
+        // Why take it out: the borrow must not be held across the await
+        // (the frontend looks at the stream for resets meanwhile).
+        let mut stream = self
+            .stream
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| Status::new(Code::Cancelled, "the call has ended"))?;
+        let sent = send_all(&mut stream, pieces, false).await;
+        *self.stream.borrow_mut() = Some(stream);
+        sent.map_err(|e| Status::new(Code::Cancelled, format!("response stream: {e}")))
+    }
+}
