@@ -13,7 +13,7 @@ use futures::channel::oneshot;
 use futures::future::LocalBoxFuture;
 use prost::Message;
 
-use crate::grpc::{Code, Handler, Kind, Request, Status};
+use crate::grpc::{Code, Handler, Kind, Request, Status, StreamCall};
 use crate::node::meta::NodeMeta;
 use crate::proto::admin::{PartitionStatus, StatusResponse};
 use crate::proto::peer::{
@@ -52,6 +52,8 @@ pub struct ApiInner {
     /// This shard's copy of the node metadata and the version it was
     /// taken at (see `NodeShared::meta_version`).
     meta_cache: RefCell<(u64, Rc<NodeMeta>)>,
+    /// Fires when the node starts to shut down (health says NOT_SERVING).
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 /// Cheap handle to one shard's application.
@@ -71,6 +73,7 @@ impl Api {
         shard: usize,
         links: Rc<PeerLinks>,
         peer_pending: Rc<RefCell<HashMap<u64, oneshot::Sender<PeerResponse>>>>,
+        shutdown: crate::shutdown::Shutdown,
     ) -> Api {
         // Ids of forwarded calls, matched only by this shard against the
         // answers it gets back; the random start keeps a restarted node from
@@ -87,6 +90,7 @@ impl Api {
             sessions: crate::kv::session::Proposer::new(session),
             forward_hints: RefCell::new(HashMap::new()),
             meta_cache: RefCell::new((u64::MAX, Rc::new(NodeMeta::default()))),
+            shutdown,
         }))
     }
 
@@ -146,6 +150,7 @@ impl Api {
                 reply(self.remove_voter(r, deadline).await)
             }
             PEER_CONF_QUERY if from_peer => reply(self.conf_query(decode(&req.body)?).await),
+            super::health::CHECK => super::health::check(self, &req.body),
             m => Err(Status::unimplemented(format!("unknown method {m}"))),
         }
     }
@@ -325,6 +330,27 @@ fn refused_peer_call(from: u64, why: &str) {
     }
 }
 
+impl Api {
+    /// With a client CA on the API port, the control service (or every
+    /// service) requires a client certificate that verified against it.
+    fn authorize(&self, method: &str, client_verified: bool) -> Result<(), Status> {
+        use crate::tls::ClientAuth;
+        let auth = self.node.config.api_tls.as_ref().map(|t| t.client_auth);
+        let needs_cert = match auth {
+            Some(ClientAuth::All) => true,
+            Some(ClientAuth::Control) => method.starts_with(NODE_SERVICE),
+            Some(ClientAuth::Off) | None => false,
+        };
+        if needs_cert && !client_verified {
+            return Err(Status::new(
+                Code::Unauthenticated,
+                format!("{method} requires a client certificate from the API's client CA"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Methods a peer may call over the peer port.
 fn is_peer_method(method: &str) -> bool {
     matches!(
@@ -338,33 +364,42 @@ const NODE_SERVICE: &str = "/atomix.multiraft.v1.Node/";
 
 impl Handler for Api {
     fn call(&self, req: Request) -> LocalBoxFuture<'static, Result<Bytes, Status>> {
-        // With a client CA on the API port, the control service (or every
-        // service) requires a client certificate that verified against it.
-        use crate::tls::ClientAuth;
-        let auth = self.node.config.api_tls.as_ref().map(|t| t.client_auth);
-        let needs_cert = match auth {
-            Some(ClientAuth::All) => true,
-            Some(ClientAuth::Control) => req.method.starts_with(NODE_SERVICE),
-            Some(ClientAuth::Off) | None => false,
-        };
-        if needs_cert && !req.client_verified {
-            return Box::pin(std::future::ready(Err(Status::new(
-                Code::Unauthenticated,
-                format!(
-                    "{} requires a client certificate from the API's client CA",
-                    req.method
-                ),
-            ))));
+        if let Err(status) = self.authorize(&req.method, req.client_verified) {
+            return Box::pin(std::future::ready(Err(status)));
         }
         let api = self.clone();
         Box::pin(async move { api.dispatch(req, None).await })
     }
 
     fn kind(&self, method: &str) -> Option<Kind> {
+        use super::{health, reflection};
         match method {
-            NODE_BOOTSTRAP | NODE_JOIN | NODE_LEAVE | ADMIN_STATUS | KV_PUT | KV_GET
-            | KV_DELETE | KV_CAS => Some(Kind::Unary),
+            NODE_BOOTSTRAP
+            | NODE_JOIN
+            | NODE_LEAVE
+            | ADMIN_STATUS
+            | KV_PUT
+            | KV_GET
+            | KV_DELETE
+            | KV_CAS
+            | health::CHECK => Some(Kind::Unary),
+            health::WATCH | reflection::V1 | reflection::V1ALPHA => Some(Kind::Streaming),
             _ => None,
+        }
+    }
+
+    fn stream(&self, call: StreamCall) -> LocalBoxFuture<'static, Result<(), Status>> {
+        use super::{health, reflection};
+        if let Err(status) = self.authorize(&call.method, call.client_verified) {
+            return Box::pin(std::future::ready(Err(status)));
+        }
+        match call.method.as_str() {
+            health::WATCH => Box::pin(health::watch(self.clone(), call)),
+            reflection::V1 | reflection::V1ALPHA => Box::pin(reflection::serve(call)),
+            m => {
+                let m = m.to_owned();
+                Box::pin(async move { Err(Status::unimplemented(format!("unknown method {m}"))) })
+            }
         }
     }
 }

@@ -9,7 +9,9 @@
 
 pub mod api;
 pub mod control;
+pub mod health;
 pub mod meta;
+pub mod reflection;
 
 use std::rc::Rc;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
@@ -250,7 +252,13 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
         .map_err(|e| format!("bind API address {}: {e}", cfg.api_addr))?;
     let raft_listener = crate::net::reuseport_listener(cfg.raft_addr)
         .map_err(|e| format!("bind raft address {}: {e}", cfg.raft_addr))?;
-    let api = Api::new(node.clone(), k, links.clone(), shard.peer_pending.clone());
+    let api = Api::new(
+        node.clone(),
+        k,
+        links.clone(),
+        shard.peer_pending.clone(),
+        shutdown.clone(),
+    );
     let grpc_config = crate::grpc::ServerConfig {
         max_message_size: cfg.max_message_size,
         tls: cfg.api_tls.clone(),

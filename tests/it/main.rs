@@ -4,6 +4,7 @@
 //!
 //! - `support`: the harness (node processes, clusters, clients, waiting).
 //! - `node_api`: the `atomix.multiraft.v1.Node` control API and gRPC edge cases.
+//! - `operator`: health checking and server reflection.
 //! - `kv`: the replicated key-value data plane.
 //! - `limits`: memory and connections stay bounded against greedy clients
 //!   and peers.
@@ -29,6 +30,7 @@ mod limits;
 mod linearizability;
 mod netns;
 mod node_api;
+mod operator;
 mod support;
 mod tls;
 

@@ -1,0 +1,198 @@
+//! What operators' tools use, through clients generated separately from the
+//! standard protos: health checking (Check, and Watch through a shutdown),
+//! and server reflection in both versions, down to calling KV with no
+//! proto files at all (descriptors fetched by reflection, requests built
+//! from JSON as grpcurl builds them).
+
+use std::time::Duration;
+
+use prost::Message as _;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use prost_types::{FileDescriptorProto, FileDescriptorSet};
+use tonic::Code;
+
+use crate::pb::grpc::health::v1::health_check_response::ServingStatus;
+use crate::pb::grpc::health::v1::health_client::HealthClient;
+use crate::pb::grpc::health::v1::HealthCheckRequest;
+use crate::pb::grpc::reflection::{v1, v1alpha};
+use crate::support::*;
+
+fn check(service: &str) -> tonic::Request<HealthCheckRequest> {
+    req(
+        HealthCheckRequest {
+            service: service.into(),
+        },
+        Duration::from_secs(10),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_and_watch_through_a_shutdown() {
+    let mut cluster = Cluster::start(1, 2, Some(FAST_CONFIG)).await;
+    cluster.bootstrap(&cluster.layout(1..=1)).await;
+    let mut health = HealthClient::new(cluster.node(1).channel().await);
+    for service in ["", "multiraft.kv.v1.KV", "atomix.multiraft.v1.Node"] {
+        let r = health.check(check(service)).await.expect("Check");
+        assert_eq!(
+            r.into_inner().status(),
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    expect_code(
+        health.check(check("no.such.Service")).await,
+        Code::NotFound,
+        "Check of an unknown service",
+    );
+
+    let mut watch = health
+        .watch(tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        }))
+        .await
+        .expect("Watch")
+        .into_inner();
+    let first = watch
+        .message()
+        .await
+        .expect("first status")
+        .expect("a message");
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    // SIGTERM: the watcher hears NOT_SERVING before the node goes.
+    let pid = cluster.node(1).pid() as libc::pid_t;
+    // SAFETY: plain syscall on a pid the harness spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a status within 10 s of SIGTERM");
+    let next = next.expect("the stream ends cleanly").expect("a message");
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    let status = cluster.node_mut(1).wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}");
+}
+
+/// Asks a v1 reflection stream for `requests`, one response each.
+async fn reflect_v1(
+    node: &Node,
+    requests: Vec<v1::server_reflection_request::MessageRequest>,
+) -> Vec<v1::server_reflection_response::MessageResponse> {
+    let mut client =
+        v1::server_reflection_client::ServerReflectionClient::new(node.channel().await);
+    let n = requests.len();
+    let outgoing =
+        futures::stream::iter(requests.into_iter().map(|r| v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(r),
+        }));
+    let mut stream = client
+        .server_reflection_info(outgoing)
+        .await
+        .expect("ServerReflectionInfo")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = stream.message().await.expect("a response") {
+        out.push(r.message_response.expect("an answer"));
+    }
+    assert_eq!(out.len(), n, "one response per request");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_describes_and_calls_without_protos() {
+    use v1::server_reflection_request::MessageRequest as Req;
+    use v1::server_reflection_response::MessageResponse as Resp;
+    let cluster = Cluster::start(1, 2, Some(FAST_CONFIG)).await;
+    cluster.bootstrap(&cluster.layout(1..=1)).await;
+    let node = cluster.node(1);
+
+    let answers = reflect_v1(
+        node,
+        vec![
+            Req::ListServices(String::new()),
+            Req::FileContainingSymbol("multiraft.kv.v1.KV".into()),
+            Req::FileContainingSymbol("no.such.Symbol".into()),
+        ],
+    )
+    .await;
+    let Resp::ListServicesResponse(list) = &answers[0] else {
+        panic!("not a service list: {:?}", answers[0]);
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for want in [
+        "multiraft.kv.v1.KV",
+        "atomix.multiraft.v1.Node",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&want), "{want} not listed: {names:?}");
+    }
+    let Resp::FileDescriptorResponse(files) = &answers[1] else {
+        panic!("no descriptors: {:?}", answers[1]);
+    };
+    let Resp::ErrorResponse(missing) = &answers[2] else {
+        panic!("an unknown symbol was found: {:?}", answers[2]);
+    };
+    assert_eq!(missing.error_code, Code::NotFound as i32);
+
+    // Build the messages from the descriptors alone, as grpcurl does.
+    let set = FileDescriptorSet {
+        file: files
+            .file_descriptor_proto
+            .iter()
+            .map(|b| FileDescriptorProto::decode(&b[..]).expect("a FileDescriptorProto"))
+            .collect(),
+    };
+    let pool = DescriptorPool::from_file_descriptor_set(set).expect("a complete descriptor set");
+    let kv = pool
+        .get_service_by_name("multiraft.kv.v1.KV")
+        .expect("the KV service");
+    let method = |name: &str| {
+        kv.methods()
+            .find(|m| m.name() == name)
+            .unwrap_or_else(|| panic!("no method {name}"))
+    };
+    let call = async |name: &str, path: &'static str, json: &str| {
+        let m = method(name);
+        let mut de = serde_json::Deserializer::from_str(json);
+        let request = DynamicMessage::deserialize(m.input(), &mut de).expect("JSON request");
+        let bytes = raw_unary(node.channel().await, path, request.encode_to_vec())
+            .await
+            .unwrap_or_else(|s| panic!("{path}: {s:?}"));
+        let response = DynamicMessage::decode(m.output(), &bytes[..]).expect("response");
+        serde_json::to_value(&response).expect("JSON response")
+    };
+    let put = call(
+        "Put",
+        "/multiraft.kv.v1.KV/Put",
+        r#"{"partitionId": 1, "key": "a2V5", "value": "dmFsdWU="}"#,
+    )
+    .await;
+    assert!(put.get("index").is_some(), "{put}");
+    let got = call(
+        "Get",
+        "/multiraft.kv.v1.KV/Get",
+        r#"{"partitionId": 1, "key": "a2V5"}"#,
+    )
+    .await;
+    assert_eq!(got["value"], "dmFsdWU=", "{got}");
+
+    // v1alpha, which older grpcurl releases use, answers the same way.
+    let mut alpha =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(node.channel().await);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut stream = alpha
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .expect("v1alpha ServerReflectionInfo")
+        .into_inner();
+    let answer = stream.message().await.expect("a response").expect("one");
+    assert!(matches!(
+        answer.message_response,
+        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(_))
+    ));
+}
