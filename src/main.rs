@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use multiraft::cli::bench::parse_duration;
 use multiraft::cli::{self, bench, cluster};
-use multiraft::config::{parse_duration, NodeConfig, RaftConfig};
+use multiraft::config::{NodeConfig, RaftConfig};
 
 #[derive(Parser)]
 #[command(
@@ -87,7 +88,7 @@ enum Cmd {
     },
     /// Give a node the cluster layout: partitions 1..=N, each with all members.
     Bootstrap {
-        /// The node's API address.
+        /// The node's API address (HOST:PORT).
         #[arg(long)]
         addr: String,
         /// Number of partitions.
@@ -96,33 +97,40 @@ enum Cmd {
         /// Members as ID=RAFT_HOST:PORT,...
         #[arg(long)]
         members: String,
-        /// How long to wait for leaders, e.g. "30s".
+        /// How long to wait for leaders, e.g. "30s", "500ms", "2m".
         #[arg(long, default_value = "30s")]
         timeout: String,
     },
     /// Add the node at --addr to an existing partition.
     Join {
+        /// The node's API address (HOST:PORT).
         #[arg(long)]
         addr: String,
+        /// The partition to join.
         #[arg(long)]
         partition: u32,
         /// The partition's members including the joining node, ID=RAFT_HOST:PORT,...
         #[arg(long)]
         members: String,
+        /// How long to wait for the replica to catch up, e.g. "60s".
         #[arg(long, default_value = "60s")]
         timeout: String,
     },
     /// Remove the node at --addr from a partition and delete its replica.
     Leave {
+        /// The node's API address (HOST:PORT).
         #[arg(long)]
         addr: String,
+        /// The partition to leave.
         #[arg(long)]
         partition: u32,
+        /// How long to wait for the removal to commit, e.g. "30s".
         #[arg(long, default_value = "30s")]
         timeout: String,
     },
     /// Show the partitions a node hosts.
     Status {
+        /// The node's API address (HOST:PORT).
         #[arg(long)]
         addr: String,
         /// Machine-readable output (proto3 JSON field names).

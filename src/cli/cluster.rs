@@ -80,7 +80,7 @@ impl LocalCluster {
                     free_port().map_err(|e| e.to_string())?,
                 )
             } else {
-                (spec.base_port + id as u16, spec.base_port + 100 + id as u16)
+                ports(spec.base_port, id)?
             };
             let data_dir = dir.join(format!("node-{id}"));
             let log = dir.join(format!("node-{id}.log"));
@@ -130,6 +130,32 @@ impl Drop for LocalCluster {
     }
 }
 
+/// The API and raft ports of node `id` from `base`: BASE+id and
+/// BASE+100+id, refused when they would pass 65535 (they used to wrap).
+fn ports(base: u16, id: u64) -> Result<(u16, u16), String> {
+    let api = u64::from(base) + id;
+    let raft = api + 100;
+    match (u16::try_from(api), u16::try_from(raft)) {
+        (Ok(a), Ok(r)) => Ok((a, r)),
+        _ => Err(format!(
+            "--base-port {base} leaves no room for node {id}: its raft port would be {raft} (ports end at 65535)"
+        )),
+    }
+}
+
+/// The last lines of `path`, for an error message that must stand on its
+/// own (the file may be removed with the cluster's temporary directory).
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+    if tail.is_empty() {
+        "(its log is empty)".into()
+    } else {
+        format!("its log ends:\n{tail}")
+    }
+}
+
 impl LocalNode {
     fn spawn(
         &mut self,
@@ -171,9 +197,9 @@ impl LocalNode {
             if let Some(c) = &mut self.child {
                 if let Ok(Some(st)) = c.try_wait() {
                     return Err(format!(
-                        "node {} exited during start-up ({st}); see {}",
+                        "node {} exited during start-up ({st}); {}",
                         self.id,
-                        self.log.display()
+                        log_tail(&self.log)
                     ));
                 }
             }
@@ -185,9 +211,9 @@ impl LocalNode {
             }
             if Instant::now() > until {
                 return Err(format!(
-                    "node {} did not start within {limit:?}; see {}",
+                    "node {} did not start within {limit:?}; {}",
                     self.id,
-                    self.log.display()
+                    log_tail(&self.log)
                 ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -211,5 +237,31 @@ impl LocalNode {
         }
         let _ = child.kill();
         let _ = child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_never_wrap() {
+        assert_eq!(ports(7000, 1).unwrap(), (7001, 7101));
+        assert_eq!(ports(65334, 1).unwrap(), (65335, 65435));
+        let err = ports(65500, 1).unwrap_err();
+        assert!(err.contains("65601"), "{err}");
+        assert!(ports(65434, 1).is_ok() && ports(65434, 2).is_err());
+    }
+
+    #[test]
+    fn a_log_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&path, text).unwrap();
+        let tail = log_tail(&path);
+        assert!(tail.contains("line 30") && tail.contains("line 21"));
+        assert!(!tail.contains("line 20\n"));
+        assert_eq!(log_tail(&dir.path().join("absent")), "(its log is empty)");
     }
 }

@@ -156,12 +156,27 @@ impl Node {
                     return Err(e);
                 }
                 Err(_) => {
-                    node_handle.stop();
-                    return Err("a shard exited during start-up".into());
+                    // A shard thread ended without a word: its executor
+                    // could not be built. Its join result says why.
+                    node_handle.stop_quietly();
+                    let why = std::mem::take(&mut node_handle.threads)
+                        .into_iter()
+                        .filter_map(|h| h.join().err())
+                        .map(|e| e.to_string())
+                        .next()
+                        .unwrap_or_else(|| "no error reported".into());
+                    return Err(format!("a shard could not start: {why}{}", memlock_hint()));
                 }
             }
         }
         Ok(node_handle)
+    }
+
+    /// Asks every shard to stop, without waiting for their threads.
+    fn stop_quietly(&mut self) {
+        for t in &mut self.triggers {
+            t.trigger();
+        }
     }
 
     /// Stops every shard and waits for their threads.
@@ -378,6 +393,26 @@ fn debug_panic_hook(k: usize) {
         })
         .detach();
     }
+}
+
+/// A hint for a failed executor start: glommio locks (mlock) its I/O
+/// memory, so a low RLIMIT_MEMLOCK is the usual cause for non-root users.
+fn memlock_hint() -> String {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass; nothing else.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    if rc != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        return String::new();
+    }
+    format!(
+        " (each shard locks a few MiB of memory for io_uring; RLIMIT_MEMLOCK is {} KiB: \
+         raise it with `ulimit -l 65536`, LimitMEMLOCK= in a systemd unit, or \
+         --ulimit memlock in docker)",
+        lim.rlim_cur / 1024
+    )
 }
 
 /// How long start-up waits for a busy address to become free (see

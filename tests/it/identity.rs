@@ -397,3 +397,56 @@ async fn a_relative_data_directory_works() {
     );
     assert!(dir.path().join("data/node.json").exists(), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_memlock_limit_is_named() {
+    // Root ignores RLIMIT_MEMLOCK: run the node as nobody, with setpriv.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0
+        || std::process::Command::new("setpriv")
+            .arg("--help")
+            .output()
+            .is_err()
+    {
+        note("skipped: needs root and setpriv to run a node as another user");
+        return;
+    }
+    // A directory nobody can reach, outside the (root-only) build tree.
+    let dir = tempfile::Builder::new()
+        .prefix("multiraft-memlock-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let bin = dir.path().join("multiraft");
+    std::fs::copy(BIN, &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = format!(
+        "ulimit -l 64 && exec {} serve --node-id 1 --api-addr 127.0.0.1:{} --raft-addr 127.0.0.1:{} --data-dir {}/data --shards 2",
+        bin.display(),
+        free_port(),
+        free_port(),
+        dir.path().display()
+    );
+    let out = tokio::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "bash",
+            "-c",
+            &script,
+        ])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("a node that cannot lock its memory exits")
+        .unwrap();
+    let text = output_text(&out);
+    assert!(
+        !out.status.success(),
+        "the node started with a 64 KiB memlock limit:\n{text}"
+    );
+    assert!(text.contains("RLIMIT_MEMLOCK is 64 KiB"), "{text}");
+}

@@ -778,7 +778,20 @@ async fn command_line_bootstrap_status_join_leave() {
     cluster.bootstrap(&cluster.layout(1..=4)).await;
 
     // Errors come back as nonzero exits naming the status.
-    let out = cli(&["leave", "--addr", &addr1, "--partition", "999"], t).await;
+    // (Durations take the same grammar everywhere: "500ms" too.)
+    let out = cli(
+        &[
+            "leave",
+            "--addr",
+            &addr1,
+            "--partition",
+            "999",
+            "--timeout",
+            "500ms",
+        ],
+        t,
+    )
+    .await;
     assert!(!out.status.success(), "{}", output_text(&out));
     assert!(mentions_code(&out, "NOT_FOUND"), "{}", output_text(&out));
 
