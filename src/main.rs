@@ -24,6 +24,55 @@ struct Cli {
     tls: TlsArgs,
 }
 
+/// Where a data command goes.
+#[derive(clap::Args)]
+struct DataTarget {
+    /// A node's API address (HOST:PORT); any node serves any partition.
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    addr: String,
+    /// The partition; 0 lets the server pick it from the key.
+    #[arg(long, default_value_t = 0)]
+    partition: u32,
+    /// Deadline of the call, e.g. "5s", "500ms".
+    #[arg(long, default_value = "10s")]
+    timeout: String,
+    /// Print proto3 JSON (bytes in base64).
+    #[arg(long)]
+    json: bool,
+}
+
+impl DataTarget {
+    fn resolve(&self) -> Result<cli::data::Target> {
+        Ok(cli::data::Target {
+            addr: self.addr.clone(),
+            partition: self.partition,
+            timeout: dur(&self.timeout)?,
+            json: self.json,
+        })
+    }
+}
+
+/// The value of `put`/`cas`: the argument, or the file's bytes.
+fn value_of(text: Option<String>, file: Option<String>) -> Result<bytes::Bytes> {
+    match (text, file) {
+        (Some(t), None) => Ok(bytes::Bytes::from(t.into_bytes())),
+        (None, Some(f)) => cli::data::read_value_file(&f).map_err(|e| anyhow!(e)),
+        _ => bail!("give the value either as an argument or with --value-file"),
+    }
+}
+
+/// Runs a data command and exits 1 when its outcome is not a success.
+fn data(
+    f: impl std::future::Future<Output = Result<cli::data::Outcome, multiraft::grpc::Status>>,
+) -> Result<()> {
+    let outcome = client_runtime()?.block_on(f)?;
+    cli::data::print(&outcome)?;
+    if !outcome.ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 /// TLS files. `serve` uses them as the node's identity among its peers
 /// (mutual TLS on the raft port); the client commands as the CA that the
 /// node's API certificate must chain to and, for control calls, a client
@@ -136,6 +185,57 @@ enum Cmd {
         /// Machine-readable output (proto3 JSON field names).
         #[arg(long)]
         json: bool,
+    },
+    /// Write a key: `put KEY VALUE` or `put KEY --value-file FILE`.
+    Put {
+        #[command(flatten)]
+        target: DataTarget,
+        /// The key, as text.
+        key: String,
+        /// The value as text (or give --value-file).
+        #[arg(required_unless_present = "value_file")]
+        value: Option<String>,
+        /// Read the value from FILE ("-": stdin).
+        #[arg(long, conflicts_with = "value")]
+        value_file: Option<String>,
+    },
+    /// Read a key (linearizable unless --serializable); prints the value's
+    /// bytes. Exit status 1 if the key is absent.
+    Get {
+        #[command(flatten)]
+        target: DataTarget,
+        /// The key, as text.
+        key: String,
+        /// Read this node's replica as it is, without a ReadIndex round.
+        #[arg(long)]
+        serializable: bool,
+    },
+    /// Delete a key.
+    Del {
+        #[command(flatten)]
+        target: DataTarget,
+        /// The key, as text.
+        key: String,
+    },
+    /// Set a key only if it holds --expect (or, with --expect-absent, only
+    /// if it is absent). Exit status 1 if the comparison fails.
+    Cas {
+        #[command(flatten)]
+        target: DataTarget,
+        /// The key, as text.
+        key: String,
+        /// The new value as text (or give --value-file).
+        #[arg(required_unless_present = "value_file")]
+        value: Option<String>,
+        /// Read the new value from FILE ("-": stdin).
+        #[arg(long, conflicts_with = "value")]
+        value_file: Option<String>,
+        /// The value the key must hold now.
+        #[arg(long, required_unless_present = "expect_absent")]
+        expect: Option<String>,
+        /// The key must be absent now.
+        #[arg(long, conflicts_with = "expect")]
+        expect_absent: bool,
     },
     /// Start a local cluster of node processes, bootstrap it, run until Ctrl-C.
     Cluster {
@@ -334,6 +434,37 @@ fn run(cli: Cli) -> Result<()> {
             shards,
         } => run_cluster(nodes, partitions, dir, base_port, shards),
         Cmd::Bench(args) => bench::run_cli(&args).map_err(|e| anyhow!(e)),
+        Cmd::Put {
+            target,
+            key,
+            value,
+            value_file,
+        } => {
+            let value = value_of(value, value_file)?;
+            data(cli::data::put(&target.resolve()?, &key, value))
+        }
+        Cmd::Get {
+            target,
+            key,
+            serializable,
+        } => data(cli::data::get(&target.resolve()?, &key, serializable)),
+        Cmd::Del { target, key } => data(cli::data::del(&target.resolve()?, &key)),
+        Cmd::Cas {
+            target,
+            key,
+            value,
+            value_file,
+            expect,
+            expect_absent,
+        } => {
+            let value = value_of(value, value_file)?;
+            let expected = match (expect, expect_absent) {
+                (Some(e), false) => Some(bytes::Bytes::from(e.into_bytes())),
+                (None, true) => None,
+                _ => bail!("give either --expect VALUE or --expect-absent"),
+            };
+            data(cli::data::cas(&target.resolve()?, &key, expected, value))
+        }
     }
 }
 

@@ -1,8 +1,10 @@
 //! Operator commands: thin gRPC clients for the Node and Admin services,
-//! and the local-cluster launcher used by `cluster` and `bench`.
+//! the data commands (`data`), and the local-cluster launcher used by
+//! `cluster` and `bench`.
 
 pub mod bench;
 pub mod cluster;
+pub mod data;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -196,3 +196,64 @@ async fn reflection_lists_describes_and_calls_without_protos() {
         Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_commands_write_read_delete_and_compare() {
+    let cluster = Cluster::start(1, 2, Some(FAST_CONFIG)).await;
+    cluster.bootstrap(&cluster.layout(1..=2)).await;
+    let addr = cluster.node(1).api_addr.to_string();
+    let t = Duration::from_secs(20);
+    let run = async |args: &[&str]| {
+        let mut all = vec![args[0], "--addr", &addr];
+        all.extend_from_slice(&args[1..]);
+        cli(&all, t).await
+    };
+    let stdout = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+
+    let out = run(&["put", "greeting", "hello"]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(stdout(&out).starts_with("OK index "), "{}", stdout(&out));
+    let out = run(&["get", "greeting"]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(out.stdout, b"hello");
+
+    // A value from a file, bytes intact; JSON shows them in base64.
+    let dir = test_dir();
+    let file = dir.path().join("value.bin");
+    std::fs::write(&file, [0u8, 159, 146, 150]).unwrap();
+    let path = file.display().to_string();
+    let out = run(&["put", "bin", "--value-file", &path, "--partition", "2"]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = run(&["get", "bin", "--partition", "2"]).await;
+    assert_eq!(out.stdout, [0u8, 159, 146, 150]);
+    let out = run(&["get", "bin", "--partition", "2", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["value"], "AJ+Slg==", "{v}");
+    assert_eq!(v["partitionId"], 2, "{v}");
+
+    // Compare-and-swap: the right expectation wins, a wrong one exits 1.
+    let out = run(&["cas", "greeting", "bye", "--expect", "hello"]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = run(&["cas", "greeting", "again", "--expect", "hello"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(stdout(&out).contains("\"bye\""), "{}", stdout(&out));
+    let out = run(&["cas", "fresh", "new", "--expect-absent"]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+
+    // Delete, then the key is gone (exit 1, nothing on stdout).
+    let out = run(&["del", "greeting"]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(stdout(&out).contains("deleted \"bye\""), "{}", stdout(&out));
+    let out = run(&["get", "greeting"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(out.stdout.is_empty());
+
+    // Errors name their status.
+    let out = run(&["get", "x", "--partition", "99"]).await;
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("NOT_FOUND"),
+        "{}",
+        output_text(&out)
+    );
+}

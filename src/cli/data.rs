@@ -1,0 +1,229 @@
+//! The data commands, like etcdctl's: `put`, `get`, `del`, `cas`.
+//!
+//! Keys are given as text; values as text or read from a file (`-` for
+//! stdin). Without `--json`, `get` writes the value's bytes to stdout as
+//! they are, and the others print one line; with `--json`, every command
+//! prints one object in proto3 JSON (bytes in base64, as grpcurl shows
+//! them). A missing key (`get`) and a failed comparison (`cas`) exit with
+//! status 1; errors exit with status 1 and name the gRPC status.
+
+use std::io::Write;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+
+use super::connect;
+use crate::grpc::Status;
+use crate::node::api::{KV_CAS, KV_DELETE, KV_GET, KV_PUT};
+use crate::proto::kv::{
+    CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse, GetRequest,
+    GetResponse, PutRequest, PutResponse,
+};
+
+/// What every data command needs.
+pub struct Target {
+    pub addr: String,
+    /// 0: chosen from the key by the server.
+    pub partition: u32,
+    pub timeout: Duration,
+    pub json: bool,
+}
+
+/// What a command prints and whether it counts as success.
+pub struct Outcome {
+    pub stdout: Vec<u8>,
+    pub ok: bool,
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// `bytes` as text when it is UTF-8, else as base64 with a marker.
+fn shown(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) => format!("{s:?}"),
+        Err(_) => format!("base64:{}", b64(b)),
+    }
+}
+
+fn line(s: String) -> Outcome {
+    Outcome {
+        stdout: format!("{s}\n").into_bytes(),
+        ok: true,
+    }
+}
+
+fn json(v: serde_json::Value, ok: bool) -> Outcome {
+    Outcome {
+        stdout: format!("{v}\n").into_bytes(),
+        ok,
+    }
+}
+
+/// Reads a value given as `--value-file PATH` (`-`: stdin).
+pub fn read_value_file(path: &str) -> Result<Bytes, String> {
+    let mut out = Vec::new();
+    if path == "-" {
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut out)
+            .map_err(|e| format!("read stdin: {e}"))?;
+    } else {
+        out = std::fs::read(path).map_err(|e| format!("read {path}: {e}"))?;
+    }
+    Ok(Bytes::from(out))
+}
+
+pub async fn put(t: &Target, key: &str, value: Bytes) -> Result<Outcome, Status> {
+    let req = PutRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value,
+        partition_id: t.partition,
+    };
+    let r: PutResponse = connect(&t.addr)
+        .await?
+        .call(KV_PUT, &req, Some(t.timeout))
+        .await?;
+    Ok(if t.json {
+        let mut v =
+            serde_json::json!({"index": r.index.to_string(), "partitionId": r.partition_id});
+        if let Some(p) = &r.previous {
+            v["previous"] = b64(p).into();
+        }
+        json(v, true)
+    } else {
+        let prev = r.previous.as_deref().map(shown);
+        line(format!(
+            "OK index {} partition {}{}",
+            r.index,
+            r.partition_id,
+            prev.map(|p| format!(" previous {p}")).unwrap_or_default()
+        ))
+    })
+}
+
+pub async fn get(t: &Target, key: &str, serializable: bool) -> Result<Outcome, Status> {
+    let req = GetRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        partition_id: t.partition,
+        serializable,
+    };
+    let r: GetResponse = connect(&t.addr)
+        .await?
+        .call(KV_GET, &req, Some(t.timeout))
+        .await?;
+    Ok(if t.json {
+        let mut v = serde_json::json!({
+            "found": r.found,
+            "index": r.index.to_string(),
+            "partitionId": r.partition_id,
+        });
+        if r.found {
+            v["value"] = b64(&r.value).into();
+        }
+        json(v, r.found)
+    } else if r.found {
+        Outcome {
+            stdout: r.value.to_vec(),
+            ok: true,
+        }
+    } else {
+        eprintln!("key {key:?} not found (partition {})", r.partition_id);
+        Outcome {
+            stdout: Vec::new(),
+            ok: false,
+        }
+    })
+}
+
+pub async fn del(t: &Target, key: &str) -> Result<Outcome, Status> {
+    let req = DeleteRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        partition_id: t.partition,
+    };
+    let r: DeleteResponse = connect(&t.addr)
+        .await?
+        .call(KV_DELETE, &req, Some(t.timeout))
+        .await?;
+    Ok(if t.json {
+        let mut v =
+            serde_json::json!({"index": r.index.to_string(), "partitionId": r.partition_id});
+        if let Some(p) = &r.previous {
+            v["previous"] = b64(p).into();
+        }
+        json(v, true)
+    } else {
+        line(match &r.previous {
+            Some(p) => format!(
+                "OK index {} partition {} deleted {}",
+                r.index,
+                r.partition_id,
+                shown(p)
+            ),
+            None => format!(
+                "OK index {} partition {} (there was no such key)",
+                r.index, r.partition_id
+            ),
+        })
+    })
+}
+
+/// Sets `key` to `value` if it holds `expected` (`None`: if it is absent).
+pub async fn cas(
+    t: &Target,
+    key: &str,
+    expected: Option<Bytes>,
+    value: Bytes,
+) -> Result<Outcome, Status> {
+    let req = CompareAndSwapRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        expected,
+        value,
+        partition_id: t.partition,
+    };
+    let r: CompareAndSwapResponse = connect(&t.addr)
+        .await?
+        .call(KV_CAS, &req, Some(t.timeout))
+        .await?;
+    Ok(if t.json {
+        let mut v = serde_json::json!({
+            "succeeded": r.succeeded,
+            "index": r.index.to_string(),
+            "partitionId": r.partition_id,
+        });
+        if let Some(c) = &r.current {
+            v["current"] = b64(c).into();
+        }
+        json(v, r.succeeded)
+    } else if r.succeeded {
+        line(format!("OK index {} partition {}", r.index, r.partition_id))
+    } else {
+        let current = r.current.as_deref().map(shown);
+        Outcome {
+            stdout: format!(
+                "FAILED: the key holds {}\n",
+                current.unwrap_or_else(|| "nothing".into())
+            )
+            .into_bytes(),
+            ok: false,
+        }
+    })
+}
+
+/// Writes an outcome's output; the process's exit status follows `ok`.
+pub fn print(o: &Outcome) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(&o.stdout)?;
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_show_as_text_or_base64() {
+        assert_eq!(shown(b"v1"), "\"v1\"");
+        assert_eq!(shown(&[0xff, 0x00]), "base64:/wA=");
+    }
+}
