@@ -6,9 +6,9 @@
 # completed requests were applied, print one summary line
 #     multiraft3 put ops/s: N      (multiraft1 with NODES=1)
 #
-# The request body is built by ../shared/bench/grpc-put-body.py: multiraft's
-# PutRequest uses etcd's field numbers (key = 1, value = 2), and
-# partition_id = 0 routes the key by hash, so the bytes are identical.
+# The request body is built below, the same bytes as an etcd Put of the
+# same key and value: multiraft's PutRequest uses etcd's field numbers
+# (key = 1, value = 2), and partition_id = 0 routes the key by hash.
 #
 # Needs: h2load (apt-get install nghttp2-client), python3, a release build
 # (cargo build --release).
@@ -28,7 +28,6 @@ TARGET=${TARGET:-leader}
 SHARDS=${SHARDS:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${BIN:-$HERE/../target/release/multiraft}
-BODYGEN=${BODYGEN:-$HERE/../../shared/bench/grpc-put-body.py}
 
 for b in h2load python3 "$BIN"; do
   command -v "$b" >/dev/null || { echo "missing $b" >&2; exit 2; }
@@ -49,7 +48,23 @@ for _ in $(seq 300); do grep -q '^ready:' "$WORK/cluster.out" 2>/dev/null && bre
 grep -q '^ready:' "$WORK/cluster.out" || { cat "$WORK/cluster.err" >&2; echo "cluster did not start" >&2; exit 1; }
 
 BODY="$WORK/put.bin"
-python3 "$BODYGEN" "$BODY" --key-len 16 --value-len "$VALUE_LEN" >/dev/null
+# 5-byte gRPC prefix + PutRequest { key = 1: 16 bytes, value = 2: VALUE_LEN }.
+python3 - "$BODY" "$VALUE_LEN" <<'EOF'
+import struct, sys
+def varint(n):
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+def field(num, data):
+    return varint(num << 3 | 2) + varint(len(data)) + data
+key = b"bench-key-000000"
+value = bytes((i * 31 + 7) % 256 for i in range(int(sys.argv[2])))
+msg = field(1, key) + field(2, value)
+open(sys.argv[1], "wb").write(struct.pack(">BI", 0, len(msg)) + msg)
+EOF
 api() { echo "127.0.0.1:$((BASE_PORT + $1))"; }
 
 # One Put tells which partition the key lives in; Status tells its leader.
