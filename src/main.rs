@@ -510,6 +510,7 @@ fn serve(
         eprintln!("multiraft: panic on thread {name} at {at}: {msg}; stopping the node");
         std::process::exit(EXIT_PANIC);
     }));
+    raise_memlock_limit();
     // Block the signals before any thread starts, so only the waiting
     // iterator below receives them.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -531,6 +532,31 @@ fn serve(
     node.stop();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft RLIMIT_MEMLOCK to the hard one: glommio pins its I/O
+/// memory and refuses to start below 512 KiB, while many systems (and
+/// container runtimes) set a low soft limit under a high hard one. Any
+/// process may raise its soft limit that far.
+fn raise_memlock_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) == 0 {
+                tracing::debug!(
+                    from = old,
+                    to = lim.rlim_max,
+                    "raised the soft RLIMIT_MEMLOCK"
+                );
+            }
+        }
+    }
 }
 
 fn run_cluster(

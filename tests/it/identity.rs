@@ -449,4 +449,40 @@ async fn a_low_memlock_limit_is_named() {
         "the node started with a 64 KiB memlock limit:\n{text}"
     );
     assert!(text.contains("RLIMIT_MEMLOCK is 64 KiB"), "{text}");
+
+    // A low soft limit under a high hard one is raised by the node itself.
+    let log = dir.path().join("soft.log");
+    let script = format!(
+        "ulimit -S -l 64 && exec {} serve --node-id 1 --api-addr 127.0.0.1:{} --raft-addr 127.0.0.1:{} --data-dir {}/soft --shards 2 >{} 2>&1",
+        bin.display(),
+        free_port(),
+        free_port(),
+        dir.path().display(),
+        log.display()
+    );
+    let hard = std::process::Command::new("bash")
+        .args(["-c", "ulimit -H -l"])
+        .output()
+        .unwrap();
+    let mut child = tokio::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "bash",
+            "-c",
+            &script,
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the node to start", async || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("node ready"))
+    })
+    .await;
+    let _ = child.kill().await;
+    note(format!(
+        "started with a soft limit of 64 KiB under a hard one of {}",
+        String::from_utf8_lossy(&hard.stdout).trim()
+    ));
 }
