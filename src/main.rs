@@ -82,57 +82,58 @@ struct TlsArgs {
     /// CA certificate (PEM). serve: the cluster CA every peer must chain
     /// to. Client commands: the CA of the nodes' API certificates (turns
     /// TLS on).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "MULTIRAFT_TLS_CA")]
     tls_ca: Option<PathBuf>,
     /// Certificate chain (PEM). serve: this node's, naming DNS:node-ID.
     /// Client commands: a client certificate for control calls.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "MULTIRAFT_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// Private key of --tls-cert (PEM).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "MULTIRAFT_TLS_KEY")]
     tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run one node.
+    /// Run one node. Every flag can also come from the environment
+    /// variable shown in --help (MULTIRAFT_NODE_ID, ...); a flag wins.
     Serve {
         /// This node's id (non-zero, unique in the cluster).
-        #[arg(long)]
+        #[arg(long, env = "MULTIRAFT_NODE_ID")]
         node_id: u64,
         /// gRPC address (Node, Admin and KV services).
-        #[arg(long)]
+        #[arg(long, env = "MULTIRAFT_API_ADDR")]
         api_addr: SocketAddr,
         /// Peer address for raft traffic between nodes.
-        #[arg(long)]
+        #[arg(long, env = "MULTIRAFT_RAFT_ADDR")]
         raft_addr: SocketAddr,
         /// Where the WAL, snapshots and node metadata live.
-        #[arg(long)]
+        #[arg(long, env = "MULTIRAFT_DATA_DIR")]
         data_dir: PathBuf,
         /// Shards (pinned executors); default: one per available CPU.
-        #[arg(long)]
+        #[arg(long, env = "MULTIRAFT_SHARDS")]
         shards: Option<usize>,
         /// MultiRaftConfig as proto3 JSON, e.g.
         /// {"heartbeatPeriod":"0.1s","electionTimeout":"1s"}.
-        #[arg(long)]
+        #[arg(long, env = "MULTIRAFT_CONFIG")]
         config: Option<PathBuf>,
         /// Size of one preallocated WAL segment, in MiB.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, env = "MULTIRAFT_WAL_SEGMENT_MIB", default_value_t = 64)]
         wal_segment_mib: u64,
         /// Serve the API over TLS with --tls-cert/--tls-key (default: h2c).
-        #[arg(long)]
+        #[arg(long, env = "MULTIRAFT_API_TLS")]
         api_tls: bool,
         /// Ask API clients for certificates from this CA (PEM); Node
         /// (control) calls then require one. Implies --api-tls.
-        #[arg(long)]
+        #[arg(long, env = "MULTIRAFT_API_CLIENT_CA")]
         api_client_ca: Option<PathBuf>,
         /// With --api-client-ca: which calls need a client certificate,
         /// "control" (Bootstrap, Join, Leave) or "all".
-        #[arg(long, default_value = "control", value_parser = ["control", "all"])]
+        #[arg(long, env = "MULTIRAFT_API_AUTH", default_value = "control", value_parser = ["control", "all"])]
         api_auth: String,
         /// API connections per shard; at the limit a new connection makes
         /// the longest-idle one go away, or is closed if all are busy.
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, env = "MULTIRAFT_MAX_CONNECTIONS", default_value_t = 1024)]
         max_connections: usize,
     },
     /// Give a node the cluster layout: partitions 1..=N, each with all members.

@@ -9,6 +9,7 @@
 //! - `limits`: memory and connections stay bounded against greedy clients
 //!   and peers.
 //! - `durability`: crashes, restarts and on-disk corruption.
+//! - `deploy`: the systemd unit and Kubernetes manifests against the binary.
 //! - `diskfull`: a node whose disk fills up (a loop-mounted ext4; needs root).
 //! - `forwarding`: nodes that host nothing, failover, short deadlines,
 //!   unfinished Join and stuck Leave.
@@ -20,6 +21,7 @@
 //! - `linearizability`: the checker that `faults` runs on recorded histories.
 //! - `tls`: mutual TLS between peers, TLS and client certificates on the API.
 
+mod deploy;
 mod diskfull;
 mod durability;
 mod faults;
