@@ -19,12 +19,14 @@
 //! - [`kv`]: the replicated key-value state machine (with its session
 //!   table: every write applied at most once), its service, forwarding.
 //! - [`proto`]: generated protobuf messages.
+//! - [`metrics`]: Prometheus series and the `/metrics` endpoint.
 //! - [`cli`]: operator commands, the local-cluster launcher and `bench`.
 
 pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod kv;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod proto;

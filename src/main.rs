@@ -22,6 +22,9 @@ struct Cli {
     cmd: Cmd,
     #[command(flatten)]
     tls: TlsArgs,
+    /// Log lines as text or as one JSON object per line (RUST_LOG filters).
+    #[arg(long, global = true, env = "MULTIRAFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 /// Where a data command goes.
@@ -131,6 +134,10 @@ enum Cmd {
         /// "control" (Bootstrap, Join, Leave) or "all".
         #[arg(long, env = "MULTIRAFT_API_AUTH", default_value = "control", value_parser = ["control", "all"])]
         api_auth: String,
+        /// Serve Prometheus metrics (/metrics), /health and /ready over
+        /// HTTP on this address (default: off).
+        #[arg(long, env = "MULTIRAFT_METRICS_ADDR")]
+        metrics_addr: Option<SocketAddr>,
         /// API connections per shard; at the limit a new connection makes
         /// the longest-idle one go away, or is closed if all are busy.
         #[arg(long, env = "MULTIRAFT_MAX_CONNECTIONS", default_value_t = 1024)]
@@ -259,15 +266,22 @@ enum Cmd {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        // One JSON object per line, fields flattened, for log shippers.
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -366,6 +380,7 @@ fn run(cli: Cli) -> Result<()> {
             api_tls,
             api_client_ca,
             api_auth,
+            metrics_addr,
             max_connections,
         } => {
             let mut cfg = NodeConfig::new(node_id, api_addr, raft_addr, data_dir);
@@ -380,7 +395,7 @@ fn run(cli: Cli) -> Result<()> {
                 api_client_ca,
                 api_auth == "all",
             )?;
-            serve(cfg, shards, config, wal_segment_mib)
+            serve(cfg, shards, config, wal_segment_mib, metrics_addr)
         }
         Cmd::Bootstrap {
             addr,
@@ -477,6 +492,7 @@ fn serve(
     shards: Option<usize>,
     config: Option<PathBuf>,
     wal_segment_mib: u64,
+    metrics_addr: Option<SocketAddr>,
 ) -> Result<()> {
     let node_id = cfg.node_id;
     if wal_segment_mib == 0 {
@@ -527,10 +543,26 @@ fn serve(
         data_dir = %cfg.data_dir.display(),
         "node ready"
     );
+    let metrics = match metrics_addr {
+        Some(addr) => {
+            let endpoint = multiraft::metrics::serve(addr, node.metrics_source());
+            let endpoint = match endpoint {
+                Ok(e) => e,
+                Err(e) => {
+                    node.stop();
+                    bail!(e);
+                }
+            };
+            tracing::info!(addr = %endpoint.addr, "metrics at http://{}/metrics", endpoint.addr);
+            Some(endpoint)
+        }
+        None => None,
+    };
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down");
     }
     node.stop();
+    drop(metrics);
     tracing::info!("stopped");
     Ok(())
 }

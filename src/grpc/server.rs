@@ -291,6 +291,7 @@ async fn serve_stream(
     client_verified: bool,
     mut held: Call,
 ) {
+    let started = Instant::now();
     let (parts, body) = req.into_parts();
     let reply = match check_headers(&parts).map(|t| (t, handler.kind(parts.uri.path()))) {
         Err(reply) => reply,
@@ -349,11 +350,18 @@ async fn serve_stream(
                 Some(reply) => reply,
                 None => {
                     debug!(path = parts.uri.path(), "grpc: stream reset by client");
+                    observe(parts.uri.path(), true, Code::Cancelled as u32, started);
                     return;
                 }
             }
         }
     };
+    let code = match &reply {
+        Reply::Message(_) => Code::Ok,
+        Reply::Status(s) | Reply::Http(_, s) => s.code,
+    };
+    let known = handler.kind(parts.uri.path()).is_some();
+    observe(parts.uri.path(), known, code as u32, started);
     // The response waits on the client's flow-control window; a reader
     // that never opens it must not pin the call's bytes forever.
     let send = pin!(send_reply(&mut respond, reply));
@@ -369,6 +377,17 @@ async fn serve_stream(
         ),
     }
     drop(held);
+}
+
+thread_local! {
+    /// This shard's children of the gRPC series.
+    static SERIES: std::cell::RefCell<crate::metrics::GrpcSeries> = Default::default();
+}
+
+/// Counts one finished call in the metrics.
+fn observe(method: &str, known: bool, code: u32, started: Instant) {
+    let secs = started.elapsed().as_secs_f64();
+    SERIES.with(|s| s.borrow_mut().observe(method, known, code, secs));
 }
 
 /// A streaming call's identity and metadata.
@@ -389,6 +408,7 @@ async fn serve_streaming(
     config: Rc<ServerConfig>,
     held: Call,
 ) {
+    let started = Instant::now();
     let deadline = call.timeout.and_then(|t| Instant::now().checked_add(t));
     let mut response = http::Response::new(());
     response
@@ -444,11 +464,13 @@ async fn serve_streaming(
     let status = match outcome {
         None => {
             debug!(path = call.method, "grpc: stream reset by client");
+            observe(&call.method, true, Code::Cancelled as u32, started);
             return;
         }
         Some(Ok(())) => Status::new(Code::Ok, ""),
         Some(Err(status)) => status,
     };
+    observe(&call.method, true, status.code as u32, started);
     let taken = shared.borrow_mut().take();
     if let Some(mut stream) = taken {
         let mut trailers = HeaderMap::with_capacity(2);

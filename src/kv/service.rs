@@ -219,6 +219,10 @@ impl Api {
                     .await
             }
         }
+        crate::metrics::get()
+            .forwarded_calls
+            .with_label_values(&[if is_write { "write" } else { "read" }])
+            .inc();
         let prefer = self.forward_hints.borrow().get(&p).copied();
         let plan = Plan {
             partition: p,

@@ -35,6 +35,7 @@ pub struct Node {
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     /// Held (flock'd) for as long as the node runs; see [`lock_data_dir`].
     _lock: std::fs::File,
+    shared: Arc<NodeShared>,
 }
 
 impl Node {
@@ -113,6 +114,7 @@ impl Node {
             control: futures::lock::Mutex::new(()),
             meta_version: Default::default(),
             disk_full: (0..n).map(|_| Default::default()).collect(),
+            stopping: Default::default(),
         });
         let cpus = std::thread::available_parallelism()
             .map(|c| c.get())
@@ -147,6 +149,7 @@ impl Node {
             triggers,
             threads,
             _lock: lock,
+            shared: node.clone(),
         };
         for _ in 0..n {
             match ready_rx.recv() {
@@ -179,8 +182,16 @@ impl Node {
         }
     }
 
+    /// What `/metrics`, `/health` and `/ready` read.
+    pub fn metrics_source(&self) -> Arc<dyn crate::metrics::Source> {
+        Arc::new(MetricsSource(self.shared.clone()))
+    }
+
     /// Stops every shard and waits for their threads.
     pub fn stop(&mut self) {
+        self.shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for t in &mut self.triggers {
             t.trigger();
         }
@@ -392,6 +403,39 @@ fn debug_panic_hook(k: usize) {
             panic!("MULTIRAFT_DEBUG_PANIC_SHARD={k}");
         })
         .detach();
+    }
+}
+
+/// The node as the metrics endpoint sees it (from its own thread).
+struct MetricsSource(Arc<NodeShared>);
+
+impl crate::metrics::Source for MetricsSource {
+    fn shards(&self) -> Result<Vec<crate::metrics::ShardState>, String> {
+        futures::executor::block_on(self.0.call_all(|s| s.metrics_state())).map_err(|s| s.message)
+    }
+
+    fn health(&self) -> Result<(), String> {
+        if self.0.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("the node is shutting down".into());
+        }
+        Ok(())
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.health()?;
+        let full: Vec<usize> = (0..self.0.disk_full.len())
+            .filter(|&k| self.0.disk_full[k].load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+        if !full.is_empty() {
+            return Err(format!("the disk of shard(s) {full:?} is full"));
+        }
+        let leaderless: Vec<u32> = futures::executor::block_on(self.0.call_all(|s| s.leaderless()))
+            .map_err(|s| s.message)?
+            .concat();
+        if !leaderless.is_empty() {
+            return Err(format!("partitions without a leader: {leaderless:?}"));
+        }
+        Ok(())
     }
 }
 

@@ -115,6 +115,12 @@ pub struct Group {
     tick_period: std::time::Duration,
     /// KV commands applied since start (for status counters).
     pub commands_applied: u64,
+    /// Writes queued for proposal here since start (for metrics).
+    pub proposals: u64,
+    /// Times this replica saw a new leader since start (for metrics), and
+    /// the leader it saw last.
+    pub leader_changes: u64,
+    last_leader: u64,
     max_inflight: usize,
     snapshot_threshold: u64,
     retain_entries: u64,
@@ -227,6 +233,9 @@ impl Group {
             election_ticks: cfg.election_ticks() as u64,
             tick_period: cfg.heartbeat_period,
             commands_applied: 0,
+            proposals: 0,
+            leader_changes: 0,
+            last_leader: raft::INVALID_ID,
             max_inflight,
             snapshot_threshold: cfg.snapshot_entry_threshold,
             retain_entries: cfg.compaction_retain_entries,
@@ -280,6 +289,11 @@ impl Group {
     pub fn tick(&mut self) {
         self.raw.tick();
         self.ticks += 1;
+        let leader = self.raw.raft.leader_id;
+        if leader != self.last_leader && leader != raft::INVALID_ID {
+            self.leader_changes += 1;
+        }
+        self.last_leader = leader;
         let now = self.ticks;
         let mut resend = Vec::new();
         for (ctx, b) in self.read_batches.iter_mut() {
@@ -387,6 +401,7 @@ impl Group {
             ))));
             return;
         }
+        self.proposals += 1;
         self.queued.push((cmd, reply));
     }
 
@@ -416,6 +431,11 @@ impl Group {
                 .map(|b| b.reads.len())
                 .sum::<usize>()
             + self.ready_reads.iter().map(|(_, r)| r.len()).sum::<usize>()
+    }
+
+    /// The leader this replica knows of (`raft::INVALID_ID`: none).
+    pub fn leader(&self) -> u64 {
+        self.raw.raft.leader_id
     }
 
     /// Serves a read from the local replica as it is now.

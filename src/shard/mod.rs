@@ -92,6 +92,8 @@ pub struct NodeShared {
     /// Per shard: its WAL hit ENOSPC and waits for space. Writes to the
     /// shard's partitions are refused at once while it is set.
     pub disk_full: Vec<std::sync::atomic::AtomicBool>,
+    /// Set when the node starts to stop (health and `/health` report it).
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl NodeShared {
@@ -224,6 +226,33 @@ pub struct Shard {
     pub wal_entries: u64,
     /// Serves a peer connection handed over by another shard's listener.
     pub adopt_peer: Option<AdoptPeer>,
+    /// This shard's children of the event series (see `crate::metrics`).
+    pub(crate) metrics: ShardMetrics,
+}
+
+/// A shard's own label children of the metrics it counts as events.
+pub(crate) struct ShardMetrics {
+    pub sync_seconds: prometheus::Histogram,
+    pub entries_per_sync: prometheus::Histogram,
+    pub snapshots_sent: prometheus::IntCounter,
+    pub snapshots_received: prometheus::IntCounter,
+    /// `wal_entries` at the last sync.
+    pub entries_at_sync: u64,
+}
+
+impl ShardMetrics {
+    fn new(index: usize) -> ShardMetrics {
+        let m = crate::metrics::get();
+        let l = &[index.to_string()];
+        let l: &[&str] = &[l[0].as_str()];
+        ShardMetrics {
+            sync_seconds: m.wal_sync_seconds.with_label_values(l),
+            entries_per_sync: m.wal_writes_per_sync.with_label_values(l),
+            snapshots_sent: m.snapshots_sent.with_label_values(l),
+            snapshots_received: m.snapshots_received.with_label_values(l),
+            entries_at_sync: 0,
+        }
+    }
 }
 
 /// See [`Shard::adopt_peer`]: `(from_node, socket, bytes already read)`.
@@ -249,11 +278,33 @@ impl Shard {
                 .expect("static histogram bounds are valid"),
             wal_entries: 0,
             adopt_peer: None,
+            metrics: ShardMetrics::new(index),
         }
     }
 
     pub fn node_id(&self) -> u64 {
         self.node.node_id()
+    }
+
+    /// This shard's state for a metrics scrape.
+    pub fn metrics_state(&self) -> crate::metrics::ShardState {
+        crate::metrics::ShardState {
+            applied_commands: self.groups.values().map(|g| g.commands_applied).sum(),
+            proposals: self.groups.values().map(|g| g.proposals).sum(),
+            leader_changes: self.groups.values().map(|g| g.leader_changes).sum(),
+            partitions: self.groups.len() as i64,
+            leaders: self.groups.values().filter(|g| g.is_leader()).count() as i64,
+            disk_full: self.node.disk_full[self.index].load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Hosted partitions that know no leader (for `/ready`).
+    pub fn leaderless(&self) -> Vec<u32> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.leader() == raft::INVALID_ID)
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     /// This shard's WAL and apply counters.

@@ -44,6 +44,7 @@ impl Shard {
             links: self.links.clone(),
             node: self.node.clone(),
             shard: self.index,
+            snapshots_sent: self.metrics.snapshots_sent.clone(),
         };
 
         // A turn whose sync found the disk full is finished first. Until
@@ -74,6 +75,7 @@ impl Shard {
             send_all(&out_ctx, *id, rd.take_messages());
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
+                self.metrics.snapshots_received.inc();
                 if let Err(e) = g.install_snapshot(&snap) {
                     tracing::error!(partition = id, "cannot install snapshot: {e}");
                 }
@@ -198,9 +200,13 @@ impl Shard {
             let started = Instant::now();
             match self.wal.sync().await {
                 Ok(()) => {
-                    let _ = self
-                        .sync_us
-                        .record(started.elapsed().as_micros().max(1) as u64);
+                    let took = started.elapsed();
+                    let _ = self.sync_us.record(took.as_micros().max(1) as u64);
+                    let m = &mut self.metrics;
+                    m.sync_seconds.observe(took.as_secs_f64());
+                    m.entries_per_sync
+                        .observe((self.wal_entries - m.entries_at_sync) as f64);
+                    m.entries_at_sync = self.wal_entries;
                     self.wal_dirty = false;
                 }
                 Err(e) if is_no_space(&e) => return self.no_space(&e),
@@ -254,11 +260,15 @@ struct SendCtx {
     links: Rc<PeerLinks>,
     node: Arc<NodeShared>,
     shard: usize,
+    snapshots_sent: prometheus::IntCounter,
 }
 
 fn send_all(ctx: &SendCtx, partition: u32, msgs: Vec<Message>) {
     let links = &ctx.links;
     for m in msgs {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            ctx.snapshots_sent.inc();
+        }
         if super::snapshot::needs_chunks(&m) {
             super::snapshot::send_chunked(links.clone(), ctx.node.clone(), ctx.shard, partition, m);
             continue;

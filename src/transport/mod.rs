@@ -163,6 +163,9 @@ struct Link {
     writer_running: Cell<bool>,
     /// Set when the link is removed; its writer exits.
     closed: Cell<bool>,
+    /// This link's children of the per-peer series.
+    sent_msgs: prometheus::IntCounter,
+    sent_bytes: prometheus::IntCounter,
 }
 
 impl Link {
@@ -240,6 +243,12 @@ impl PeerLinks {
                         waker: Cell::new(None),
                         writer_running: Cell::new(false),
                         closed: Cell::new(false),
+                        sent_msgs: crate::metrics::get()
+                            .peer_sent_messages
+                            .with_label_values(&[&crate::metrics::peer_label(node)]),
+                        sent_bytes: crate::metrics::get()
+                            .peer_sent_bytes
+                            .with_label_values(&[&crate::metrics::peer_label(node)]),
                     }),
                 );
             }
@@ -323,6 +332,8 @@ impl PeerLinks {
             }
             link.pending_msgs.set(link.pending_msgs.get() + 1);
         }
+        link.sent_msgs.inc();
+        link.sent_bytes.inc_by((frame::HEADER_LEN + len) as u64);
         if link.writer_running.get() {
             link.wake_writer();
         } else {

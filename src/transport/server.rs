@@ -251,6 +251,10 @@ async fn read_frames<S: AsyncRead + Unpin>(
     sink: &dyn Fn(u64, Envelope),
     stats: &RecvStats,
 ) {
+    let label = crate::metrics::peer_label(from);
+    let m = crate::metrics::get();
+    let received_msgs = m.peer_received_messages.with_label_values(&[&label]);
+    let received_bytes = m.peer_received_bytes.with_label_values(&[&label]);
     loop {
         let body = match reader.next_frame(&mut stream).await {
             Ok(Some(body)) => body,
@@ -268,6 +272,8 @@ async fn read_frames<S: AsyncRead + Unpin>(
             Ok(env) => {
                 stats.recv_msgs.inc();
                 stats.recv_bytes.add((frame::HEADER_LEN + len) as u64);
+                received_msgs.inc();
+                received_bytes.inc_by((frame::HEADER_LEN + len) as u64);
                 sink(from, env);
             }
             Err(err) => {

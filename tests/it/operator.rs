@@ -257,3 +257,117 @@ async fn data_commands_write_read_delete_and_compare() {
         output_text(&out)
     );
 }
+
+/// GETs `path` from `addr` with hyper's HTTP/1.1 client: status and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::{BodyExt, Empty};
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of the series `name{labels}` (labels as printed), if present.
+fn series(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn the_series_reader_matches_whole_names_only() {
+    let text = "a_total{x=\"1\"} 3\na_total_sum 9\n";
+    assert_eq!(series(text, "a_total{x=\"1\"}"), Some(3.0));
+    assert_eq!(series(text, "a_total"), None);
+    assert_eq!(series(text, "a_total_sum"), Some(9.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_the_work() {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let cluster = Cluster::start_with(3, 2, Some(FAST_CONFIG), |id| {
+        vec![
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", ports[id as usize - 1]),
+        ]
+    })
+    .await;
+    cluster.bootstrap(&cluster.layout(1..=2)).await;
+    let (leader, _) = cluster.wait_leader(1, Duration::from_secs(10)).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", ports[leader as usize - 1])
+        .parse()
+        .unwrap();
+    let put_ok = "multiraft_grpc_requests_total{code=\"OK\",method=\"/multiraft.kv.v1.KV/Put\"}";
+    let (status, before) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let puts_before = series(&before, put_ok).unwrap_or(0.0);
+
+    let mut kv = cluster.node(leader).kv().await;
+    for i in 0..20 {
+        put(&mut kv, 1, format!("k{i}").as_bytes(), b"v").await;
+    }
+    let (_, after) = http_get(addr, "/metrics").await;
+    assert_eq!(series(&after, put_ok), Some(puts_before + 20.0), "{after}");
+    let applied: f64 = (0..2)
+        .filter_map(|k| {
+            series(
+                &after,
+                &format!("multiraft_applied_commands_total{{shard=\"{k}\"}}"),
+            )
+        })
+        .sum();
+    assert!(applied >= 20.0, "applied {applied}");
+    let leaders: f64 = (0..2)
+        .filter_map(|k| series(&after, &format!("multiraft_leaders{{shard=\"{k}\"}}")))
+        .sum();
+    assert!(leaders >= 1.0, "{after}");
+    for name in [
+        "multiraft_wal_sync_duration_seconds_count",
+        "multiraft_wal_entries_per_sync_count",
+        "multiraft_peer_sent_messages_total",
+        "multiraft_peer_received_bytes_total",
+        "multiraft_grpc_request_duration_seconds_count",
+        "multiraft_disk_full",
+    ] {
+        assert!(after.contains(name), "no {name} in:\n{after}");
+    }
+    let (status, body) = http_get(addr, "/health").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, _) = http_get(addr, "/ready").await;
+    assert_eq!(status, 200);
+    let (status, _) = http_get(addr, "/nope").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let cluster = Cluster::start_with(1, 1, Some(FAST_CONFIG), |_| {
+        vec!["--log-format".into(), "json".into()]
+    })
+    .await;
+    cluster.bootstrap(&cluster.layout(1..=1)).await;
+    let log = cluster.node(1).log();
+    let mut lines = 0;
+    // The harness marks each start with a "=== start" line of its own.
+    for line in log
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("=== "))
+    {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+        lines += 1;
+    }
+    assert!(log.contains("\"node ready\""), "{log}");
+    assert!(lines > 3, "{log}");
+}
