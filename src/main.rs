@@ -245,6 +245,21 @@ enum Cmd {
         #[arg(long, conflicts_with = "expect")]
         expect_absent: bool,
     },
+    /// Print every change of a key (or of the keys under a prefix) as the
+    /// node applies it, until Ctrl-C or the server ends the watch.
+    Watch {
+        #[command(flatten)]
+        target: DataTarget,
+        /// The key, or with --prefix the prefix ("" for every key).
+        key: String,
+        /// Watch every key that starts with KEY (needs --partition).
+        #[arg(long)]
+        prefix: bool,
+        /// Start from this raft index, out of the node's recent history
+        /// (default: from now).
+        #[arg(long, default_value_t = 0)]
+        from_index: u64,
+    },
     /// Start a local cluster of node processes, bootstrap it, run until Ctrl-C.
     Cluster {
         #[arg(long, default_value_t = 3)]
@@ -465,6 +480,17 @@ fn run(cli: Cli) -> Result<()> {
             serializable,
         } => data(cli::data::get(&target.resolve()?, &key, serializable)),
         Cmd::Del { target, key } => data(cli::data::del(&target.resolve()?, &key)),
+        Cmd::Watch {
+            target,
+            key,
+            prefix,
+            from_index,
+        } => {
+            // The call's deadline would end the watch: none is sent.
+            let t = target.resolve()?;
+            client_runtime()?.block_on(cli::data::watch(&t, &key, prefix, from_index))?;
+            Ok(())
+        }
         Cmd::Cas {
             target,
             key,

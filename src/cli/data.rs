@@ -217,6 +217,61 @@ pub fn print(o: &Outcome) -> std::io::Result<()> {
     out.flush()
 }
 
+/// `watch`: prints every change of `key` (or under it, with `prefix`) as
+/// it is applied, one line each, until the stream ends; returns the
+/// status it ended with (Ok only if the server ended it cleanly).
+pub async fn watch(t: &Target, key: &str, prefix: bool, start_index: u64) -> Result<(), Status> {
+    use crate::node::api::KV_WATCH;
+    use crate::proto::kv::{watch_event, WatchEvent, WatchRequest};
+    use prost::Message;
+    let req = WatchRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        prefix,
+        partition_id: t.partition,
+        start_index,
+    };
+    let client = connect(&t.addr).await?;
+    let mut events = client
+        .server_stream(KV_WATCH, Bytes::from(req.encode_to_vec()))
+        .await?;
+    let mut out = std::io::stdout();
+    while let Some(m) = events.next().await {
+        let e = WatchEvent::decode(m?)
+            .map_err(|e| Status::internal(format!("undecodable WatchEvent: {e}")))?;
+        let delete = e.r#type == watch_event::Type::Delete as i32;
+        let line = if t.json {
+            let mut v = serde_json::json!({
+                "type": if delete { "DELETE" } else { "PUT" },
+                "key": b64(&e.key),
+                "index": e.index.to_string(),
+                "partitionId": e.partition_id,
+            });
+            if !delete {
+                v["value"] = b64(&e.value).into();
+            }
+            v.to_string()
+        } else if delete {
+            format!(
+                "DELETE {} index {} partition {}",
+                shown(&e.key),
+                e.index,
+                e.partition_id
+            )
+        } else {
+            format!(
+                "PUT {} {} index {} partition {}",
+                shown(&e.key),
+                shown(&e.value),
+                e.index,
+                e.partition_id
+            )
+        };
+        // Each event goes out at once: a reader (or a pipe) sees it now.
+        let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

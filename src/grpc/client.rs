@@ -209,6 +209,37 @@ impl Client {
         self.read_response(response).await
     }
 
+    /// Starts a server-streaming call: sends the one request message and
+    /// returns the stream of response messages, which ends with the
+    /// call's status.
+    pub async fn server_stream(&self, method: &str, body: Bytes) -> Result<Messages, Status> {
+        let request = self.build_request(method, None)?;
+        let pieces = codec::encode(body)
+            .ok_or_else(|| Status::resource_exhausted("request message exceeds 4 GiB"))?;
+        let mut send = self.send.clone().ready().await.map_err(transport)?;
+        let (response, mut stream) = send.send_request(request, false).map_err(transport)?;
+        send_all(&mut stream, pieces, true)
+            .await
+            .map_err(transport)?;
+        let (parts, body) = response.await.map_err(transport)?.into_parts();
+        if let Some(status) = status_from(&parts.headers) {
+            return Err(status.err().unwrap_or_else(|| {
+                Status::internal("server ended the stream before any message")
+            }));
+        }
+        if parts.status != StatusCode::OK {
+            return Err(Status::new(
+                code_from_http(parts.status),
+                format!("HTTP status {}", parts.status),
+            ));
+        }
+        Ok(Messages {
+            body,
+            decoder: codec::StreamDecoder::new(self.max_response_size),
+            ended: false,
+        })
+    }
+
     fn build_request(
         &self,
         method: &str,
@@ -283,6 +314,53 @@ impl Client {
                 s.message = format!("response: {}", s.message);
                 s
             }),
+        }
+    }
+}
+
+/// The response messages of a streaming call.
+pub struct Messages {
+    body: RecvStream,
+    decoder: codec::StreamDecoder,
+    ended: bool,
+}
+
+impl Messages {
+    /// The next message; `None` after a stream that ended OK; the call's
+    /// status if it ended otherwise.
+    pub async fn next(&mut self) -> Option<Result<Bytes, Status>> {
+        loop {
+            if let Some(m) = self.decoder.next_message() {
+                return Some(Ok(m));
+            }
+            if self.ended {
+                return None;
+            }
+            match self.body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = self.body.flow_control().release_capacity(chunk.len());
+                    if let Err(e) = self.decoder.push(chunk) {
+                        self.ended = true;
+                        return Some(Err(e.to_status()));
+                    }
+                }
+                Some(Err(e)) => {
+                    self.ended = true;
+                    return Some(Err(transport(e)));
+                }
+                None => {
+                    self.ended = true;
+                    let trailers = match self.body.trailers().await {
+                        Ok(t) => t,
+                        Err(e) => return Some(Err(transport(e))),
+                    };
+                    return match trailers.as_ref().and_then(status_from) {
+                        None => Some(Err(Status::internal("stream ended without grpc-status"))),
+                        Some(Err(s)) => Some(Err(s)),
+                        Some(Ok(())) => None,
+                    };
+                }
+            }
         }
     }
 }

@@ -117,6 +117,9 @@ impl Status {
     pub fn unimplemented(m: impl Into<String>) -> Status {
         Status::new(Code::Unimplemented, m)
     }
+    pub fn out_of_range(m: impl Into<String>) -> Status {
+        Status::new(Code::OutOfRange, m)
+    }
     pub fn resource_exhausted(m: impl Into<String>) -> Status {
         Status::new(Code::ResourceExhausted, m)
     }

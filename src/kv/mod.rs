@@ -11,6 +11,7 @@ pub mod command;
 pub mod forward;
 pub mod service;
 pub mod session;
+pub mod watch;
 
 use std::collections::HashMap;
 

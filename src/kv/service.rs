@@ -430,3 +430,68 @@ impl Api {
         }
     }
 }
+
+impl Api {
+    /// `KV/Watch`: registers a watcher on the shard that owns the
+    /// partition and streams its events until the client goes away or the
+    /// shard ends the watch (see `kv::watch` for the reasons).
+    pub async fn kv_watch(&self, mut call: crate::grpc::StreamCall) -> Result<(), Status> {
+        use super::watch::{Ending, Filter, WATCHER_QUEUE};
+        use crate::proto::kv::{watch_event, WatchEvent, WatchRequest};
+        use futures::StreamExt;
+
+        let req: WatchRequest = match call.incoming.next().await {
+            Some(m) => decode(&m?)?,
+            None => return Err(Status::invalid_argument("Watch needs a WatchRequest")),
+        };
+        if !req.prefix {
+            self.check_key(&req.key)?;
+        }
+        if req.prefix && req.partition_id == 0 {
+            return Err(Status::invalid_argument(
+                "a prefix watch needs its partition_id (keys under a prefix live in every partition)",
+            ));
+        }
+        let p = match self.route(req.partition_id, &req.key)? {
+            Route::Local(p) => p,
+            Route::Forward(p, members) => {
+                return Err(Status::failed_precondition(format!(
+                    "partition {p} is not hosted on this node; watch it on one of its members (nodes {members:?})"
+                )))
+            }
+        };
+        let (tx, mut rx) = futures::channel::mpsc::channel(WATCHER_QUEUE);
+        let ending = std::sync::Arc::new(Ending::default());
+        let filter = Filter {
+            partition: p,
+            key: req.key,
+            prefix: req.prefix,
+        };
+        let start = req.start_index;
+        let theirs = ending.clone();
+        self.node
+            .call(self.node.shard_of(p), move |s, reply| {
+                let _ = reply.send(s.watch.register(filter, start, tx, theirs));
+            })
+            .await?;
+        let mut last = start.saturating_sub(1);
+        while let Some(e) = rx.next().await {
+            last = e.index;
+            let (kind, value) = match e.value {
+                Some(v) => (watch_event::Type::Put, v),
+                None => (watch_event::Type::Delete, Bytes::new()),
+            };
+            let event = WatchEvent {
+                r#type: kind as i32,
+                key: e.key,
+                value,
+                index: e.index,
+                partition_id: e.partition,
+            };
+            call.outgoing
+                .send(Bytes::from(event.encode_to_vec()))
+                .await?;
+        }
+        Err(ending.status(last))
+    }
+}

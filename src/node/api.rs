@@ -30,6 +30,7 @@ pub const KV_PUT: &str = "/multiraft.kv.v1.KV/Put";
 pub const KV_GET: &str = "/multiraft.kv.v1.KV/Get";
 pub const KV_DELETE: &str = "/multiraft.kv.v1.KV/Delete";
 pub const KV_CAS: &str = "/multiraft.kv.v1.KV/CompareAndSwap";
+pub const KV_WATCH: &str = "/multiraft.kv.v1.KV/Watch";
 /// Internal methods: only reachable over the peer port.
 pub const PEER_ADD_VOTER: &str = "/multiraft.peer.v1.Internal/AddVoter";
 pub const PEER_CONF_QUERY: &str = "/multiraft.peer.v1.Internal/ConfQuery";
@@ -383,7 +384,9 @@ impl Handler for Api {
             | KV_DELETE
             | KV_CAS
             | health::CHECK => Some(Kind::Unary),
-            health::WATCH | reflection::V1 | reflection::V1ALPHA => Some(Kind::Streaming),
+            health::WATCH | reflection::V1 | reflection::V1ALPHA | KV_WATCH => {
+                Some(Kind::Streaming)
+            }
             _ => None,
         }
     }
@@ -395,6 +398,10 @@ impl Handler for Api {
         }
         match call.method.as_str() {
             health::WATCH => Box::pin(health::watch(self.clone(), call)),
+            KV_WATCH => {
+                let api = self.clone();
+                Box::pin(async move { api.kv_watch(call).await })
+            }
             reflection::V1 | reflection::V1ALPHA => Box::pin(reflection::serve(call)),
             m => {
                 let m = m.to_owned();

@@ -238,6 +238,10 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
             snapshot: gs.snapshot,
             entries: gs.entries,
         };
+        // Writes up to the snapshot were applied by an earlier run: no
+        // watch can replay them.
+        let from = init.snapshot.as_ref().map_or(0, |s| s.get_metadata().index);
+        shard.watch.skipped(p, from);
         let g = Group::new(p, cfg.node_id, &cfg.raft, cfg.max_inflight_proposals, init)?;
         shard.groups.insert(p, g);
     }

@@ -79,6 +79,8 @@ struct ReadBatch {
 pub struct Outbox {
     /// (node, raft address) pairs learned from applied conf changes.
     pub learned: Vec<(u64, String)>,
+    /// Changes applied this turn, in order, for watches (`kv::watch`).
+    pub events: Vec<crate::kv::watch::Event>,
 }
 
 pub struct Group {
@@ -572,7 +574,7 @@ impl Group {
                 continue;
             }
             match e.get_entry_type() {
-                EntryType::EntryNormal if !e.data.is_empty() => self.apply_normal(&e),
+                EntryType::EntryNormal if !e.data.is_empty() => self.apply_normal(&e, out),
                 EntryType::EntryNormal => {}
                 EntryType::EntryConfChange => {
                     if let Some(cs) = self.apply_conf_change(&e, out) {
@@ -594,7 +596,7 @@ impl Group {
         new_conf
     }
 
-    fn apply_normal(&mut self, e: &Entry) {
+    fn apply_normal(&mut self, e: &Entry, out: &mut Outbox) {
         let cmds = match command::decode_batch(&e.data) {
             Ok(c) => c,
             Err(err) => {
@@ -611,11 +613,35 @@ impl Group {
         self.commands_applied += cmds.len() as u64;
         for cmd in cmds {
             let id = cmd.id;
+            // Copied, so that a watch event holds its own bytes and not the
+            // whole entry batch they are slices of.
+            let key = Bytes::copy_from_slice(&cmd.key);
+            let new_value = match &cmd.op {
+                command::Op::Put { value } | command::Op::Cas { value, .. } => {
+                    Some(Bytes::copy_from_slice(value))
+                }
+                command::Op::Delete => None,
+            };
             let result = match self.kv.apply(cmd, e.index) {
-                Outcome::Applied(applied) => Ok(WriteResult {
-                    applied,
-                    index: e.index,
-                }),
+                Outcome::Applied(applied) => {
+                    let changed = match &applied {
+                        Applied::Put { .. } => true,
+                        Applied::Delete { previous } => previous.is_some(),
+                        Applied::Cas { succeeded, .. } => *succeeded,
+                    };
+                    if changed {
+                        out.events.push(crate::kv::watch::Event {
+                            partition: self.id,
+                            index: e.index,
+                            key,
+                            value: new_value,
+                        });
+                    }
+                    Ok(WriteResult {
+                        applied,
+                        index: e.index,
+                    })
+                }
                 Outcome::Duplicate { applied, index } => Ok(WriteResult { applied, index }),
                 Outcome::Refused(Refusal::Finished) => Err(Status::aborted(
                     "this copy of the write came after its proposer had finished with it; this copy was not applied",

@@ -228,6 +228,8 @@ pub struct Shard {
     pub adopt_peer: Option<AdoptPeer>,
     /// This shard's children of the event series (see `crate::metrics`).
     pub(crate) metrics: ShardMetrics,
+    /// Recent changes and the watchers of this shard's partitions.
+    pub watch: crate::kv::watch::Hub,
 }
 
 /// A shard's own label children of the metrics it counts as events.
@@ -279,6 +281,7 @@ impl Shard {
             wal_entries: 0,
             adopt_peer: None,
             metrics: ShardMetrics::new(index),
+            watch: Default::default(),
         }
     }
 
@@ -371,6 +374,7 @@ impl Shard {
             )));
             tracing::info!(partition, shard = self.index, "replica removed");
         }
+        self.watch.removed(partition);
         self.wal.remove_group(partition as u64);
         self.wal_dirty = true;
         self.after_sync.push(Box::new(move |_| done(Ok(()))));

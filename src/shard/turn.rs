@@ -76,6 +76,7 @@ impl Shard {
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
                 self.metrics.snapshots_received.inc();
+                self.watch.skipped(*id, snap.get_metadata().index);
                 if let Err(e) = g.install_snapshot(&snap) {
                     tracing::error!(partition = id, "cannot install snapshot: {e}");
                 }
@@ -161,6 +162,9 @@ impl Shard {
 
     /// Learned addresses and WAL purges, after the turn's work.
     async fn housekeeping(&mut self, out: Outbox) {
+        for e in out.events {
+            self.watch.publish(e);
+        }
         for (node, addr) in out.learned {
             self.learn_address(node, addr);
         }

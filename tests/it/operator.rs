@@ -371,3 +371,140 @@ async fn json_logs_are_one_object_per_line() {
     assert!(log.contains("\"node ready\""), "{log}");
     assert!(lines > 3, "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_changes_and_replays_recent_history() {
+    use crate::pb::multiraft::kv::v1::{
+        watch_event::Type, CompareAndSwapRequest, DeleteRequest, WatchEvent, WatchRequest,
+    };
+    let cluster = Cluster::start(1, 2, Some(FAST_CONFIG)).await;
+    cluster.bootstrap(&cluster.layout(1..=2)).await;
+    let node = cluster.node(1);
+    let mut kv = node.kv().await;
+    let watch = |key: &str, prefix: bool, start_index: u64| WatchRequest {
+        key: key.as_bytes().to_vec(),
+        prefix,
+        partition_id: 1,
+        start_index,
+    };
+    let mut stream = kv
+        .watch(tonic::Request::new(watch("w", false, 0)))
+        .await
+        .expect("Watch")
+        .into_inner();
+
+    let first = put(&mut kv, 1, b"w", b"one").await;
+    put(&mut kv, 1, b"w", b"two").await;
+    put(&mut kv, 1, b"other", b"not watched").await;
+    let cas = |expected: &[u8], value: &[u8]| CompareAndSwapRequest {
+        key: b"w".to_vec(),
+        expected: Some(expected.to_vec()),
+        value: value.to_vec(),
+        partition_id: 1,
+    };
+    let failed = kv
+        .compare_and_swap(req(cas(b"nope", b"x"), KV_TIMEOUT))
+        .await
+        .unwrap();
+    assert!(!failed.into_inner().succeeded);
+    kv.compare_and_swap(req(cas(b"two", b"three"), KV_TIMEOUT))
+        .await
+        .unwrap();
+    kv.delete(req(
+        DeleteRequest {
+            key: b"w".to_vec(),
+            partition_id: 1,
+        },
+        KV_TIMEOUT,
+    ))
+    .await
+    .unwrap();
+
+    let mut seen: Vec<WatchEvent> = Vec::new();
+    while seen.len() < 4 {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an event within 10 s")
+            .expect("the stream goes on")
+            .expect("an event");
+        seen.push(e);
+    }
+    let kinds: Vec<(Type, &[u8])> = seen
+        .iter()
+        .map(|e| (e.r#type(), e.value.as_slice()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (Type::Put, &b"one"[..]),
+            (Type::Put, b"two"),
+            (Type::Put, b"three"),
+            (Type::Delete, b""),
+        ],
+        "a failed CAS and another key make no events"
+    );
+    assert_eq!(seen[0].index, first);
+    assert!(seen.windows(2).all(|w| w[0].index < w[1].index));
+
+    // From a recent index, the same events again; by prefix, other keys too.
+    let mut replay = kv
+        .watch(tonic::Request::new(watch("", true, first)))
+        .await
+        .expect("Watch from an index")
+        .into_inner();
+    let mut keys = Vec::new();
+    while keys.len() < 5 {
+        let e = tokio::time::timeout(Duration::from_secs(10), replay.message())
+            .await
+            .expect("a replayed event")
+            .unwrap()
+            .unwrap();
+        keys.push(String::from_utf8(e.key).unwrap());
+    }
+    assert_eq!(keys, ["w", "w", "other", "w", "w"]);
+
+    // A prefix watch needs its partition.
+    let mut any = watch("", true, 0);
+    any.partition_id = 0;
+    // (A streaming call's error may come after its headers, as here.)
+    let err = match kv.watch(tonic::Request::new(any)).await {
+        Err(e) => e,
+        Ok(r) => r
+            .into_inner()
+            .message()
+            .await
+            .expect_err("a prefix watch without partition"),
+    };
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // The command line prints changes as they come.
+    let addr = node.api_addr.to_string();
+    let mut cli_watch = tokio::process::Command::new(BIN)
+        .args(["watch", "cli-key", "--addr", &addr, "--partition", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        cli_watch.stdout.take().unwrap(),
+    ));
+    // Writes until the watcher has registered and printed one.
+    let printed = wait_for(
+        Duration::from_secs(20),
+        "multiraft watch to print a change",
+        async || {
+            put(&mut kv, 1, b"cli-key", b"hello").await;
+            match tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await {
+                Ok(Ok(Some(line))) => Ok(line),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        printed.starts_with("PUT \"cli-key\" \"hello\" index "),
+        "{printed}"
+    );
+    let _ = cli_watch.kill().await;
+}
