@@ -251,7 +251,12 @@ enum Cmd {
         #[command(flatten)]
         target: DataTarget,
         /// The key, or with --prefix the prefix ("" for every key).
-        key: String,
+        #[arg(required_unless_present = "cluster")]
+        key: Option<String>,
+        /// Print the node's cluster events instead: leader and membership
+        /// changes, snapshots, partitions added and removed.
+        #[arg(long, conflicts_with_all = ["key", "prefix", "from_index"])]
+        cluster: bool,
         /// Watch every key that starts with KEY (needs --partition).
         #[arg(long)]
         prefix: bool,
@@ -483,12 +488,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Watch {
             target,
             key,
+            cluster,
             prefix,
             from_index,
         } => {
             // The call's deadline would end the watch: none is sent.
             let t = target.resolve()?;
-            client_runtime()?.block_on(cli::data::watch(&t, &key, prefix, from_index))?;
+            let rt = client_runtime()?;
+            match key {
+                Some(key) if !cluster => {
+                    rt.block_on(cli::data::watch(&t, &key, prefix, from_index))?
+                }
+                _ => rt.block_on(cli::data::watch_cluster(&t))?,
+            }
             Ok(())
         }
         Cmd::Cas {

@@ -272,6 +272,68 @@ pub async fn watch(t: &Target, key: &str, prefix: bool, start_index: u64) -> Res
     Ok(())
 }
 
+/// `watch --cluster`: prints the node's cluster events (leader and
+/// membership changes, snapshots, partitions added and removed), one line
+/// each, until the stream ends.
+pub async fn watch_cluster(t: &Target) -> Result<(), Status> {
+    use crate::node::api::ADMIN_WATCH;
+    use crate::proto::admin::{cluster_event::Type, ClusterEvent, WatchClusterRequest};
+    use prost::Message;
+    let client = connect(&t.addr).await?;
+    let mut events = client
+        .server_stream(
+            ADMIN_WATCH,
+            Bytes::from(WatchClusterRequest {}.encode_to_vec()),
+        )
+        .await?;
+    let mut out = std::io::stdout();
+    while let Some(m) = events.next().await {
+        let e = ClusterEvent::decode(m?)
+            .map_err(|e| Status::internal(format!("undecodable ClusterEvent: {e}")))?;
+        let kind = Type::try_from(e.r#type).unwrap_or(Type::Unknown);
+        let line = if t.json {
+            serde_json::json!({
+                "type": kind.as_str_name(),
+                "partitionId": e.partition_id,
+                "nodeId": e.node_id.to_string(),
+                "term": e.term.to_string(),
+                "index": e.index.to_string(),
+                "voters": e.voters.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+                "unixMs": e.unix_ms.to_string(),
+            })
+            .to_string()
+        } else {
+            let p = e.partition_id;
+            match kind {
+                Type::LeaderChanged => {
+                    format!(
+                        "partition {p}: leader is node {} (term {})",
+                        e.node_id, e.term
+                    )
+                }
+                Type::MembershipChanged => {
+                    format!(
+                        "partition {p}: voters now {:?} (index {})",
+                        e.voters, e.index
+                    )
+                }
+                Type::SnapshotSent => format!(
+                    "partition {p}: snapshot at index {} sent to node {}",
+                    e.index, e.node_id
+                ),
+                Type::SnapshotInstalled => {
+                    format!("partition {p}: snapshot at index {} installed", e.index)
+                }
+                Type::PartitionAdded => format!("partition {p}: replica added on this node"),
+                Type::PartitionRemoved => format!("partition {p}: replica removed from this node"),
+                Type::Unknown => format!("partition {p}: event {}", e.r#type),
+            }
+        };
+        let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

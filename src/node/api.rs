@@ -26,6 +26,7 @@ pub const NODE_BOOTSTRAP: &str = "/atomix.multiraft.v1.Node/Bootstrap";
 pub const NODE_JOIN: &str = "/atomix.multiraft.v1.Node/Join";
 pub const NODE_LEAVE: &str = "/atomix.multiraft.v1.Node/Leave";
 pub const ADMIN_STATUS: &str = "/multiraft.admin.v1.Admin/Status";
+pub const ADMIN_WATCH: &str = "/multiraft.admin.v1.Admin/Watch";
 pub const KV_PUT: &str = "/multiraft.kv.v1.KV/Put";
 pub const KV_GET: &str = "/multiraft.kv.v1.KV/Get";
 pub const KV_DELETE: &str = "/multiraft.kv.v1.KV/Delete";
@@ -215,6 +216,61 @@ impl Api {
         })
     }
 
+    /// `Admin/Watch`: registers on every shard and streams their cluster
+    /// events until the client goes away or falls behind.
+    pub async fn cluster_watch(&self, mut call: StreamCall) -> Result<(), Status> {
+        use futures::StreamExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let _: crate::proto::admin::WatchClusterRequest = match call.incoming.next().await {
+            Some(m) => decode(&m?)?,
+            None => {
+                return Err(Status::invalid_argument(
+                    "Watch needs a WatchClusterRequest",
+                ))
+            }
+        };
+        let (tx, mut rx) = futures::channel::mpsc::channel(super::events::QUEUE);
+        let behind = Arc::new(AtomicBool::new(false));
+        // Registered together with each partition's leader as of then, on
+        // the shard's own thread: the watcher starts from that state and
+        // every later event follows it.
+        let registered = self
+            .node
+            .call_all({
+                let (tx, behind) = (tx.clone(), behind.clone());
+                move |s| {
+                    s.events.register(tx.clone(), behind.clone())?;
+                    Ok::<_, Status>(s.leaders())
+                }
+            })
+            .await?;
+        drop(tx);
+        for leaders in registered {
+            for (p, leader, term) in leaders? {
+                let mut e = super::events::event(
+                    crate::proto::admin::cluster_event::Type::LeaderChanged,
+                    p,
+                );
+                e.node_id = leader;
+                e.term = term;
+                call.outgoing.send(Bytes::from(e.encode_to_vec())).await?;
+            }
+        }
+        while let Some(e) = rx.next().await {
+            if behind.load(Ordering::Relaxed) {
+                break;
+            }
+            call.outgoing.send(Bytes::from(e.encode_to_vec())).await?;
+        }
+        if behind.load(Ordering::Relaxed) {
+            return Err(Status::resource_exhausted(format!(
+                "the watcher fell more than {} events behind; watch again (and read Status for the state now)",
+                super::events::QUEUE
+            )));
+        }
+        Err(Status::unavailable("the node is shutting down"))
+    }
+
     /// Status of one local partition, if hosted.
     pub async fn partition_status(
         &self,
@@ -384,7 +440,7 @@ impl Handler for Api {
             | KV_DELETE
             | KV_CAS
             | health::CHECK => Some(Kind::Unary),
-            health::WATCH | reflection::V1 | reflection::V1ALPHA | KV_WATCH => {
+            health::WATCH | reflection::V1 | reflection::V1ALPHA | KV_WATCH | ADMIN_WATCH => {
                 Some(Kind::Streaming)
             }
             _ => None,
@@ -401,6 +457,10 @@ impl Handler for Api {
             KV_WATCH => {
                 let api = self.clone();
                 Box::pin(async move { api.kv_watch(call).await })
+            }
+            ADMIN_WATCH => {
+                let api = self.clone();
+                Box::pin(async move { api.cluster_watch(call).await })
             }
             reflection::V1 | reflection::V1ALPHA => Box::pin(reflection::serve(call)),
             m => {

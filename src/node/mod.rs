@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod control;
+pub mod events;
 pub mod health;
 pub mod meta;
 pub mod reflection;

@@ -81,6 +81,12 @@ pub struct Outbox {
     pub learned: Vec<(u64, String)>,
     /// Changes applied this turn, in order, for watches (`kv::watch`).
     pub events: Vec<crate::kv::watch::Event>,
+    /// Membership changes applied this turn: (partition, index, voters).
+    pub conf_changes: Vec<(u32, u64, Vec<u64>)>,
+    /// Snapshots sent this turn: (partition, to, index).
+    pub snapshots_sent: Vec<(u32, u64, u64)>,
+    /// Snapshots installed this turn: (partition, index).
+    pub snapshots_installed: Vec<(u32, u64)>,
 }
 
 pub struct Group {
@@ -123,6 +129,8 @@ pub struct Group {
     /// the leader it saw last.
     pub leader_changes: u64,
     last_leader: u64,
+    /// A leader seen by the last tick and not yet reported (`take_new_leader`).
+    new_leader: Option<(u64, u64)>,
     max_inflight: usize,
     snapshot_threshold: u64,
     retain_entries: u64,
@@ -238,6 +246,7 @@ impl Group {
             proposals: 0,
             leader_changes: 0,
             last_leader: raft::INVALID_ID,
+            new_leader: None,
             max_inflight,
             snapshot_threshold: cfg.snapshot_entry_threshold,
             retain_entries: cfg.compaction_retain_entries,
@@ -294,6 +303,7 @@ impl Group {
         let leader = self.raw.raft.leader_id;
         if leader != self.last_leader && leader != raft::INVALID_ID {
             self.leader_changes += 1;
+            self.new_leader = Some((leader, self.raw.raft.term));
         }
         self.last_leader = leader;
         let now = self.ticks;
@@ -433,6 +443,16 @@ impl Group {
                 .map(|b| b.reads.len())
                 .sum::<usize>()
             + self.ready_reads.iter().map(|(_, r)| r.len()).sum::<usize>()
+    }
+
+    /// The (leader, term) the last tick saw change, once.
+    pub fn take_new_leader(&mut self) -> Option<(u64, u64)> {
+        self.new_leader.take()
+    }
+
+    /// The raft term this replica is in.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
     }
 
     /// The leader this replica knows of (`raft::INVALID_ID`: none).
@@ -691,6 +711,7 @@ impl Group {
                 );
                 self.storage.set_conf_state(cs.clone());
                 self.applied_conf = cs.clone();
+                out.conf_changes.push((self.id, e.index, cs.voters.clone()));
                 if let Some(w) = waiter {
                     let _ = w.send(Ok(cs.clone()));
                 }

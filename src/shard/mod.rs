@@ -230,6 +230,8 @@ pub struct Shard {
     pub(crate) metrics: ShardMetrics,
     /// Recent changes and the watchers of this shard's partitions.
     pub watch: crate::kv::watch::Hub,
+    /// Watchers of cluster events (`Admin/Watch`).
+    pub events: crate::node::events::Events,
 }
 
 /// A shard's own label children of the metrics it counts as events.
@@ -282,6 +284,7 @@ impl Shard {
             adopt_peer: None,
             metrics: ShardMetrics::new(index),
             watch: Default::default(),
+            events: Default::default(),
         }
     }
 
@@ -299,6 +302,16 @@ impl Shard {
             leaders: self.groups.values().filter(|g| g.is_leader()).count() as i64,
             disk_full: self.node.disk_full[self.index].load(std::sync::atomic::Ordering::Relaxed),
         }
+    }
+
+    /// (partition, leader, term) of every hosted partition with a known
+    /// leader.
+    pub fn leaders(&self) -> Vec<(u32, u64, u64)> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.leader() != raft::INVALID_ID)
+            .map(|(p, g)| (*p, g.leader(), g.term()))
+            .collect()
     }
 
     /// Hosted partitions that know no leader (for `/ready`).
@@ -355,6 +368,10 @@ impl Shard {
             Ok(g) => {
                 self.groups.insert(partition, g);
                 tracing::info!(partition, shard = self.index, "replica created");
+                self.events.publish(crate::node::events::event(
+                    crate::proto::admin::cluster_event::Type::PartitionAdded,
+                    partition,
+                ));
                 self.after_sync.push(Box::new(move |_| done(Ok(()))));
             }
             Err(e) => done(Err(Status::internal(e))),
@@ -375,6 +392,10 @@ impl Shard {
             tracing::info!(partition, shard = self.index, "replica removed");
         }
         self.watch.removed(partition);
+        self.events.publish(crate::node::events::event(
+            crate::proto::admin::cluster_event::Type::PartitionRemoved,
+            partition,
+        ));
         self.wal.remove_group(partition as u64);
         self.wal_dirty = true;
         self.after_sync.push(Box::new(move |_| done(Ok(()))));
@@ -414,8 +435,17 @@ impl Shard {
                 }
             }
             ShardMsg::Tick => {
-                for g in self.groups.values_mut() {
+                use crate::proto::admin::cluster_event::Type;
+                for (p, g) in self.groups.iter_mut() {
                     g.tick();
+                    if let Some((leader, term)) = g.take_new_leader() {
+                        if self.events.watched() {
+                            let mut e = crate::node::events::event(Type::LeaderChanged, *p);
+                            e.node_id = leader;
+                            e.term = term;
+                            self.events.publish(e);
+                        }
+                    }
                 }
             }
             ShardMsg::Stop => return false,

@@ -72,11 +72,13 @@ impl Shard {
                 continue;
             }
             let mut rd = g.raw().ready();
-            send_all(&out_ctx, *id, rd.take_messages());
+            send_all(&out_ctx, *id, rd.take_messages(), &mut out);
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
                 self.metrics.snapshots_received.inc();
                 self.watch.skipped(*id, snap.get_metadata().index);
+                out.snapshots_installed
+                    .push((*id, snap.get_metadata().index));
                 if let Err(e) = g.install_snapshot(&snap) {
                     tracing::error!(partition = id, "cannot install snapshot: {e}");
                 }
@@ -130,7 +132,7 @@ impl Shard {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
             };
-            send_all(out_ctx, id, rd.take_persisted_messages());
+            send_all(out_ctx, id, rd.take_persisted_messages(), out);
             let mut light = g.raw().advance(rd);
             if let Some(commit) = light.commit_index() {
                 // Persisted with the next sync; a lost commit index is
@@ -139,7 +141,7 @@ impl Shard {
                 self.wal
                     .set_hard_state(id as u64, &g.storage().hard_state());
             }
-            send_all(out_ctx, id, light.take_messages());
+            send_all(out_ctx, id, light.take_messages(), out);
             if let Some(cs) = g.apply(light.take_committed_entries(), out) {
                 self.wal.set_conf_state(id as u64, &cs);
                 self.wal_dirty = true;
@@ -164,6 +166,27 @@ impl Shard {
     async fn housekeeping(&mut self, out: Outbox) {
         for e in out.events {
             self.watch.publish(e);
+        }
+        if self.events.watched() {
+            use crate::node::events::event;
+            use crate::proto::admin::cluster_event::Type;
+            for (p, index, voters) in out.conf_changes {
+                let mut e = event(Type::MembershipChanged, p);
+                e.index = index;
+                e.voters = voters;
+                self.events.publish(e);
+            }
+            for (p, to, index) in out.snapshots_sent {
+                let mut e = event(Type::SnapshotSent, p);
+                e.node_id = to;
+                e.index = index;
+                self.events.publish(e);
+            }
+            for (p, index) in out.snapshots_installed {
+                let mut e = event(Type::SnapshotInstalled, p);
+                e.index = index;
+                self.events.publish(e);
+            }
         }
         for (node, addr) in out.learned {
             self.learn_address(node, addr);
@@ -267,11 +290,13 @@ struct SendCtx {
     snapshots_sent: prometheus::IntCounter,
 }
 
-fn send_all(ctx: &SendCtx, partition: u32, msgs: Vec<Message>) {
+fn send_all(ctx: &SendCtx, partition: u32, msgs: Vec<Message>, out: &mut Outbox) {
     let links = &ctx.links;
     for m in msgs {
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
             ctx.snapshots_sent.inc();
+            out.snapshots_sent
+                .push((partition, m.to, m.get_snapshot().get_metadata().index));
         }
         if super::snapshot::needs_chunks(&m) {
             super::snapshot::send_chunked(links.clone(), ctx.node.clone(), ctx.shard, partition, m);

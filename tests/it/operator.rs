@@ -508,3 +508,78 @@ async fn watch_streams_changes_and_replays_recent_history() {
     );
     let _ = cli_watch.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_events_are_watched_through_bootstrap_and_leave() {
+    use crate::pb::multiraft::admin::v1::{cluster_event::Type, WatchClusterRequest};
+    let cluster = Cluster::start(3, 1, Some(FAST_CONFIG)).await;
+    let mut admin = cluster.node(1).admin().await;
+    let mut events = admin
+        .watch(tonic::Request::new(WatchClusterRequest {}))
+        .await
+        .expect("Admin/Watch")
+        .into_inner();
+    cluster.bootstrap(&cluster.layout(1..=2)).await;
+    let (mut added, mut leaders) = (Vec::new(), Vec::new());
+    while added.len() < 2 || leaders.len() < 2 {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .unwrap();
+        match e.r#type() {
+            Type::PartitionAdded => added.push(e.partition_id),
+            Type::LeaderChanged if !leaders.contains(&e.partition_id) => {
+                assert!(e.node_id >= 1 && e.node_id <= 3 && e.term > 0, "{e:?}");
+                leaders.push(e.partition_id)
+            }
+            _ => {}
+        }
+    }
+    added.sort();
+    assert_eq!(added, vec![1, 2]);
+
+    // The command line prints them: node 3 leaves partition 2.
+    let addr3 = cluster.node(3).api_addr.to_string();
+    let mut cli_watch = tokio::process::Command::new(BIN)
+        .args(["watch", "--cluster", "--addr", &addr3])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        cli_watch.stdout.take().unwrap(),
+    ));
+    // The watch starts with the current leaders: once one is printed, the
+    // watcher is registered.
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("the current state within 10 s")
+        .unwrap()
+        .expect("a line");
+    assert!(first.contains(": leader is node "), "{first}");
+    let out = cli(
+        &[
+            "leave",
+            "--addr",
+            &addr3,
+            "--partition",
+            "2",
+            "--timeout",
+            "30s",
+        ],
+        Duration::from_secs(40),
+    )
+    .await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let removed = wait_for(Duration::from_secs(20), "the removal printed", async || {
+        match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {
+            Ok(Ok(Some(line))) if line.contains("replica removed") => Ok(line),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(removed, "partition 2: replica removed from this node");
+    let _ = cli_watch.kill().await;
+}
