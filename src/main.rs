@@ -293,7 +293,7 @@ fn main() {
     };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter())
-        .with_writer(std::io::stderr);
+        .with_writer(cli::log::stderr_one_line);
     if cli.log_format == "json" {
         // One JSON object per line, fields flattened, for log shippers.
         logs.json().flatten_event(true).init();
@@ -557,6 +557,13 @@ fn serve(
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "(no message)".into());
+        // glommio panics when io_uring cannot lock its rings, blaming the
+        // kernel's age; the usual cause is the memlock limit.
+        let msg = if msg.contains("register a probe") {
+            format!("{msg}{}", multiraft::node::memlock_hint())
+        } else {
+            msg
+        };
         let at = info
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()))

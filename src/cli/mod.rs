@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod data;
+pub mod log;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -446,7 +446,7 @@ impl crate::metrics::Source for MetricsSource {
 
 /// A hint for a failed executor start: glommio locks (mlock) its I/O
 /// memory, so a low RLIMIT_MEMLOCK is the usual cause for non-root users.
-fn memlock_hint() -> String {
+pub fn memlock_hint() -> String {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
