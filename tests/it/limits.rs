@@ -5,7 +5,8 @@
 //!   RESOURCE_EXHAUSTED and other clients are served;
 //! - idle connections beyond the per-shard limit are made to go away when
 //!   new clients arrive, so they neither lock clients out nor pile up;
-//! - peer frames announcing huge lengths cost only the bytes that arrive.
+//! - peer frames announcing huge lengths cost only the bytes that arrive;
+//! - layouts past the documented size are refused before any work.
 
 use std::time::Duration;
 
@@ -268,4 +269,62 @@ async fn huge_frame_lengths_from_peers_cost_only_what_arrives() {
     let mut kv = node.kv().await;
     put(&mut kv, 1, b"still", b"serving").await;
     drop(socks);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_layouts_are_refused_without_work() {
+    use crate::pb::atomix::multiraft::v1::{BootstrapRequest, PartitionConfig};
+    let cluster = Cluster::start(1, 2, Some(FAST_CONFIG)).await;
+    let node = cluster.node(1);
+    let before = rss(node.pid());
+    let mut control = node.node_client().await;
+    let raft = node.raft_addr.to_string();
+
+    // One partition whose member map has 100,000 entries.
+    let crowd = PartitionConfig {
+        partition_id: 1,
+        members: (1..=100_000u64).map(|id| (id, raft.clone())).collect(),
+    };
+    let r = control
+        .bootstrap(req(
+            BootstrapRequest {
+                partitions: vec![crowd],
+            },
+            Duration::from_secs(10),
+        ))
+        .await;
+    let msg = expect_code(r, tonic::Code::InvalidArgument, "100,000 members");
+    assert!(msg.contains("the limit is 64"), "{msg}");
+
+    // A layout naming 100,000 partitions.
+    let many = (1..=100_000u32)
+        .map(|p| PartitionConfig {
+            partition_id: p,
+            members: [(1, raft.clone())].into_iter().collect(),
+        })
+        .collect();
+    let r = control
+        .bootstrap(req(
+            BootstrapRequest { partitions: many },
+            Duration::from_secs(10),
+        ))
+        .await;
+    let msg = expect_code(r, tonic::Code::InvalidArgument, "100,000 partitions");
+    assert!(msg.contains("65536"), "{msg}");
+
+    // Nothing was kept: no layout on disk, memory as before, and a valid
+    // layout still works.
+    let meta = std::fs::read_to_string(node.data_dir.join("node.json")).unwrap_or_default();
+    assert!(meta.len() < 4096, "node.json grew to {} bytes", meta.len());
+    let after = rss(node.pid());
+    note(format!(
+        "RSS {} MiB before, {} MiB after both layouts",
+        before / MIB,
+        after / MIB
+    ));
+    assert!(
+        after < before + 64 * MIB,
+        "RSS grew from {before} to {after}"
+    );
+    cluster.bootstrap(&cluster.layout(1..=2)).await;
 }
