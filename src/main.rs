@@ -317,14 +317,18 @@ fn dur(s: &str) -> Result<Duration> {
     parse_duration(s).map_err(|e| anyhow!("{e}"))
 }
 
-/// Fills in the node's TLS settings from the flags.
+/// Reads the TLS files again (on SIGHUP).
+type Reload = Box<dyn Fn() -> Result<(), multiraft::tls::TlsError>>;
+
+/// Fills in the node's TLS settings from the flags; returns what reloads
+/// them.
 fn node_tls(
     cfg: &mut NodeConfig,
     tls: &TlsArgs,
     api_tls: bool,
     api_client_ca: Option<PathBuf>,
     auth_all: bool,
-) -> Result<()> {
+) -> Result<Option<Reload>> {
     let files = match (&tls.tls_ca, &tls.tls_cert, &tls.tls_key) {
         (Some(ca), Some(cert), Some(key)) => Some(multiraft::tls::TlsFiles {
             ca: ca.clone(),
@@ -355,7 +359,19 @@ fn node_tls(
             auth_all,
         )?);
     }
-    Ok(())
+    let Some(files) = files else {
+        return Ok(None);
+    };
+    let (peer, api, id) = (cfg.peer_tls.clone(), cfg.api_tls.clone(), cfg.node_id);
+    Ok(Some(Box::new(move || {
+        if let Some(peer) = &peer {
+            peer.reload(&files, id)?;
+        }
+        if let Some(api) = &api {
+            api.reload(&files.cert, &files.key, api_client_ca.as_deref())?;
+        }
+        Ok(())
+    })))
 }
 
 /// Makes the client commands' connections use TLS when --tls-ca is given.
@@ -408,14 +424,14 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--max-connections must be at least 1");
             }
             cfg.api_limits.max_connections = max_connections;
-            node_tls(
+            let reload = node_tls(
                 &mut cfg,
                 &cli.tls,
                 api_tls,
                 api_client_ca,
                 api_auth == "all",
             )?;
-            serve(cfg, shards, config, wal_segment_mib, metrics_addr)
+            serve(cfg, shards, config, wal_segment_mib, metrics_addr, reload)
         }
         Cmd::Bootstrap {
             addr,
@@ -531,6 +547,7 @@ fn serve(
     config: Option<PathBuf>,
     wal_segment_mib: u64,
     metrics_addr: Option<SocketAddr>,
+    reload: Option<Reload>,
 ) -> Result<()> {
     let node_id = cfg.node_id;
     if wal_segment_mib == 0 {
@@ -578,6 +595,7 @@ fn serve(
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ])?;
     let mut node = multiraft::node::Node::start(cfg.clone()).map_err(|e| anyhow!(e))?;
     tracing::info!(
@@ -603,8 +621,19 @@ fn serve(
         }
         None => None,
     };
-    if let Some(sig) = signals.forever().next() {
-        tracing::info!(signal = sig, "shutting down");
+    for sig in signals.forever() {
+        if sig != signal_hook::consts::SIGHUP {
+            tracing::info!(signal = sig, "shutting down");
+            break;
+        }
+        // SIGHUP: new TLS files for new connections; open ones keep theirs.
+        match &reload {
+            None => tracing::info!("SIGHUP: no TLS files to reload"),
+            Some(reload) => match reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                Err(e) => tracing::error!("SIGHUP: TLS reload failed, keeping the old files: {e}"),
+            },
+        }
     }
     node.stop();
     drop(metrics);

@@ -24,7 +24,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -125,14 +125,12 @@ fn config_err(e: impl fmt::Display) -> TlsError {
     TlsError::Config(e.to_string())
 }
 
-/// Mutual TLS for the peer port: one configuration per direction.
+/// Mutual TLS for the peer port: one configuration per direction, shared
+/// by every clone and replaced as a whole by [`PeerTls::reload`] (new
+/// connections use the new files; open ones keep their session).
 #[derive(Clone)]
 pub struct PeerTls {
-    /// Accepting side: requires a client certificate from the cluster CA.
-    pub server: Arc<ServerConfig>,
-    /// Connecting side: presents this node's certificate and verifies the
-    /// peer's against the cluster CA and the peer's [`node_name`].
-    pub client: Arc<ClientConfig>,
+    configs: Arc<RwLock<(Arc<ServerConfig>, Arc<ClientConfig>)>>,
 }
 
 impl fmt::Debug for PeerTls {
@@ -145,6 +143,41 @@ impl PeerTls {
     /// Loads the files of node `node_id`, refusing a certificate that does
     /// not name that node (a misconfiguration every peer would refuse).
     pub fn load(files: &TlsFiles, node_id: u64) -> Result<PeerTls, TlsError> {
+        Ok(PeerTls {
+            configs: Arc::new(RwLock::new(Self::build(files, node_id)?)),
+        })
+    }
+
+    /// Reads the files again; on any error the current configuration stays.
+    pub fn reload(&self, files: &TlsFiles, node_id: u64) -> Result<(), TlsError> {
+        let fresh = Self::build(files, node_id)?;
+        *self.configs.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// Accepting side: requires a client certificate from the cluster CA.
+    pub fn server(&self) -> Arc<ServerConfig> {
+        self.configs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Connecting side: presents this node's certificate and verifies the
+    /// peer's against the cluster CA and the peer's [`node_name`].
+    pub fn client(&self) -> Arc<ClientConfig> {
+        self.configs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    fn build(
+        files: &TlsFiles,
+        node_id: u64,
+    ) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), TlsError> {
         let roots = read_roots(&files.ca)?;
         let chain = read_certs("certificate", &files.cert)?;
         let key = read_key(&files.key)?;
@@ -172,10 +205,7 @@ impl PeerTls {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(config_err)?;
-        Ok(PeerTls {
-            server: Arc::new(server),
-            client: Arc::new(client),
-        })
+        Ok((Arc::new(server), Arc::new(client)))
     }
 }
 
@@ -193,9 +223,9 @@ pub enum ClientAuth {
 /// TLS on the API port.
 #[derive(Clone)]
 pub struct ApiTls {
-    pub server: Arc<ServerConfig>,
+    server: Arc<RwLock<Arc<ServerConfig>>>,
     /// Which calls need a client certificate that verified against the
-    /// client CA.
+    /// client CA (fixed at start; a reload changes files, not the mode).
     pub client_auth: ClientAuth,
 }
 
@@ -217,6 +247,40 @@ impl ApiTls {
         client_ca: Option<&Path>,
         all: bool,
     ) -> Result<ApiTls, TlsError> {
+        let (server, client_auth) = Self::build(cert, key, client_ca, all)?;
+        Ok(ApiTls {
+            server: Arc::new(RwLock::new(server)),
+            client_auth,
+        })
+    }
+
+    /// Reads the files again; on any error the current configuration stays.
+    pub fn reload(
+        &self,
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<(), TlsError> {
+        let all = self.client_auth == ClientAuth::All;
+        let (fresh, _) = Self::build(cert, key, client_ca, all)?;
+        *self.server.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// The configuration new connections get.
+    pub fn server(&self) -> Arc<ServerConfig> {
+        self.server
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn build(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        all: bool,
+    ) -> Result<(Arc<ServerConfig>, ClientAuth), TlsError> {
         let chain = read_certs("certificate", cert)?;
         let key = read_key(key)?;
         let builder = ServerConfig::builder_with_provider(provider())
@@ -238,10 +302,7 @@ impl ApiTls {
         };
         let mut server = builder.with_single_cert(chain, key).map_err(config_err)?;
         server.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(ApiTls {
-            server: Arc::new(server),
-            client_auth,
-        })
+        Ok((Arc::new(server), client_auth))
     }
 }
 

@@ -178,7 +178,7 @@ async fn accept_connection(
     let Some(tls) = config.tls.clone() else {
         return serve_connection(stream, peer, false, handler, config, shutdown, place).await;
     };
-    let accept = futures_rustls::TlsAcceptor::from(tls.server.clone()).accept(stream);
+    let accept = futures_rustls::TlsAcceptor::from(tls.server()).accept(stream);
     let stream = match within(HANDSHAKE_TIMEOUT, &shutdown, &place, accept).await {
         Some(Ok(stream)) => stream,
         Some(Err(e)) => {

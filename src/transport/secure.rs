@@ -90,9 +90,8 @@ pub(super) async fn accept(
     from: u64,
     timeout: Duration,
 ) -> Result<ServerStream, String> {
-    let handshake = std::pin::pin!(
-        TlsAcceptor::from(tls.server.clone()).accept(Prefixed::new(buffered, stream))
-    );
+    let handshake =
+        std::pin::pin!(TlsAcceptor::from(tls.server()).accept(Prefixed::new(buffered, stream)));
     let timer = std::pin::pin!(glommio::timer::sleep(timeout));
     let stream = match select(handshake, timer).await {
         Either::Left((Ok(stream), _)) => stream,
@@ -124,8 +123,7 @@ pub(super) async fn connect(
     to: u64,
     timeout: Duration,
 ) -> io::Result<ClientStream> {
-    let handshake =
-        std::pin::pin!(TlsConnector::from(tls.client.clone()).connect(node_name(to), stream));
+    let handshake = std::pin::pin!(TlsConnector::from(tls.client()).connect(node_name(to), stream));
     let timer = std::pin::pin!(glommio::timer::sleep(timeout));
     match select(handshake, timer).await {
         Either::Left((Ok(stream), _)) => Ok(Box::new(stream)),

@@ -387,3 +387,71 @@ async fn a_node_refuses_a_certificate_that_does_not_name_it() {
     let log = node.log();
     assert!(log.contains("does not name node 1"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificates_and_keeps_them_on_bad_files() {
+    let dir = test_dir();
+    let live = make_certs(&dir.path().join("live"), &[1]);
+    let next = make_certs(&dir.path().join("next"), &[1]);
+    let old = dir.path().join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::copy(live.join("ca.pem"), old.join("ca.pem")).unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, FAST_CONFIG).unwrap();
+    let mut node = Node::new(dir.path(), 1, 1, Some(config));
+    node.extra_args = peer_tls_args(&live, 1);
+    node.extra_args.push("--api-tls".into());
+    node.start();
+    tls_channel(&node, &live, false).await;
+
+    // New files from another CA in place, then SIGHUP.
+    for f in ["ca.pem", "node-1.pem", "node-1.key"] {
+        std::fs::copy(next.join(f), live.join(f)).unwrap();
+    }
+    let hup = |n: &Node| {
+        // SAFETY: plain kill(2) on a pid the harness spawned.
+        assert_eq!(
+            unsafe { libc::kill(n.pid() as libc::pid_t, libc::SIGHUP) },
+            0
+        );
+    };
+    hup(&node);
+    wait_until(
+        Duration::from_secs(10),
+        "the reload in the log",
+        async || node.log().contains("TLS certificates reloaded"),
+    )
+    .await;
+    // New connections get the new certificate: the new CA's clients get
+    // in, the old CA's do not.
+    tls_channel(&node, &next, false).await;
+    let old_ca = tls_endpoint(&node, &old, false);
+    let refused = async {
+        let channel = old_ca.connect().await.map_err(|e| e.to_string())?;
+        crate::pb::multiraft::admin::v1::admin_client::AdminClient::new(channel)
+            .status(req(
+                crate::pb::multiraft::admin::v1::StatusRequest {},
+                Duration::from_secs(5),
+            ))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    assert!(
+        refused.await.is_err(),
+        "the old certificate is still served"
+    );
+
+    // A broken file is refused and the working certificate stays.
+    std::fs::write(live.join("node-1.pem"), "not a certificate").unwrap();
+    hup(&node);
+    wait_until(
+        Duration::from_secs(10),
+        "the failed reload in the log",
+        async || {
+            node.log()
+                .contains("TLS reload failed, keeping the old files")
+        },
+    )
+    .await;
+    tls_channel(&node, &next, false).await;
+}
