@@ -575,14 +575,15 @@ async fn unknown_methods_oversized_and_garbage_messages() {
         );
     }
 
-    // An unknown method on a stream whose body never ends (what grpcurl's
-    // reflection client does): answered from the headers, not after a
-    // half-close that never comes.
+    // An unknown method on a stream whose body never ends (as a streaming
+    // client's, e.g. a reflection client asking a server without
+    // reflection): answered from the headers, not after a half-close that
+    // never comes.
     let tcp = tokio::net::TcpStream::connect(node.api_addr).await.unwrap();
     let (mut h2c, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
     let request = http::Request::post(format!(
-        "http://{}/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "http://{}/grpc.nope.v1.Nothing/StreamForever",
         node.api_addr
     ))
     .header("content-type", "application/grpc")
