@@ -62,6 +62,15 @@ fn json(v: serde_json::Value, ok: bool) -> Outcome {
     }
 }
 
+/// The JSON answer of a Put or Delete.
+fn write_json(index: u64, partition: u32, previous: Option<&[u8]>) -> Outcome {
+    let mut v = serde_json::json!({"index": index.to_string(), "partitionId": partition});
+    if let Some(p) = previous {
+        v["previous"] = b64(p).into();
+    }
+    json(v, true)
+}
+
 /// Reads a value given as `--value-file PATH` (`-`: stdin).
 pub fn read_value_file(path: &str) -> Result<Bytes, String> {
     let mut out = Vec::new();
@@ -85,12 +94,7 @@ pub async fn put(t: &Target, key: &str, value: Bytes) -> Result<Outcome, Status>
         .call(KV_PUT, &req, Some(t.timeout))
         .await?;
     Ok(if t.json {
-        let mut v =
-            serde_json::json!({"index": r.index.to_string(), "partitionId": r.partition_id});
-        if let Some(p) = &r.previous {
-            v["previous"] = b64(p).into();
-        }
-        json(v, true)
+        write_json(r.index, r.partition_id, r.previous.as_deref())
     } else {
         let prev = r.previous.as_deref().map(shown);
         line(format!(
@@ -146,12 +150,7 @@ pub async fn del(t: &Target, key: &str) -> Result<Outcome, Status> {
         .call(KV_DELETE, &req, Some(t.timeout))
         .await?;
     Ok(if t.json {
-        let mut v =
-            serde_json::json!({"index": r.index.to_string(), "partitionId": r.partition_id});
-        if let Some(p) = &r.previous {
-            v["previous"] = b64(p).into();
-        }
-        json(v, true)
+        write_json(r.index, r.partition_id, r.previous.as_deref())
     } else {
         line(match &r.previous {
             Some(p) => format!(

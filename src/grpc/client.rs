@@ -23,6 +23,7 @@ use tracing::debug;
 
 use super::codec::{self, UnaryDecoder};
 use super::flow::send_all;
+use super::stream::{MessageReader, Read};
 use super::{Code, Status};
 
 /// Per-stream receive window; large so responses rarely wait on updates.
@@ -234,8 +235,7 @@ impl Client {
             ));
         }
         Ok(Messages {
-            body,
-            decoder: codec::StreamDecoder::new(self.max_response_size),
+            reader: MessageReader::new(body, self.max_response_size, transport),
             ended: false,
         })
     }
@@ -320,8 +320,7 @@ impl Client {
 
 /// The response messages of a streaming call.
 pub struct Messages {
-    body: RecvStream,
-    decoder: codec::StreamDecoder,
+    reader: MessageReader,
     ended: bool,
 }
 
@@ -329,36 +328,25 @@ impl Messages {
     /// The next message; `None` after a stream that ended OK; the call's
     /// status if it ended otherwise.
     pub async fn next(&mut self) -> Option<Result<Bytes, Status>> {
-        loop {
-            if let Some(m) = self.decoder.next_message() {
-                return Some(Ok(m));
+        if self.ended {
+            return None;
+        }
+        match self.reader.next().await {
+            Read::Message(m) => Some(Ok(m)),
+            Read::Failed(s) => {
+                self.ended = true;
+                Some(Err(s))
             }
-            if self.ended {
-                return None;
-            }
-            match self.body.data().await {
-                Some(Ok(chunk)) => {
-                    let _ = self.body.flow_control().release_capacity(chunk.len());
-                    if let Err(e) = self.decoder.push(chunk) {
-                        self.ended = true;
-                        return Some(Err(e.to_status()));
-                    }
-                }
-                Some(Err(e)) => {
-                    self.ended = true;
-                    return Some(Err(transport(e)));
-                }
-                None => {
-                    self.ended = true;
-                    let trailers = match self.body.trailers().await {
-                        Ok(t) => t,
-                        Err(e) => return Some(Err(transport(e))),
-                    };
-                    return match trailers.as_ref().and_then(status_from) {
-                        None => Some(Err(Status::internal("stream ended without grpc-status"))),
-                        Some(Err(s)) => Some(Err(s)),
-                        Some(Ok(())) => None,
-                    };
+            Read::End => {
+                self.ended = true;
+                let trailers = match self.reader.body.trailers().await {
+                    Ok(t) => t,
+                    Err(e) => return Some(Err(transport(e))),
+                };
+                match trailers.as_ref().and_then(status_from) {
+                    None => Some(Err(Status::internal("stream ended without grpc-status"))),
+                    Some(Err(s)) => Some(Err(s)),
+                    Some(Ok(())) => None,
                 }
             }
         }

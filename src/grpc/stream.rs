@@ -29,56 +29,88 @@ pub struct StreamCall {
     pub outgoing: Outgoing,
 }
 
-/// The client's messages.
-pub struct Incoming {
-    body: RecvStream,
-    decoder: StreamDecoder,
-    done: bool,
+/// What reading the next message of a body gave.
+pub(crate) enum Read {
+    Message(Bytes),
+    /// The body ended cleanly (no message cut off).
+    End,
+    /// A bad message or a broken stream; nothing more is read.
+    Failed(Status),
 }
 
-impl Incoming {
-    pub(super) fn new(body: RecvStream, max_message_size: usize) -> Incoming {
-        Incoming {
+/// Reads the messages of one HTTP/2 body (either side of a call), with
+/// flow control: the window reopens only as messages are taken, which is
+/// where a fast sender is slowed to the reader's pace.
+pub(crate) struct MessageReader {
+    pub(crate) body: RecvStream,
+    decoder: StreamDecoder,
+    done: bool,
+    /// How a transport error is reported (the two sides word it apart).
+    on_error: fn(h2::Error) -> Status,
+}
+
+impl MessageReader {
+    pub(crate) fn new(
+        body: RecvStream,
+        max_message_size: usize,
+        on_error: fn(h2::Error) -> Status,
+    ) -> MessageReader {
+        MessageReader {
             body,
             decoder: StreamDecoder::new(max_message_size),
             done: false,
+            on_error,
         }
+    }
+
+    pub(crate) async fn next(&mut self) -> Read {
+        loop {
+            if let Some(m) = self.decoder.next_message() {
+                return Read::Message(m);
+            }
+            if self.done {
+                return Read::End;
+            }
+            match self.body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = self.body.flow_control().release_capacity(chunk.len());
+                    if let Err(e) = self.decoder.push(chunk) {
+                        self.done = true;
+                        return Read::Failed(e.to_status());
+                    }
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Read::Failed((self.on_error)(e));
+                }
+                None => {
+                    self.done = true;
+                    if let Err(e) = self.decoder.finish() {
+                        return Read::Failed(e.to_status());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The client's messages.
+pub struct Incoming(MessageReader);
+
+impl Incoming {
+    pub(super) fn new(body: RecvStream, max_message_size: usize) -> Incoming {
+        Incoming(MessageReader::new(body, max_message_size, |e| {
+            Status::new(Code::Cancelled, format!("request stream: {e}"))
+        }))
     }
 
     /// The next message; `None` once the client has half-closed. An
     /// oversized, compressed or cut-off message, or a reset, is an error.
     pub async fn next(&mut self) -> Option<Result<Bytes, Status>> {
-        loop {
-            if let Some(m) = self.decoder.next_message() {
-                return Some(Ok(m));
-            }
-            if self.done {
-                return None;
-            }
-            match self.body.data().await {
-                Some(Ok(chunk)) => {
-                    // The window reopens only as messages are taken: this
-                    // is where a fast sender is slowed to the handler's pace.
-                    let _ = self.body.flow_control().release_capacity(chunk.len());
-                    if let Err(e) = self.decoder.push(chunk) {
-                        self.done = true;
-                        return Some(Err(e.to_status()));
-                    }
-                }
-                Some(Err(e)) => {
-                    self.done = true;
-                    return Some(Err(Status::new(
-                        Code::Cancelled,
-                        format!("request stream: {e}"),
-                    )));
-                }
-                None => {
-                    self.done = true;
-                    if let Err(e) = self.decoder.finish() {
-                        return Some(Err(e.to_status()));
-                    }
-                }
-            }
+        match self.0.next().await {
+            Read::Message(m) => Some(Ok(m)),
+            Read::End => None,
+            Read::Failed(s) => Some(Err(s)),
         }
     }
 }

@@ -57,6 +57,18 @@ fn peer_tls_args(certs: &Path, id: u64) -> Vec<String> {
     ]
 }
 
+/// Starts node 1 (one shard, fast elections) under `dir` with the TLS
+/// files of node `cert_of` in `certs` and `more` arguments.
+fn start_tls_node(dir: &Path, certs: &Path, cert_of: u64, more: &[&str]) -> Node {
+    let config = dir.join("config.json");
+    std::fs::write(&config, FAST_CONFIG).unwrap();
+    let mut node = Node::new(dir, 1, 1, Some(config));
+    node.extra_args = peer_tls_args(certs, cert_of);
+    node.extra_args.extend(more.iter().map(|a| a.to_string()));
+    node.start();
+    node
+}
+
 /// A length-prefixed peer frame.
 fn frame(body: Vec<u8>) -> Vec<u8> {
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
@@ -247,13 +259,8 @@ async fn tls_channel(node: &Node, certs: &Path, identity: bool) -> Channel {
 async fn the_api_serves_tls_and_control_calls_need_a_client_certificate() {
     let dir = test_dir();
     let certs = make_certs(&dir.path().join("certs"), &[1]);
-    let config = dir.path().join("config.json");
-    std::fs::write(&config, FAST_CONFIG).unwrap();
-    let mut node = Node::new(dir.path(), 1, 1, Some(config));
-    node.extra_args = peer_tls_args(&certs, 1);
-    node.extra_args
-        .extend(["--api-client-ca".to_string(), file(&certs, "ca.pem")]);
-    node.start();
+    let ca = file(&certs, "ca.pem");
+    let node = start_tls_node(dir.path(), &certs, 1, &["--api-client-ca", &ca]);
 
     let operator = tls_channel(&node, &certs, true).await;
     let anonymous = tls_channel(&node, &certs, false).await;
@@ -327,17 +334,13 @@ async fn the_api_serves_tls_and_control_calls_need_a_client_certificate() {
 async fn with_api_auth_all_every_call_needs_a_client_certificate() {
     let dir = test_dir();
     let certs = make_certs(&dir.path().join("certs"), &[1]);
-    let config = dir.path().join("config.json");
-    std::fs::write(&config, FAST_CONFIG).unwrap();
-    let mut node = Node::new(dir.path(), 1, 1, Some(config));
-    node.extra_args = peer_tls_args(&certs, 1);
-    node.extra_args.extend([
-        "--api-client-ca".to_string(),
-        file(&certs, "ca.pem"),
-        "--api-auth".to_string(),
-        "all".to_string(),
-    ]);
-    node.start();
+    let ca = file(&certs, "ca.pem");
+    let node = start_tls_node(
+        dir.path(),
+        &certs,
+        1,
+        &["--api-client-ca", &ca, "--api-auth", "all"],
+    );
     let operator = tls_channel(&node, &certs, true).await;
     let layout = BootstrapRequest {
         partitions: vec![crate::pb::atomix::multiraft::v1::PartitionConfig {
@@ -377,11 +380,7 @@ async fn with_api_auth_all_every_call_needs_a_client_certificate() {
 async fn a_node_refuses_a_certificate_that_does_not_name_it() {
     let dir = test_dir();
     let certs = make_certs(&dir.path().join("certs"), &[1, 2]);
-    let config = dir.path().join("config.json");
-    std::fs::write(&config, FAST_CONFIG).unwrap();
-    let mut node = Node::new(dir.path(), 1, 1, Some(config));
-    node.extra_args = peer_tls_args(&certs, 2);
-    node.start();
+    let mut node = start_tls_node(dir.path(), &certs, 2, &[]);
     let status = node.wait_exit(Duration::from_secs(20)).await;
     assert!(!status.success());
     let log = node.log();
@@ -396,12 +395,7 @@ async fn sighup_reloads_the_certificates_and_keeps_them_on_bad_files() {
     let old = dir.path().join("old");
     std::fs::create_dir_all(&old).unwrap();
     std::fs::copy(live.join("ca.pem"), old.join("ca.pem")).unwrap();
-    let config = dir.path().join("config.json");
-    std::fs::write(&config, FAST_CONFIG).unwrap();
-    let mut node = Node::new(dir.path(), 1, 1, Some(config));
-    node.extra_args = peer_tls_args(&live, 1);
-    node.extra_args.push("--api-tls".into());
-    node.start();
+    let node = start_tls_node(dir.path(), &live, 1, &["--api-tls"]);
     tls_channel(&node, &live, false).await;
 
     // New files from another CA in place, then SIGHUP.
