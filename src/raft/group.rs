@@ -265,6 +265,28 @@ impl Group {
         self.raw.raft.state == StateRole::Leader
     }
 
+    /// The other voters a leadership could go to now: caught up with this
+    /// leader's log and recently heard from. Empty unless this replica
+    /// leads, is not already handing over, and the configuration is not
+    /// joint (a transfer then would only add to the change in flight).
+    pub fn transfer_targets(&self) -> Vec<u64> {
+        let r = &self.raw.raft;
+        if r.state != StateRole::Leader
+            || r.lead_transferee.is_some()
+            || !self.applied_conf.voters_outgoing.is_empty()
+        {
+            return Vec::new();
+        }
+        let last = r.raft_log.last_index();
+        let me = r.id;
+        r.prs()
+            .iter()
+            .filter(|(id, p)| **id != me && p.matched == last && p.recent_active)
+            .map(|(id, _)| *id)
+            .filter(|id| r.prs().conf().voters().contains(*id))
+            .collect()
+    }
+
     pub fn voters(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
         v.sort_unstable();

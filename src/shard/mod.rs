@@ -11,7 +11,7 @@
 pub mod snapshot;
 mod turn;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -232,7 +232,12 @@ pub struct Shard {
     pub watch: crate::kv::watch::Hub,
     /// Watchers of cluster events (`Admin/Watch`).
     pub events: crate::node::events::Events,
+    /// Ticks since start (for the leader-balancing rounds).
+    ticks: u64,
 }
+
+/// Ticks between leader-balancing rounds (3 s at the default 100 ms).
+const BALANCE_TICKS: u64 = 30;
 
 /// A shard's own label children of the metrics it counts as events.
 pub(crate) struct ShardMetrics {
@@ -285,6 +290,7 @@ impl Shard {
             metrics: ShardMetrics::new(index),
             watch: Default::default(),
             events: Default::default(),
+            ticks: 0,
         }
     }
 
@@ -301,6 +307,51 @@ impl Shard {
             partitions: self.groups.len() as i64,
             leaders: self.groups.values().filter(|g| g.is_leader()).count() as i64,
             disk_full: self.node.disk_full[self.index].load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// One leader-balancing round: if this node leads at least two
+    /// partitions more (among this shard's) than some voter that is caught
+    /// up, it hands one of them to the voter leading the fewest. One
+    /// transfer a round per shard, so leadership moves in small steps, and
+    /// only from the node with more to the node with fewer, so it settles
+    /// (every node sees about the same counts: each hosts the partitions it
+    /// counts). After Bootstrap the first elections pile leaders up; after
+    /// a node returns it leads nothing; both even out this way.
+    fn balance_leaders(&mut self) {
+        let me = self.node.node_id();
+        let mut leads: HashMap<u64, usize> = HashMap::new();
+        for g in self.groups.values() {
+            for v in g.voters() {
+                leads.entry(v).or_insert(0);
+            }
+            if g.leader() != raft::INVALID_ID {
+                *leads.entry(g.leader()).or_insert(0) += 1;
+            }
+        }
+        let mine = leads.get(&me).copied().unwrap_or(0);
+        if mine < 2 {
+            return;
+        }
+        for (p, g) in self.groups.iter_mut() {
+            let target = g
+                .transfer_targets()
+                .into_iter()
+                .min_by_key(|v| (leads.get(v).copied().unwrap_or(0), *v));
+            if let Some(to) = target {
+                let theirs = leads.get(&to).copied().unwrap_or(0);
+                if mine >= theirs + 2 {
+                    tracing::info!(
+                        partition = *p,
+                        to,
+                        leads_here = mine,
+                        leads_there = theirs,
+                        "balancing leaders: handing leadership over"
+                    );
+                    g.transfer_leader(to);
+                    return;
+                }
+            }
         }
     }
 
@@ -435,6 +486,10 @@ impl Shard {
                 }
             }
             ShardMsg::Tick => {
+                self.ticks += 1;
+                if self.ticks.is_multiple_of(BALANCE_TICKS) {
+                    self.balance_leaders();
+                }
                 use crate::proto::admin::cluster_event::Type;
                 for (p, g) in self.groups.iter_mut() {
                     g.tick();

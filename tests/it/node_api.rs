@@ -9,7 +9,7 @@
 //! oversized messages (RESOURCE_EXHAUSTED), undecodable bodies, and the
 //! `bootstrap` / `status` / `join` / `leave` command line.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use prost::Message;
@@ -826,4 +826,60 @@ async fn command_line_bootstrap_status_join_leave() {
         "status of nothing succeeded:\n{}",
         output_text(&out)
     );
+}
+
+/// Leaders per node, from every partition's agreed leader (`None` while
+/// some partition has none).
+async fn leaders_per_node(cluster: &Cluster, partitions: u32) -> Option<BTreeMap<u64, u32>> {
+    let mut per: BTreeMap<u64, u32> = cluster
+        .running_ids()
+        .into_iter()
+        .map(|id| (id, 0))
+        .collect();
+    for p in 1..=partitions {
+        let (leader, _) = cluster.agreed_leader(p).await.ok()?;
+        *per.entry(leader).or_insert(0) += 1;
+    }
+    Some(per)
+}
+
+/// Waits until every running node leads within one of every other.
+async fn wait_balanced(cluster: &Cluster, partitions: u32, what: &str) -> BTreeMap<u64, u32> {
+    wait_for(Duration::from_secs(60), what, async || {
+        let per = leaders_per_node(cluster, partitions)
+            .await
+            .ok_or_else(|| "a partition has no agreed leader".to_string())?;
+        let (lo, hi) = (per.values().min().unwrap(), per.values().max().unwrap());
+        if hi - lo <= 1 {
+            Ok(per)
+        } else {
+            Err(format!("leaders per node {per:?}"))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_spread_over_the_nodes_and_come_back_to_a_returning_node() {
+    let mut cluster = Cluster::start(3, 1, Some(FAST_CONFIG)).await;
+    cluster.bootstrap(&cluster.layout(1..=12)).await;
+    let per = wait_balanced(&cluster, 12, "leaders spread after Bootstrap").await;
+    note(format!("after Bootstrap: {per:?}"));
+
+    // Node 3 goes away; its partitions fail over; it comes back and gets
+    // its share again.
+    cluster.node_mut(3).kill9();
+    wait_for(
+        Duration::from_secs(30),
+        "leaders on nodes 1 and 2",
+        async || match leaders_per_node(&cluster, 12).await {
+            Some(per) if per.get(&3).copied().unwrap_or(0) == 0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    cluster.node_mut(3).restart().await;
+    let per = wait_balanced(&cluster, 12, "leaders spread after node 3 returned").await;
+    note(format!("after node 3 returned: {per:?}"));
+    assert!(per[&3] >= 3, "{per:?}");
 }
