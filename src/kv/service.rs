@@ -477,6 +477,7 @@ impl Api {
         let mut last = start.saturating_sub(1);
         while let Some(e) = rx.next().await {
             last = e.index;
+            ending.taken(&e);
             let (kind, value) = match e.value {
                 Some(v) => (watch_event::Type::Put, v),
                 None => (watch_event::Type::Delete, Bytes::new()),

@@ -9,9 +9,12 @@
 //!   shard (values are copied, so an event holds only its own bytes); the
 //!   oldest go first, and each partition remembers the last index it lost
 //!   so a watch starting at or before it gets OUT_OF_RANGE;
-//! - a watcher's queue holds [`WATCHER_QUEUE`] events: one that falls
-//!   further behind is ended (RESOURCE_EXHAUSTED, with the index to resume
-//!   from) instead of being buffered without bound;
+//! - a watcher's queue holds [`WATCHER_QUEUE`] events and
+//!   [`WATCHER_BYTES`] bytes, all of a shard's queues [`WATCHERS_BYTES`]:
+//!   a watcher that falls further behind is ended (RESOURCE_EXHAUSTED,
+//!   with the index to resume from) instead of being buffered without
+//!   bound (queued events share their bytes with the history, but may
+//!   outlive it);
 //! - at most [`MAX_WATCHERS`] watchers per shard.
 //!
 //! A replica that jumps ahead by a snapshot has not seen the writes in
@@ -19,7 +22,7 @@
 //! lost.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -30,6 +33,11 @@ use crate::grpc::Status;
 pub const HISTORY_EVENTS: usize = 65_536;
 pub const HISTORY_BYTES: usize = 16 << 20;
 pub const WATCHER_QUEUE: usize = 1024;
+/// Bytes of events one watcher may have waiting (room for the largest
+/// event, a 1 MiB value under a 64 KiB key, and more).
+pub const WATCHER_BYTES: usize = 4 << 20;
+/// Bytes of events all of a shard's watchers may have waiting together.
+pub const WATCHERS_BYTES: usize = 256 << 20;
 pub const MAX_WATCHERS: usize = 4096;
 
 /// One applied change of one key.
@@ -55,6 +63,21 @@ pub struct Ending {
     why: AtomicU64,
     /// The index the reason refers to.
     index: AtomicU64,
+    /// Bytes of this watcher's events waiting in its queue.
+    queued: AtomicUsize,
+    /// The shard's total of those (set at registration).
+    shard_queued: std::sync::OnceLock<Arc<AtomicUsize>>,
+}
+
+impl Drop for Ending {
+    /// Once both the hub and the caller are done with a watch, whatever it
+    /// still had queued is freed: its bytes go back to the shard's total.
+    fn drop(&mut self) {
+        let left = self.queued.swap(0, Ordering::Relaxed);
+        if let Some(total) = self.shard_queued.get() {
+            total.fetch_sub(left, Ordering::Relaxed);
+        }
+    }
 }
 
 const ENDED_BEHIND: u64 = 1;
@@ -62,6 +85,28 @@ const ENDED_SNAPSHOT: u64 = 2;
 const ENDED_REMOVED: u64 = 3;
 
 impl Ending {
+    /// The watcher took `e` from its queue.
+    pub fn taken(&self, e: &Event) {
+        let n = e.size();
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+        if let Some(total) = self.shard_queued.get() {
+            total.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Accounts `e` as queued, unless that passes a bound.
+    fn admit(&self, e: &Event, total: &AtomicUsize) -> bool {
+        let n = e.size();
+        if self.queued.load(Ordering::Relaxed) + n > WATCHER_BYTES
+            || total.load(Ordering::Relaxed) + n > WATCHERS_BYTES
+        {
+            return false;
+        }
+        self.queued.fetch_add(n, Ordering::Relaxed);
+        total.fetch_add(n, Ordering::Relaxed);
+        true
+    }
+
     fn set(&self, why: u64, index: u64) {
         self.index.store(index, Ordering::Relaxed);
         self.why.store(why, Ordering::Release);
@@ -122,24 +167,44 @@ pub struct Hub {
     /// `history` (evicted, or skipped by a snapshot or a restart).
     lost_up_to: HashMap<u32, u64>,
     watchers: Vec<Watcher>,
+    /// Bytes of events waiting in all watchers' queues.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Hub {
     /// Publishes one applied change.
     pub fn publish(&mut self, e: Event) {
         if !self.watchers.is_empty() {
+            let total = &self.queued;
             self.watchers.retain_mut(|w| {
+                if w.tx.is_closed() {
+                    // Its caller went away with events still queued; the
+                    // receiver dropped them, so their bytes are free.
+                    total.fetch_sub(w.ending.queued.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+                    return false;
+                }
                 if !w.filter.matches(&e) {
                     return true;
                 }
+                if !w.ending.admit(&e, total) {
+                    w.ending.set(ENDED_BEHIND, e.index);
+                    return false;
+                }
                 match w.tx.try_send(e.clone()) {
                     Ok(()) => true,
-                    Err(err) if err.is_full() => {
-                        w.ending.set(ENDED_BEHIND, e.index);
+                    Err(err) => {
+                        w.ending.taken(&e);
+                        if err.is_full() {
+                            w.ending.set(ENDED_BEHIND, e.index);
+                        } else {
+                            // The caller went away (see above).
+                            total.fetch_sub(
+                                w.ending.queued.swap(0, Ordering::Relaxed),
+                                Ordering::Relaxed,
+                            );
+                        }
                         false
                     }
-                    // The caller went away.
-                    Err(_) => false,
                 }
             });
         }
@@ -170,6 +235,7 @@ impl Hub {
                 "{MAX_WATCHERS} watches on this shard already; retry later"
             )));
         }
+        let _ = ending.shard_queued.set(self.queued.clone());
         let mut w = Watcher { filter, tx, ending };
         if start_index > 0 {
             let lost = self
@@ -189,7 +255,12 @@ impl Hub {
                 .iter()
                 .filter(|e| e.index >= start_index && w.filter.matches(e));
             for e in replay {
-                if w.tx.try_send(e.clone()).is_err() {
+                if !w.ending.admit(e, &self.queued) || w.tx.try_send(e.clone()).is_err() {
+                    // Nobody will take what was queued: give its bytes back.
+                    self.queued.fetch_sub(
+                        w.ending.queued.swap(0, Ordering::Relaxed),
+                        Ordering::Relaxed,
+                    );
                     return Err(Status::resource_exhausted(format!(
                         "more than {WATCHER_QUEUE} events since index {start_index}; \
                          start from a later index"
@@ -344,5 +415,39 @@ mod tests {
         hub.skipped(1, 5000);
         assert!(futures::executor::block_on(rx.next()).is_none());
         assert_eq!(ending.status(0).code, crate::grpc::Code::Aborted);
+    }
+
+    #[test]
+    fn queued_bytes_are_bounded_and_given_back() {
+        let mut hub = Hub::default();
+        let big = |i: u64| Event {
+            partition: 1,
+            index: i,
+            key: Bytes::from_static(b"k"),
+            value: Some(Bytes::from(vec![0u8; 1 << 20])),
+        };
+        let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
+        let ending = Arc::new(Ending::default());
+        hub.register(filter(1, "k", false), 0, tx, ending.clone())
+            .unwrap();
+        for i in 1..=5 {
+            hub.publish(big(i));
+        }
+        // Three 1 MiB events (plus their overhead) fit in WATCHER_BYTES;
+        // the fourth ends the watch.
+        assert_eq!(ending.status(3).code, crate::grpc::Code::ResourceExhausted);
+        assert!(hub.queued.load(Ordering::Relaxed) <= WATCHER_BYTES);
+        // Its caller leaves without taking them: the bytes come back.
+        drop((rx, ending));
+        assert_eq!(hub.queued.load(Ordering::Relaxed), 0);
+        // A watcher whose caller left gives its bytes back at the next event.
+        let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
+        hub.register(filter(1, "k", false), 0, tx, Arc::default())
+            .unwrap();
+        hub.publish(big(6));
+        drop(rx);
+        hub.publish(big(7));
+        assert!(hub.watchers.is_empty());
+        assert_eq!(hub.queued.load(Ordering::Relaxed), 0);
     }
 }
