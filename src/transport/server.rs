@@ -211,9 +211,38 @@ async fn after_hello(
         }
         Err(why) => {
             stats.rejected.inc();
-            tracing::warn!(peer, from, "peer connection refused: {why}");
+            if refusal_may_log() {
+                tracing::warn!(peer, from, "peer connection refused: {why}");
+            }
         }
     }
+}
+
+/// Refused peer connections logged per second and shard at most: a flood
+/// of bad handshakes must not become a flood of log lines (the rest are
+/// counted in `RecvStats::rejected`).
+const REFUSALS_LOGGED_PER_SECOND: u32 = 10;
+
+fn refusal_may_log() -> bool {
+    use std::cell::Cell;
+    use std::time::Instant;
+    thread_local! {
+        static WINDOW: Cell<(Option<Instant>, u32)> = const { Cell::new((None, 0)) };
+    }
+    let now = Instant::now();
+    WINDOW.with(|w| {
+        let (start, n) = w.get();
+        match start {
+            Some(s) if now.duration_since(s) < Duration::from_secs(1) => {
+                w.set((start, n + 1));
+                n < REFUSALS_LOGGED_PER_SECOND
+            }
+            _ => {
+                w.set((Some(now), 1));
+                true
+            }
+        }
+    })
 }
 
 /// Serves a connection handed over by another shard's listener (see
