@@ -180,7 +180,10 @@ impl Hub {
                 if w.tx.is_closed() {
                     // Its caller went away with events still queued; the
                     // receiver dropped them, so their bytes are free.
-                    total.fetch_sub(w.ending.queued.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+                    total.fetch_sub(
+                        w.ending.queued.swap(0, Ordering::Relaxed),
+                        Ordering::Relaxed,
+                    );
                     return false;
                 }
                 if !w.filter.matches(&e) {
