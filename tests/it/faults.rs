@@ -27,7 +27,7 @@
 //!
 //! `nemeses_keep_histories_linearizable` runs one short round of each
 //! (about two and a half minutes, one cluster, so it never overlaps another
-//! fault cluster). `nemeses_long_run` is the same with
+//! fault cluster), with mutual TLS between the nodes. `nemeses_long_run` is the same with
 //! `MULTIRAFT_FAULT_ROUNDS` rounds (default 20) of `MULTIRAFT_FAULT_SECS`
 //! seconds (default 60) per nemesis:
 //!
@@ -36,6 +36,7 @@
 //!     -- --ignored --nocapture
 //! ```
 //!
+//! The long run talks in clear unless `MULTIRAFT_FAULT_TLS=1`.
 //! `MULTIRAFT_FAULT_NEMESES=bridge,kill-leader` limits either test to some
 //! nemeses, and `MULTIRAFT_FAULT_SEED` repeats a run's random choices (the
 //! timing, and so the history, still differs). Both tests need root and
@@ -95,9 +96,12 @@ const CHECK_TIMEOUT_PER_ROUND_SECOND: Duration = Duration::from_secs(4);
 /// Length of a round in the CI test.
 const CI_ROUND: Duration = Duration::from_secs(14);
 
+/// The CI run, with mutual TLS between the nodes (as they should run
+/// anywhere but a laptop): handshakes and reconnections under partitions,
+/// pauses and kills.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nemeses_keep_histories_linearizable() {
-    run_suite(1, CI_ROUND).await;
+    run_suite(1, CI_ROUND, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +109,8 @@ async fn nemeses_keep_histories_linearizable() {
 async fn nemeses_long_run() {
     let rounds = env_u64("MULTIRAFT_FAULT_ROUNDS", 20);
     let secs = env_u64("MULTIRAFT_FAULT_SECS", 60);
-    run_suite(rounds, Duration::from_secs(secs)).await;
+    let tls = env_u64("MULTIRAFT_FAULT_TLS", 0) == 1;
+    run_suite(rounds, Duration::from_secs(secs), tls).await;
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -121,7 +126,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// rounds (each round uses fresh keys, so a round that went wrong does not
 /// leak into the next one's history). Fails at the end with every round
 /// that failed.
-async fn run_suite(rounds: u64, secs: Duration) {
+async fn run_suite(rounds: u64, secs: Duration, tls: bool) {
     let nemeses = selected_nemeses();
     let seed = match std::env::var("MULTIRAFT_FAULT_SEED") {
         Ok(v) => v
@@ -130,11 +135,12 @@ async fn run_suite(rounds: u64, secs: Duration) {
         Err(_) => rand::thread_rng().gen(),
     };
     let mut rng = StdRng::seed_from_u64(seed);
-    let Some(mut cluster) = FaultCluster::start().await else {
+    let Some(mut cluster) = FaultCluster::start(tls).await else {
         return;
     };
     note(format!(
-        "fault suite: seed {seed}, {rounds} round(s) of {secs:?} for {:?}; nodes {}",
+        "fault suite: seed {seed}, {rounds} round(s) of {secs:?}{} for {:?}; nodes {}",
+        if tls { " with TLS" } else { "" },
         nemeses.iter().map(|n| n.name()).collect::<Vec<_>>(),
         NODES
             .iter()

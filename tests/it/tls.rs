@@ -25,7 +25,7 @@ use crate::pb::multiraft::kv::v1::kv_client::KvClient;
 use crate::support::*;
 
 /// Runs `deploy/tls/make-certs.sh DIR IDS...` and returns `dir`.
-fn make_certs(dir: &Path, ids: &[u64]) -> PathBuf {
+pub(crate) fn make_certs(dir: &Path, ids: &[u64]) -> PathBuf {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/tls/make-certs.sh");
     let out = std::process::Command::new("bash")
         .arg(script)
@@ -46,7 +46,7 @@ fn file(certs: &Path, name: &str) -> String {
 }
 
 /// `serve` arguments for mutual TLS as node `id`.
-fn peer_tls_args(certs: &Path, id: u64) -> Vec<String> {
+pub(crate) fn peer_tls_args(certs: &Path, id: u64) -> Vec<String> {
     vec![
         "--tls-ca".into(),
         file(certs, "ca.pem"),

@@ -34,7 +34,7 @@ pub(super) struct FaultCluster {
 impl FaultCluster {
     /// Starts and bootstraps the cluster, or returns `None` (after saying
     /// so) when this machine cannot create network namespaces.
-    pub(super) async fn start() -> Option<FaultCluster> {
+    pub(super) async fn start(tls: bool) -> Option<FaultCluster> {
         let net = match Net::create(NODES.len() as u64) {
             Ok(net) => net,
             Err(why) => {
@@ -45,9 +45,13 @@ impl FaultCluster {
         let dir = test_dir();
         let config_path = dir.path().join("config.json");
         std::fs::write(&config_path, FAST_CONFIG).expect("write config");
+        let certs = tls.then(|| crate::tls::make_certs(&dir.path().join("certs"), &NODES));
         let mut nodes = Vec::new();
         for id in NODES {
             let mut node = Node::new(dir.path(), id, SHARDS, Some(config_path.clone()));
+            if let Some(certs) = &certs {
+                node.extra_args = crate::tls::peer_tls_args(certs, id);
+            }
             node.api_addr = SocketAddr::new(net.ip(id).into(), API_PORT);
             node.raft_addr = SocketAddr::new(net.ip(id).into(), RAFT_PORT);
             node.exec_prefix = net.exec_prefix(id);
