@@ -655,14 +655,19 @@ impl Group {
         self.commands_applied += cmds.len() as u64;
         for cmd in cmds {
             let id = cmd.id;
-            // Copied, so that a watch event holds its own bytes and not the
-            // whole entry batch they are slices of.
-            let key = Bytes::copy_from_slice(&cmd.key);
-            let new_value = match &cmd.op {
+            // Copied (key and value in one allocation), so that a watch
+            // event holds its own bytes and not the whole entry batch they
+            // are slices of.
+            let (key, new_value) = match &cmd.op {
                 command::Op::Put { value } | command::Op::Cas { value, .. } => {
-                    Some(Bytes::copy_from_slice(value))
+                    let mut both = bytes::BytesMut::with_capacity(cmd.key.len() + value.len());
+                    both.extend_from_slice(&cmd.key);
+                    both.extend_from_slice(value);
+                    let both = both.freeze();
+                    let k = cmd.key.len();
+                    (both.slice(..k), Some(both.slice(k..)))
                 }
-                command::Op::Delete => None,
+                command::Op::Delete => (Bytes::copy_from_slice(&cmd.key), None),
             };
             let result = match self.kv.apply(cmd, e.index) {
                 Outcome::Applied(applied) => {
