@@ -86,18 +86,22 @@ impl Api {
                 }
             }
         }
-        // Done when every hosted partition has elected a leader.
-        let ids: Vec<u32> = hosted.iter().map(|(p, _)| *p).collect();
+        // Done when every hosted partition has elected a leader. Each poll
+        // asks every shard about its own partitions only: linear in the
+        // layout (a full Status per poll was quadratic, and slow at
+        // thousands of partitions).
+        let ids: std::sync::Arc<Vec<u32>> =
+            std::sync::Arc::new(hosted.iter().map(|(p, _)| *p).collect());
         self.wait_for(
             deadline,
             "every hosted partition to elect a leader",
             || async {
-                let st = self.status().await?;
-                Ok(ids.iter().all(|p| {
-                    st.partitions
-                        .iter()
-                        .any(|s| s.partition_id == *p && s.leader_id != 0)
-                }))
+                let ids = ids.clone();
+                let lacking = self
+                    .node
+                    .call_all(move |s| s.without_leader(&ids))
+                    .await?;
+                Ok(lacking.iter().all(|n| *n == 0))
             },
         )
         .await?;

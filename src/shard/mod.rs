@@ -365,6 +365,20 @@ impl Shard {
             .collect()
     }
 
+    /// How many of `partitions` that this shard owns have no replica here
+    /// yet or know no leader.
+    pub fn without_leader(&self, partitions: &[u32]) -> usize {
+        partitions
+            .iter()
+            .filter(|p| self.node.shard_of(**p) == self.index)
+            .filter(|p| {
+                self.groups
+                    .get(p)
+                    .is_none_or(|g| g.leader() == raft::INVALID_ID)
+            })
+            .count()
+    }
+
     /// Hosted partitions that know no leader (for `/ready`).
     pub fn leaderless(&self) -> Vec<u32> {
         self.groups
