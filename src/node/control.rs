@@ -97,10 +97,7 @@ impl Api {
             "every hosted partition to elect a leader",
             || async {
                 let ids = ids.clone();
-                let lacking = self
-                    .node
-                    .call_all(move |s| s.without_leader(&ids))
-                    .await?;
+                let lacking = self.node.call_all(move |s| s.without_leader(&ids)).await?;
                 Ok(lacking.iter().all(|n| *n == 0))
             },
         )

@@ -72,6 +72,19 @@ pub(super) struct Workload {
     pub(super) serializable: bool,
     /// Sampled keys tracked per worker.
     pub(super) sample_per_worker: usize,
+    /// 0: the server picks each key's partition. K: key `k` goes to
+    /// partition `k % K + 1`, so only partitions 1..=K get load.
+    pub(super) active_partitions: u32,
+}
+
+impl Workload {
+    /// The `partition_id` a call on key number `k` names.
+    pub(super) fn partition_of(&self, k: u64) -> u32 {
+        match self.active_partitions {
+            0 => 0,
+            n => (k % u64::from(n)) as u32 + 1,
+        }
+    }
 }
 
 pub(super) fn new_histogram() -> Histogram<u64> {
@@ -132,6 +145,7 @@ pub(super) async fn load_and_verify(
         read_ratio: opts.read_ratio,
         serializable: opts.serializable,
         sample_per_worker: opts.verify_keys.div_ceil(workers),
+        active_partitions: opts.active_partitions,
     });
     let shared = Arc::new(Shared::default());
 
@@ -251,9 +265,10 @@ pub(super) async fn worker(
         let sent = Instant::now();
         let outcome: Result<(), Status> = if read {
             r.gets += 1;
+            let k = rng.gen_range(0..wl.keys);
             let req = GetRequest {
-                key: key_name(rng.gen_range(0..wl.keys)),
-                partition_id: 0,
+                key: key_name(k),
+                partition_id: wl.partition_of(k),
                 serializable: wl.serializable,
             };
             client
@@ -267,7 +282,7 @@ pub(super) async fn worker(
             let req = PutRequest {
                 key: key_name(k),
                 value: make_value(wl.nonce, id, seq, wl.value_size),
-                partition_id: 0,
+                partition_id: wl.partition_of(k),
             };
             let res = client
                 .call::<_, PutResponse>(KV_PUT, &req, Some(CALL_TIMEOUT))

@@ -111,6 +111,10 @@ pub struct BenchArgs {
     /// Serve Gets from the local replica instead of linearizably.
     #[arg(long)]
     pub serializable: bool,
+    /// Load only partitions 1..=K (key k goes to partition k % K + 1);
+    /// 0: every partition, as the server routes keys.
+    #[arg(long, default_value_t = 0)]
+    pub active_partitions: u32,
     /// Acknowledged writes to read back at the end; 0 skips verification.
     #[arg(long, default_value_t = 2000)]
     pub verify_keys: usize,
@@ -137,6 +141,7 @@ pub struct BenchOpts {
     pub keys: u64,
     pub read_ratio: f64,
     pub serializable: bool,
+    pub active_partitions: u32,
     pub verify_keys: usize,
     /// Show the progress bar and status lines on stderr.
     pub progress: bool,
@@ -158,6 +163,7 @@ impl Default for BenchOpts {
             keys: 100_000,
             read_ratio: 0.0,
             serializable: false,
+            active_partitions: 0,
             verify_keys: 2000,
             progress: true,
         }
@@ -179,6 +185,12 @@ impl BenchOpts {
         if self.value_size < VALUE_HEADER {
             return Err(format!(
                 "--value-size must be at least {VALUE_HEADER} (values carry a unique header)"
+            ));
+        }
+        if self.addrs.is_empty() && self.active_partitions > self.partitions {
+            return Err(format!(
+                "--active-partitions ({}) is more than the cluster's --partitions ({})",
+                self.active_partitions, self.partitions
             ));
         }
         if !(0.0..=1.0).contains(&self.read_ratio) {
@@ -225,6 +237,7 @@ impl TryFrom<&BenchArgs> for BenchOpts {
             keys: a.keys,
             read_ratio: a.read_ratio,
             serializable: a.serializable,
+            active_partitions: a.active_partitions,
             verify_keys: a.verify_keys,
             progress: !a.json,
         })
@@ -309,6 +322,8 @@ pub struct Report {
     pub keys: u64,
     pub read_ratio: f64,
     pub serializable: bool,
+    /// 0: every partition; K: only partitions 1..=K got load.
+    pub active_partitions: u32,
 }
 
 /// Runs `multiraft bench`: prints the report, fails if verification did.
@@ -450,6 +465,7 @@ pub async fn run_bench(opts: BenchOpts) -> Result<Report, String> {
         keys: opts.keys,
         read_ratio: opts.read_ratio,
         serializable: opts.serializable,
+        active_partitions: opts.active_partitions,
     })
 }
 
@@ -468,7 +484,7 @@ pub fn format_report(r: &Report) -> String {
     };
     out.push_str(&format!(
         "target      {target}\n\
-         load        {} connections x {} in flight, {} B values, {} keys, {:.0}% reads{}\n",
+         load        {} connections x {} in flight, {} B values, {} keys, {:.0}% reads{}{}\n",
         r.connections,
         r.in_flight,
         r.value_size,
@@ -478,6 +494,10 @@ pub fn format_report(r: &Report) -> String {
             " (serializable)"
         } else {
             ""
+        },
+        match r.active_partitions {
+            0 => String::new(),
+            k => format!(", partitions 1..={k} only"),
         }
     ));
     out.push_str(&format!(
@@ -565,7 +585,17 @@ mod tests {
             read_ratio: 0.0,
             serializable: false,
             sample_per_worker: 10,
+            active_partitions: 0,
         }
+    }
+
+    #[test]
+    fn active_partitions_confine_the_load() {
+        let mut wl = workload();
+        assert_eq!(wl.partition_of(12345), 0);
+        wl.active_partitions = 3;
+        let used: std::collections::BTreeSet<u32> = (0..100).map(|k| wl.partition_of(k)).collect();
+        assert_eq!(used, [1, 2, 3].into_iter().collect());
     }
 
     #[test]

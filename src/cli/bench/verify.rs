@@ -61,7 +61,7 @@ pub(super) async fn verify(
         async move {
             let req = GetRequest {
                 key: key_name(c.key),
-                partition_id: 0,
+                partition_id: wl.partition_of(c.key),
                 serializable: false,
             };
             let mut last = None;
