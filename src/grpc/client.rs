@@ -53,15 +53,6 @@ pub fn use_tls(config: Arc<rustls::ClientConfig>) -> bool {
     TLS.set(config).is_ok()
 }
 
-/// Connects to `addr` (`host:port`, resolved with the system resolver).
-///
-/// Must be called from within a tokio runtime (any flavour, also inside a
-/// `LocalSet`): the connection driver is spawned with `tokio::spawn`.
-/// Failures are reported as `UNAVAILABLE`.
-pub async fn connect(addr: &str) -> Result<Client, Status> {
-    Client::connect(addr).await
-}
-
 /// The HTTP/2 handshake on `io`; the connection is driven by a spawned
 /// task.
 async fn handshake<T>(io: T, addr: &str) -> Result<SendRequest<Bytes>, Status>
@@ -88,7 +79,12 @@ where
 }
 
 impl Client {
-    /// See [`connect`].
+    /// Connects to `addr` (`host:port`, resolved with the system resolver),
+    /// over TLS if [`use_tls`] was called.
+    ///
+    /// Must be called from within a tokio runtime (any flavour, also inside
+    /// a `LocalSet`): the connection driver is spawned with `tokio::spawn`.
+    /// Failures are reported as `UNAVAILABLE`.
     pub async fn connect(addr: &str) -> Result<Client, Status> {
         let authority: Authority = addr
             .parse()
@@ -122,13 +118,6 @@ impl Client {
             max_response_size: DEFAULT_MAX_RESPONSE_SIZE,
         }
     }
-    /// Sets the largest response message this handle accepts (default
-    /// [`DEFAULT_MAX_RESPONSE_SIZE`]); larger ones fail RESOURCE_EXHAUSTED.
-    pub fn with_max_response_size(mut self, max: usize) -> Client {
-        self.max_response_size = max;
-        self
-    }
-
     /// Calls `method` (a path like `/pkg.Service/Method`) with the encoded
     /// request `body`, returning the encoded response message.
     ///

@@ -80,10 +80,6 @@ impl GroupStorage {
         self.0.borrow_mut().hard_state.commit = commit;
     }
 
-    pub fn conf_state(&self) -> ConfState {
-        self.0.borrow().conf_state.clone()
-    }
-
     pub fn set_conf_state(&self, cs: ConfState) {
         self.0.borrow_mut().conf_state = cs;
     }

@@ -202,14 +202,9 @@ impl PeerLinks {
         })
     }
 
-    /// This node's id.
     /// Announces this shard's index in the Hello of new connections.
     pub fn set_local_shard(&self, shard: u32) {
         self.shared.shard.set(Some(shard));
-    }
-
-    pub fn node_id(&self) -> u64 {
-        self.shared.node_id
     }
 
     /// Counters of this shard's outgoing traffic.
