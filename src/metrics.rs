@@ -83,14 +83,14 @@ pub fn get() -> &'static Metrics {
             grpc_requests: counter(
                 &r,
                 "multiraft_grpc_requests_total",
-                "gRPC calls answered, by method and status code",
-                &["method", "code"],
+                "gRPC calls answered, by method, status code and the shard that took them",
+                &["method", "code", "shard"],
             ),
             grpc_seconds: histogram(
                 &r,
                 "multiraft_grpc_request_duration_seconds",
                 "gRPC call latency, from the request headers to the answer",
-                &["method"],
+                &["method", "shard"],
                 latency_buckets(),
             ),
             wal_sync_seconds: histogram(
@@ -251,6 +251,23 @@ impl Metrics {
     }
 }
 
+thread_local! {
+    /// The shard this thread runs, for the per-shard labels of the series
+    /// counted where calls happen (so no two cores write one counter).
+    static SHARD: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Marks the calling thread as shard `k`'s.
+pub fn set_thread_shard(k: usize) {
+    SHARD.with(|s| s.set(Some(k)));
+}
+
+fn thread_shard() -> String {
+    SHARD
+        .with(|s| s.get())
+        .map_or_else(|| "none".into(), |k| k.to_string())
+}
+
 /// A shard's cached children of the gRPC series, by method.
 #[derive(Default)]
 pub struct GrpcSeries {
@@ -264,7 +281,7 @@ impl GrpcSeries {
         let label = if known { method } else { "unknown" };
         if !self.by_method.contains_key(label) {
             let m = get();
-            let h = m.grpc_seconds.with_label_values(&[label]);
+            let h = m.grpc_seconds.with_label_values(&[label, &thread_shard()]);
             self.by_method.insert(label.to_owned(), (h, HashMap::new()));
         }
         let (h, codes) = self.by_method.get_mut(label).expect("just inserted");
@@ -272,9 +289,11 @@ impl GrpcSeries {
         codes
             .entry(code)
             .or_insert_with(|| {
-                get()
-                    .grpc_requests
-                    .with_label_values(&[label, crate::grpc::Code::from_u32(code).name()])
+                get().grpc_requests.with_label_values(&[
+                    label,
+                    crate::grpc::Code::from_u32(code).name(),
+                    &thread_shard(),
+                ])
             })
             .inc();
     }

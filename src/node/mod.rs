@@ -132,6 +132,7 @@ impl Node {
                 .name(&format!("shard-{k}"))
                 .io_memory(config.io_memory)
                 .spawn(move || async move {
+                    crate::metrics::set_thread_shard(k);
                     match shard_start(k, node, shutdown.clone()).await {
                         Ok(shard) => {
                             let _ = ready.send(Ok(()));

@@ -536,16 +536,13 @@ impl Shard {
         );
         let node = self.node.clone();
         let waiting = &node.inbox_len[self.index];
-        let taken = |m: &ShardMsg| {
-            if counted(m) {
-                waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        };
+        // Taken messages are subtracted once per drain, not one by one:
+        // the counter is shared with the sending cores.
         'outer: loop {
             let Some(first) = inbox.next().await else {
                 break;
             };
-            taken(&first);
+            let mut taken = usize::from(counted(&first));
             if !self.handle(first) {
                 break;
             }
@@ -553,7 +550,7 @@ impl Shard {
             for _ in 0..16_384 {
                 match inbox.try_recv() {
                     Ok(m) => {
-                        taken(&m);
+                        taken += usize::from(counted(&m));
                         if !self.handle(m) {
                             break 'outer;
                         }
@@ -561,6 +558,7 @@ impl Shard {
                     _ => break,
                 }
             }
+            waiting.fetch_sub(taken, std::sync::atomic::Ordering::Relaxed);
             self.turn().await;
         }
         for g in self.groups.values_mut() {
