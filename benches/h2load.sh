@@ -47,6 +47,18 @@ CPID=$!
 for _ in $(seq 300); do grep -q '^ready:' "$WORK/cluster.out" 2>/dev/null && break; sleep 0.1; done
 grep -q '^ready:' "$WORK/cluster.out" || { cat "$WORK/cluster.err" >&2; echo "cluster did not start" >&2; exit 1; }
 
+# Leaders move for a few seconds after Bootstrap (they are spread over the
+# nodes in small steps): measure once they stay put for a balancing round.
+leaders() { "$BIN" status --addr "127.0.0.1:$((BASE_PORT + 1))" --json |
+  python3 -c 'import json,sys; print(sorted((p["partitionId"], p["leaderId"]) for p in json.load(sys.stdin)["partitions"]))'; }
+prev=$(leaders)
+for _ in $(seq 10); do
+  sleep 4
+  now=$(leaders)
+  [ "$now" = "$prev" ] && break
+  prev=$now
+done
+
 BODY="$WORK/put.bin"
 # 5-byte gRPC prefix + PutRequest { key = 1: 16 bytes, value = 2: VALUE_LEN }.
 python3 - "$BODY" "$VALUE_LEN" <<'EOF'
