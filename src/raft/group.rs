@@ -655,6 +655,9 @@ impl Group {
         self.commands_applied += cmds.len() as u64;
         for cmd in cmds {
             let id = cmd.id;
+            // Watch events only observe the outcome below: they are built
+            // after the session table decided (a duplicate or refused copy
+            // makes none) and change nothing that is applied or answered.
             // Copied (key and value in one allocation), so that a watch
             // event holds its own bytes and not the whole entry batch they
             // are slices of.

@@ -29,6 +29,21 @@ fn rss(pid: u32) -> u64 {
     kb * 1024
 }
 
+/// Notes the RSS before and after `what`, and asserts it grew by less
+/// than `bound` bytes.
+#[track_caller]
+fn assert_rss_within(before: u64, after: u64, bound: u64, what: &str) {
+    note(format!(
+        "RSS {} MiB before, {} MiB {what}",
+        before / MIB,
+        after / MIB
+    ));
+    assert!(
+        after < before + bound,
+        "RSS grew from {before} to {after} bytes {what}"
+    );
+}
+
 /// Open file descriptors of process `pid`.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -141,14 +156,11 @@ async fn readers_that_never_read_pin_bounded_memory() {
             "other outcomes than OK and RESOURCE_EXHAUSTED"
         );
     }
-    note(format!(
-        "RSS {} MiB before, {} MiB with 1,000 unread 1 MiB responses asked for",
-        before / MIB,
-        during / MIB
-    ));
-    assert!(
-        during < before + 128 * MIB,
-        "RSS grew from {before} to {during} bytes"
+    assert_rss_within(
+        before,
+        during,
+        128 * MIB,
+        "with 1,000 unread 1 MiB responses asked for",
     );
 
     // Everyone else is served meanwhile.
@@ -265,14 +277,11 @@ async fn huge_frame_lengths_from_peers_cost_only_what_arrives() {
     )
     .await;
     let during = rss(node.pid());
-    note(format!(
-        "RSS {} MiB before, {} MiB with 32 peers announcing 64 MiB frames",
-        before / MIB,
-        during / MIB
-    ));
-    assert!(
-        during < before + 16 * MIB,
-        "RSS grew from {before} to {during} bytes"
+    assert_rss_within(
+        before,
+        during,
+        16 * MIB,
+        "with 32 peers announcing 64 MiB frames",
     );
     let mut kv = node.kv().await;
     put(&mut kv, 1, b"still", b"serving").await;
@@ -325,14 +334,6 @@ async fn oversized_layouts_are_refused_without_work() {
     let meta = std::fs::read_to_string(node.data_dir.join("node.json")).unwrap_or_default();
     assert!(meta.len() < 4096, "node.json grew to {} bytes", meta.len());
     let after = rss(node.pid());
-    note(format!(
-        "RSS {} MiB before, {} MiB after both layouts",
-        before / MIB,
-        after / MIB
-    ));
-    assert!(
-        after < before + 64 * MIB,
-        "RSS grew from {before} to {after}"
-    );
+    assert_rss_within(before, after, 64 * MIB, "after both layouts");
     cluster.bootstrap(&cluster.layout(1..=2)).await;
 }
