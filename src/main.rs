@@ -21,7 +21,7 @@ struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
     #[command(flatten)]
-    tls: TlsArgs,
+    tls: cli::tls_flags::TlsArgs,
     /// Log lines as text or as one JSON object per line (RUST_LOG filters).
     #[arg(long, global = true, env = "MULTIRAFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -74,26 +74,6 @@ fn data(
         std::process::exit(1);
     }
     Ok(())
-}
-
-/// TLS files. `serve` uses them as the node's identity among its peers
-/// (mutual TLS on the raft port); the client commands as the CA that the
-/// node's API certificate must chain to and, for control calls, a client
-/// certificate. `deploy/tls/make-certs.sh` makes a test set.
-#[derive(clap::Args)]
-struct TlsArgs {
-    /// CA certificate (PEM). serve: the cluster CA every peer must chain
-    /// to. Client commands: the CA of the nodes' API certificates (turns
-    /// TLS on).
-    #[arg(long, global = true, env = "MULTIRAFT_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// Certificate chain (PEM). serve: this node's, naming DNS:node-ID.
-    /// Client commands: a client certificate for control calls.
-    #[arg(long, global = true, env = "MULTIRAFT_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// Private key of --tls-cert (PEM).
-    #[arg(long, global = true, env = "MULTIRAFT_TLS_KEY")]
-    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -317,80 +297,6 @@ fn dur(s: &str) -> Result<Duration> {
     parse_duration(s).map_err(|e| anyhow!("{e}"))
 }
 
-/// Reads the TLS files again (on SIGHUP).
-type Reload = Box<dyn Fn() -> Result<(), multiraft::tls::TlsError>>;
-
-/// Fills in the node's TLS settings from the flags; returns what reloads
-/// them.
-fn node_tls(
-    cfg: &mut NodeConfig,
-    tls: &TlsArgs,
-    api_tls: bool,
-    api_client_ca: Option<PathBuf>,
-    auth_all: bool,
-) -> Result<Option<Reload>> {
-    let files = match (&tls.tls_ca, &tls.tls_cert, &tls.tls_key) {
-        (Some(ca), Some(cert), Some(key)) => Some(multiraft::tls::TlsFiles {
-            ca: ca.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-        }),
-        (None, None, None) => None,
-        _ => bail!("--tls-ca, --tls-cert and --tls-key go together"),
-    };
-    match &files {
-        Some(files) => cfg.peer_tls = Some(multiraft::tls::PeerTls::load(files, cfg.node_id)?),
-        None => tracing::warn!(
-            "no --tls-ca/--tls-cert/--tls-key: peers talk in clear and anyone who reaches \
-             the raft port can pose as a member; use TLS outside local development"
-        ),
-    }
-    if auth_all && api_client_ca.is_none() {
-        bail!("--api-auth all needs --api-client-ca");
-    }
-    if api_tls || api_client_ca.is_some() {
-        let Some(files) = &files else {
-            bail!("--api-tls and --api-client-ca need --tls-ca, --tls-cert and --tls-key");
-        };
-        cfg.api_tls = Some(multiraft::tls::ApiTls::load(
-            &files.cert,
-            &files.key,
-            api_client_ca.as_deref(),
-            auth_all,
-        )?);
-    }
-    let Some(files) = files else {
-        return Ok(None);
-    };
-    let (peer, api, id) = (cfg.peer_tls.clone(), cfg.api_tls.clone(), cfg.node_id);
-    Ok(Some(Box::new(move || {
-        if let Some(peer) = &peer {
-            peer.reload(&files, id)?;
-        }
-        if let Some(api) = &api {
-            api.reload(&files.cert, &files.key, api_client_ca.as_deref())?;
-        }
-        Ok(())
-    })))
-}
-
-/// Makes the client commands' connections use TLS when --tls-ca is given.
-fn client_tls(tls: &TlsArgs) -> Result<()> {
-    let Some(ca) = &tls.tls_ca else {
-        if tls.tls_cert.is_some() || tls.tls_key.is_some() {
-            bail!("--tls-cert and --tls-key need --tls-ca");
-        }
-        return Ok(());
-    };
-    let cert_key = match (&tls.tls_cert, &tls.tls_key) {
-        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-        (None, None) => None,
-        _ => bail!("--tls-cert and --tls-key go together"),
-    };
-    multiraft::grpc::client::use_tls(multiraft::tls::api_client(ca, cert_key)?);
-    Ok(())
-}
-
 fn run(cli: Cli) -> Result<()> {
     let local_cluster = match &cli.cmd {
         Cmd::Cluster { .. } => true,
@@ -402,7 +308,7 @@ fn run(cli: Cli) -> Result<()> {
         bail!("the local cluster runs without TLS; the TLS flags go with serve and with --addr");
     }
     if !matches!(cli.cmd, Cmd::Serve { .. }) {
-        client_tls(&cli.tls)?;
+        cli::tls_flags::client_tls(&cli.tls)?;
     }
     match cli.cmd {
         Cmd::Serve {
@@ -424,7 +330,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--max-connections must be at least 1");
             }
             cfg.api_limits.max_connections = max_connections;
-            let reload = node_tls(
+            let reload = cli::tls_flags::node_tls(
                 &mut cfg,
                 &cli.tls,
                 api_tls,
@@ -547,7 +453,7 @@ fn serve(
     config: Option<PathBuf>,
     wal_segment_mib: u64,
     metrics_addr: Option<SocketAddr>,
-    reload: Option<Reload>,
+    reload: Option<cli::tls_flags::Reload>,
 ) -> Result<()> {
     let node_id = cfg.node_id;
     if wal_segment_mib == 0 {

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cluster;
 pub mod data;
 pub mod log;
+pub mod tls_flags;
 
 use std::collections::HashMap;
 use std::time::Duration;
