@@ -471,6 +471,8 @@ impl Api {
         let theirs = ending.clone();
         self.node
             .call(self.node.shard_of(p), move |s, reply| {
+                let applied = s.groups.iter().map(|(p, g)| (*p, g.applied()));
+                s.watch.start_recording(applied);
                 let _ = reply.send(s.watch.register(filter, start, tx, theirs));
             })
             .await?;

@@ -20,6 +20,13 @@
 //! A replica that jumps ahead by a snapshot has not seen the writes in
 //! between: its watchers are ended (ABORTED) and the history marks them
 //! lost.
+//!
+//! The history is kept only while it can be of use: a shard starts
+//! recording at its first watch (everything applied before then counts as
+//! lost, so a watch from an earlier index gets OUT_OF_RANGE) and stops
+//! [`IDLE_RECORDING`] after its last watcher left. Until then the shard
+//! builds no events at all: copying every applied write into a history
+//! nobody reads cost about a tenth of the write throughput.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -39,6 +46,9 @@ pub const WATCHER_BYTES: usize = 4 << 20;
 /// Bytes of events all of a shard's watchers may have waiting together.
 pub const WATCHERS_BYTES: usize = 256 << 20;
 pub const MAX_WATCHERS: usize = 4096;
+/// How long a shard keeps recording after its last watcher left, so a
+/// watcher that reconnects can resume from the index it last saw.
+pub const IDLE_RECORDING: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// One applied change of one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,9 +179,54 @@ pub struct Hub {
     watchers: Vec<Watcher>,
     /// Bytes of events waiting in all watchers' queues.
     queued: Arc<AtomicUsize>,
+    /// Whether the shard publishes its applied writes (see the module
+    /// notes), and since when nobody watches.
+    recording: bool,
+    unwatched_since: Option<std::time::Instant>,
 }
 
 impl Hub {
+    /// Whether applied writes should be published.
+    pub fn recording(&self) -> bool {
+        self.recording
+    }
+
+    /// Starts recording (if it was not): `applied` gives each partition's
+    /// applied index, up to which the history has nothing.
+    pub fn start_recording(&mut self, applied: impl IntoIterator<Item = (u32, u64)>) {
+        self.unwatched_since = None;
+        if self.recording {
+            return;
+        }
+        for (p, index) in applied {
+            let lost = self.lost_up_to.entry(p).or_insert(0);
+            *lost = (*lost).max(index);
+        }
+        self.recording = true;
+    }
+
+    /// Stops recording once nobody has watched for [`IDLE_RECORDING`]
+    /// (called now and then by the shard); the history is dropped.
+    pub fn maybe_stop_recording(&mut self, now: std::time::Instant) {
+        if !self.recording {
+            return;
+        }
+        self.watchers.retain(|w| !w.tx.is_closed());
+        if !self.watchers.is_empty() {
+            self.unwatched_since = None;
+            return;
+        }
+        let since = *self.unwatched_since.get_or_insert(now);
+        if now.duration_since(since) >= IDLE_RECORDING {
+            // `start_recording` marks everything up to the applied index
+            // lost again, which covers every index of what is dropped.
+            self.history = VecDeque::new();
+            self.bytes = 0;
+            self.recording = false;
+            self.unwatched_since = None;
+        }
+    }
+
     /// Publishes one applied change.
     pub fn publish(&mut self, e: Event) {
         if !self.watchers.is_empty() {
@@ -452,5 +507,45 @@ mod tests {
         hub.publish(big(7));
         assert!(hub.watchers.is_empty());
         assert_eq!(hub.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn recording_starts_at_the_first_watch_and_stops_when_nobody_watches() {
+        let mut hub = Hub::default();
+        assert!(!hub.recording());
+        // Partition 1 had applied up to 20 before anyone watched: those
+        // writes were never recorded.
+        hub.start_recording([(1, 20), (2, 3)]);
+        assert!(hub.recording());
+        let (tx, _rx) = mpsc::channel(WATCHER_QUEUE);
+        let err = hub
+            .register(filter(1, "k", false), 20, tx, Arc::default())
+            .unwrap_err();
+        assert_eq!(err.code, crate::grpc::Code::OutOfRange);
+        let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
+        hub.register(filter(1, "k", false), 21, tx, Arc::default())
+            .unwrap();
+        hub.publish(put(1, 21, "k", "v"));
+
+        // While someone watches, recording goes on however long.
+        let t0 = std::time::Instant::now();
+        hub.maybe_stop_recording(t0);
+        hub.maybe_stop_recording(t0 + IDLE_RECORDING * 2);
+        assert!(hub.recording());
+        // The last watcher leaves: recording stops a while later, and the
+        // history with it.
+        drop(rx);
+        hub.maybe_stop_recording(t0 + IDLE_RECORDING * 2);
+        assert!(hub.recording());
+        hub.maybe_stop_recording(t0 + IDLE_RECORDING * 3);
+        assert!(!hub.recording());
+        assert!(hub.history.is_empty());
+        // Started again later, what was dropped counts as lost.
+        hub.start_recording([(1, 30)]);
+        let (tx, _rx) = mpsc::channel(WATCHER_QUEUE);
+        let err = hub
+            .register(filter(1, "k", false), 21, tx, Arc::default())
+            .unwrap_err();
+        assert_eq!(err.code, crate::grpc::Code::OutOfRange);
     }
 }

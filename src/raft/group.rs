@@ -79,6 +79,8 @@ struct ReadBatch {
 pub struct Outbox {
     /// (node, raft address) pairs learned from applied conf changes.
     pub learned: Vec<(u64, String)>,
+    /// Whether to fill `events` (the shard's watch history is recording).
+    pub watching: bool,
     /// Changes applied this turn, in order, for watches (`kv::watch`).
     pub events: Vec<crate::kv::watch::Event>,
     /// Membership changes applied this turn: (partition, index, voters).
@@ -251,6 +253,11 @@ impl Group {
             snapshot_threshold: cfg.snapshot_entry_threshold,
             retain_entries: cfg.compaction_retain_entries,
         })
+    }
+
+    /// The index of the last entry applied to the state machine.
+    pub fn applied(&self) -> u64 {
+        self.applied
     }
 
     pub fn raw(&mut self) -> &mut RawNode<GroupStorage> {
@@ -660,8 +667,8 @@ impl Group {
             // makes none) and change nothing that is applied or answered.
             // Copied (key and value in one allocation), so that a watch
             // event holds its own bytes and not the whole entry batch they
-            // are slices of.
-            let (key, new_value) = match &cmd.op {
+            // are slices of; and only while the shard records them.
+            let event = out.watching.then(|| match &cmd.op {
                 command::Op::Put { value } | command::Op::Cas { value, .. } => {
                     let mut both = bytes::BytesMut::with_capacity(cmd.key.len() + value.len());
                     both.extend_from_slice(&cmd.key);
@@ -671,7 +678,7 @@ impl Group {
                     (both.slice(..k), Some(both.slice(k..)))
                 }
                 command::Op::Delete => (Bytes::copy_from_slice(&cmd.key), None),
-            };
+            });
             let result = match self.kv.apply(cmd, e.index) {
                 Outcome::Applied(applied) => {
                     let changed = match &applied {
@@ -679,12 +686,12 @@ impl Group {
                         Applied::Delete { previous } => previous.is_some(),
                         Applied::Cas { succeeded, .. } => *succeeded,
                     };
-                    if changed {
+                    if let (true, Some((key, value))) = (changed, event) {
                         out.events.push(crate::kv::watch::Event {
                             partition: self.id,
                             index: e.index,
                             key,
-                            value: new_value,
+                            value,
                         });
                     }
                     Ok(WriteResult {

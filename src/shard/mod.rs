@@ -503,6 +503,7 @@ impl Shard {
                 self.ticks += 1;
                 if self.ticks.is_multiple_of(BALANCE_TICKS) {
                     self.balance_leaders();
+                    self.watch.maybe_stop_recording(std::time::Instant::now());
                 }
                 use crate::proto::admin::cluster_event::Type;
                 for (p, g) in self.groups.iter_mut() {

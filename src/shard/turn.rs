@@ -39,7 +39,10 @@ const PURGE_EVERY_TURNS: u64 = 1024;
 
 impl Shard {
     pub(super) async fn turn(&mut self) {
-        let mut out = Outbox::default();
+        let mut out = Outbox {
+            watching: self.watch.recording(),
+            ..Outbox::default()
+        };
         let out_ctx = SendCtx {
             links: self.links.clone(),
             node: self.node.clone(),
