@@ -22,7 +22,7 @@ use crate::proto::kv::{
     GetResponse, PutRequest, PutResponse,
 };
 use crate::proto::peer::ProposeRequest;
-use crate::raft::{Group, ReadResult, Reply, WriteResult};
+use crate::raft::{ReadResult, Reply, WriteResult};
 use crate::shard::ShardMsg;
 
 use super::command::{Command, Op, WriteId};
@@ -244,32 +244,22 @@ impl Api {
         result
     }
 
-    /// Runs `f` on the replica of `p`, on the shard that owns it; `f`
-    /// answers through the reply it is given, straight to this task (one
-    /// message there, one back). Waits until `deadline`; `late` describes
-    /// what passing it means. A call whose deadline has already passed is
-    /// not started.
+    /// Sends the request `make` builds to the shard that owns `p`; its
+    /// answer comes straight back to this task (one message there, one
+    /// back). Waits until `deadline`; `late` describes what passing it
+    /// means. A call whose deadline has already passed is not started.
     async fn on_replica<T: Send + 'static>(
         &self,
         p: u32,
         deadline: Instant,
-        f: impl FnOnce(&mut Group, Reply<T>) + Send + 'static,
+        make: impl FnOnce(Reply<T>) -> ShardMsg,
         late: impl FnOnce() -> Status,
     ) -> Result<T, Status> {
         if Instant::now() >= deadline {
             return Err(late());
         }
         let (tx, rx) = futures::channel::oneshot::channel();
-        let job = move |s: &mut crate::shard::Shard| match s.groups.get_mut(&p) {
-            Some(g) => f(g, tx),
-            None => {
-                let _ = tx.send(Err(Status::not_found(format!(
-                    "partition {p} is not hosted here"
-                ))));
-            }
-        };
-        self.node
-            .send(self.node.shard_of(p), ShardMsg::Exec(Box::new(job)))?;
+        self.node.send(self.node.shard_of(p), make(tx))?;
         match with_deadline(deadline, rx).await {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err(Status::unavailable(format!("partition {p} stopped"))),
@@ -290,7 +280,11 @@ impl Api {
         self.on_replica(
             p,
             deadline,
-            move |g, reply| g.propose(cmd, reply),
+            |reply| ShardMsg::Propose {
+                partition: p,
+                cmd,
+                reply,
+            },
             || {
                 if self.disk_full(shard) {
                     return Status::unavailable(format!(
@@ -315,12 +309,11 @@ impl Api {
         serializable: bool,
         deadline: Instant,
     ) -> Result<ReadResult, Status> {
-        let f = move |g: &mut Group, reply: Reply<ReadResult>| {
-            if serializable {
-                let _ = reply.send(Ok(g.read_local(&key)));
-            } else {
-                g.read(key, reply);
-            }
+        let f = |reply| ShardMsg::Read {
+            partition: p,
+            key,
+            serializable,
+            reply,
         };
         self.on_replica(p, deadline, f, || {
             Status::deadline_exceeded(format!(
@@ -468,12 +461,13 @@ impl Api {
             prefix: req.prefix,
         };
         let start = req.start_index;
-        let theirs = ending.clone();
         self.node
-            .call(self.node.shard_of(p), move |s, reply| {
-                let applied = s.groups.iter().map(|(p, g)| (*p, g.applied()));
-                s.watch.start_recording(applied);
-                let _ = reply.send(s.watch.register(filter, start, tx, theirs));
+            .request(self.node.shard_of(p), |reply| ShardMsg::Watch {
+                filter,
+                start_index: start,
+                tx,
+                ending: ending.clone(),
+                reply,
             })
             .await?;
         let mut last = start.saturating_sub(1);

@@ -2,6 +2,7 @@
 //! answers. One `Api` per shard serves both the public gRPC frontend and
 //! calls forwarded from other nodes over the peer links.
 
+use crate::shard::ShardMsg;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -191,15 +192,7 @@ impl Api {
     pub async fn status(&self) -> Result<StatusResponse, Status> {
         let per_shard = self
             .node
-            .call_all(|s| {
-                let shard = s.index as u32;
-                let groups = s
-                    .groups
-                    .values()
-                    .map(|g| g.status(shard))
-                    .collect::<Vec<PartitionStatus>>();
-                (groups, s.stats())
-            })
+            .request_all(|reply| ShardMsg::Status { reply })
             .await?;
         let (groups, shard_stats): (Vec<_>, Vec<_>) = per_shard.into_iter().unzip();
         let mut partitions: Vec<PartitionStatus> = groups.into_iter().flatten().collect();
@@ -236,17 +229,15 @@ impl Api {
         // every later event follows it.
         let registered = self
             .node
-            .call_all({
-                let (tx, behind) = (tx.clone(), behind.clone());
-                move |s| {
-                    s.events.register(tx.clone(), behind.clone())?;
-                    Ok::<_, Status>(s.leaders())
-                }
+            .request_all(|reply| ShardMsg::WatchCluster {
+                tx: tx.clone(),
+                behind: behind.clone(),
+                reply,
             })
             .await?;
         drop(tx);
         for leaders in registered {
-            for (p, leader, term) in leaders? {
+            for (p, leader, term) in leaders {
                 let mut e = super::events::event(
                     crate::proto::admin::cluster_event::Type::LeaderChanged,
                     p,
@@ -277,9 +268,8 @@ impl Api {
         partition: u32,
     ) -> Result<Option<PartitionStatus>, Status> {
         self.node
-            .call(self.node.shard_of(partition), move |s, tx| {
-                let shard = s.index as u32;
-                let _ = tx.send(Ok(s.groups.get(&partition).map(|g| g.status(shard))));
+            .request(self.node.shard_of(partition), |reply| {
+                ShardMsg::PartitionStatus { partition, reply }
             })
             .await
     }

@@ -8,12 +8,13 @@
 //! repaired at start-up (see `node::start`): a hosted partition without a
 //! replica gets one, a replica no longer hosted is removed.
 
+use crate::shard::ShardMsg;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
-use raft::eraftpb::{ConfChange, ConfChangeType};
+use raft::eraftpb::ConfChangeType;
 
 use crate::grpc::Status;
 use crate::proto::node::{
@@ -75,11 +76,12 @@ impl Api {
                     }
                     let creates = hosted.iter().map(|(p, voters)| {
                         let (p, voters) = (*p, voters.clone());
-                        self.node.call(self.node.shard_of(p), move |s, tx| {
-                            s.create_group(p, GroupInit::bootstrap(voters), move |r| {
-                                let _ = tx.send(r);
+                        self.node
+                            .request(self.node.shard_of(p), move |reply| ShardMsg::CreateGroup {
+                                partition: p,
+                                init: GroupInit::bootstrap(voters),
+                                reply,
                             })
-                        })
                     });
                     futures::future::try_join_all(creates).await?;
                     tracing::info!(partitions = layout.len(), hosted = hosted.len(), "bootstrapped");
@@ -97,7 +99,13 @@ impl Api {
             "every hosted partition to elect a leader",
             || async {
                 let ids = ids.clone();
-                let lacking = self.node.call_all(move |s| s.without_leader(&ids)).await?;
+                let lacking = self
+                    .node
+                    .request_all(|reply| ShardMsg::WithoutLeader {
+                        partitions: ids.clone(),
+                        reply,
+                    })
+                    .await?;
                 Ok(lacking.iter().all(|n| *n == 0))
             },
         )
@@ -146,10 +154,10 @@ impl Api {
                     }
                 }
                 self.node
-                    .call(self.node.shard_of(pid), move |s, tx| {
-                        s.create_group(pid, GroupInit::joining(), move |r| {
-                            let _ = tx.send(r);
-                        })
+                    .request(self.node.shard_of(pid), |reply| ShardMsg::CreateGroup {
+                        partition: pid,
+                        init: GroupInit::joining(),
+                        reply,
                     })
                     .await?;
                 tracing::info!(partition = pid, "joining partition");
@@ -248,10 +256,9 @@ impl Api {
             }
         })?;
         self.node
-            .call(self.node.shard_of(pid), move |s, tx| {
-                s.remove_group(pid, move |r| {
-                    let _ = tx.send(r);
-                })
+            .request(self.node.shard_of(pid), |reply| ShardMsg::RemoveGroup {
+                partition: pid,
+                reply,
             })
             .await?;
         tracing::info!(partition = pid, "left partition");
@@ -300,32 +307,23 @@ impl Api {
             // A leader removing itself would stop leading mid-change; hand
             // leadership to another voter first.
             let to = others[0];
-            self.node
-                .call(self.node.shard_of(pid), move |s, tx| {
-                    if let Some(g) = s.groups.get_mut(&pid) {
-                        g.transfer_leader(to);
-                    }
-                    let _ = tx.send(Ok(()));
-                })
-                .await?;
+            self.node.send_bounded(
+                self.node.shard_of(pid),
+                ShardMsg::TransferLeader { partition: pid, to },
+            )?;
             return Ok(false);
         }
-        let mut cc = ConfChange::default();
-        cc.set_change_type(ConfChangeType::RemoveNode);
-        cc.node_id = me;
-        // The waiter is answered only if this replica applies the change;
+        // The change is answered only if this replica applies it;
         // ConfQuery covers the case where it never hears of it.
         let _ = self
             .node
-            .call(self.node.shard_of(pid), move |s, tx| {
-                match s.groups.get_mut(&pid) {
-                    Some(g) => {
-                        g.propose_conf_change(cc, futures::channel::oneshot::channel().0);
-                        let _ = tx.send(Ok(()));
-                    }
-                    None => {
-                        let _ = tx.send(Ok(()));
-                    }
+            .request(self.node.shard_of(pid), |reply| {
+                ShardMsg::ChangeMembership {
+                    partition: pid,
+                    node: me,
+                    change: ConfChangeType::RemoveNode,
+                    context: Vec::new(),
+                    reply,
                 }
             })
             .await;
@@ -408,25 +406,14 @@ impl Api {
     ) -> Result<(), Status> {
         let rx = self
             .node
-            .call(self.node.shard_of(pid), move |s, tx| {
-                let Some(g) = s.groups.get_mut(&pid) else {
-                    let _ = tx.send(Err(Status::not_found(format!(
-                        "partition {pid} is not hosted here"
-                    ))));
-                    return;
-                };
-                let (ctx, crx) = futures::channel::oneshot::channel();
-                let adding = change == ConfChangeType::AddNode;
-                if g.voters().contains(&node) == adding {
-                    let _ = ctx.send(Ok(Default::default()));
-                } else {
-                    let mut cc = ConfChange::default();
-                    cc.set_change_type(change);
-                    cc.node_id = node;
-                    cc.context = context.into();
-                    g.propose_conf_change(cc, ctx);
+            .request(self.node.shard_of(pid), |reply| {
+                ShardMsg::ChangeMembership {
+                    partition: pid,
+                    node,
+                    change,
+                    context,
+                    reply,
                 }
-                let _ = tx.send(Ok(crx));
             })
             .await?;
         match with_deadline(super::api::answer_by(deadline), rx).await {

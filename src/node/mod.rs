@@ -21,7 +21,6 @@ use futures::channel::mpsc;
 
 use crate::config::NodeConfig;
 use crate::proto::peer::envelope;
-use crate::raft::{Group, GroupInit};
 use crate::shard::{NodeShared, Shard, ShardMsg};
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::transport::PeerLinks;
@@ -226,59 +225,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     }
     let mut shard = Shard::new(k, node.clone(), wal, links.clone());
 
-    // Reconcile replicas with the metadata.
-    let mut removed = Vec::new();
-    for (gid, gs) in recovered.groups {
-        let p = gid as u32;
-        if !meta.hosted.contains(&p) || node.shard_of(p) != k {
-            removed.push(p);
-            continue;
-        }
-        let init = GroupInit {
-            hard_state: gs.hard_state,
-            conf_state: gs.conf_state,
-            snapshot: gs.snapshot,
-            entries: gs.entries,
-        };
-        // Writes up to the snapshot were applied by an earlier run: no
-        // watch can replay them.
-        let from = init.snapshot.as_ref().map_or(0, |s| s.get_metadata().index);
-        shard.watch.skipped(p, from);
-        let g = Group::new(p, cfg.node_id, &cfg.raft, cfg.max_inflight_proposals, init)?;
-        shard.groups.insert(p, g);
-    }
-    for p in removed {
-        tracing::info!(
-            partition = p,
-            "replica not hosted any more: removing its state"
-        );
-        shard.remove_group(p, |_| {});
-    }
-    for p in meta
-        .hosted
-        .iter()
-        .copied()
-        .filter(|p| node.shard_of(*p) == k)
-    {
-        if shard.groups.contains_key(&p) {
-            continue;
-        }
-        let bootstrapped = meta
-            .bootstrap
-            .as_ref()
-            .and_then(|l| l.get(&p))
-            .filter(|m| m.contains_key(&cfg.node_id));
-        let init = match bootstrapped {
-            Some(m) => GroupInit::bootstrap(m.keys().copied().collect()),
-            None => GroupInit::joining(),
-        };
-        shard.create_group(p, init, |_| {});
-    }
-    tracing::info!(
-        shard = k,
-        partitions = shard.groups.len(),
-        "shard recovered"
-    );
+    shard.recover(recovered, &meta)?;
 
     let api_listener = crate::net::reuseport_listener(cfg.api_addr)
         .map_err(|e| format!("bind API address {}: {e}", cfg.api_addr))?;
@@ -288,7 +235,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
         node.clone(),
         k,
         links.clone(),
-        shard.peer_pending.clone(),
+        shard.peer_pending(),
         shutdown.clone(),
     );
     let grpc_config = crate::grpc::ServerConfig {
@@ -354,7 +301,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
             config.clone(),
             stats.clone(),
         );
-        shard.adopt_peer = Some(Rc::new(move |from, fd, buffered| {
+        shard.set_adopt_peer(Rc::new(move |from, fd, buffered| {
             glommio::spawn_local(crate::transport::serve_adopted(
                 fd,
                 from,
@@ -373,14 +320,9 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
         if to == k || to >= handoff_node.inboxes.len() {
             return false;
         }
-        let job = move |s: &mut Shard| match &s.adopt_peer {
-            Some(adopt) => adopt(from, fd, buffered),
-            None => tracing::debug!(
-                from,
-                "peer connection handed to a shard not serving yet; dropped"
-            ),
-        };
-        handoff_node.send(to, ShardMsg::Exec(Box::new(job))).is_ok()
+        handoff_node
+            .send(to, ShardMsg::AdoptPeer { from, fd, buffered })
+            .is_ok()
     });
     #[cfg(debug_assertions)]
     debug_panic_hook(k);
@@ -417,7 +359,8 @@ struct MetricsSource(Arc<NodeShared>);
 
 impl crate::metrics::Source for MetricsSource {
     fn shards(&self) -> Result<Vec<crate::metrics::ShardState>, String> {
-        futures::executor::block_on(self.0.call_all(|s| s.metrics_state())).map_err(|s| s.message)
+        futures::executor::block_on(self.0.request_all(|reply| ShardMsg::Metrics { reply }))
+            .map_err(|s| s.message)
     }
 
     fn health(&self) -> Result<(), String> {
@@ -435,9 +378,10 @@ impl crate::metrics::Source for MetricsSource {
         if !full.is_empty() {
             return Err(format!("the disk of shard(s) {full:?} is full"));
         }
-        let leaderless: Vec<u32> = futures::executor::block_on(self.0.call_all(|s| s.leaderless()))
-            .map_err(|s| s.message)?
-            .concat();
+        let leaderless: Vec<u32> =
+            futures::executor::block_on(self.0.request_all(|reply| ShardMsg::Leaderless { reply }))
+                .map_err(|s| s.message)?
+                .concat();
         if !leaderless.is_empty() {
             return Err(format!("partitions without a leader: {leaderless:?}"));
         }

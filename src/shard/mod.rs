@@ -21,23 +21,28 @@ use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
 use protobuf::Message as _;
 
+use raft::eraftpb::{ConfChangeType, ConfState};
+
 use crate::config::NodeConfig;
 use crate::grpc::Status;
+use crate::kv::command::Command;
+use crate::kv::watch::{Ending, Event, Filter};
 use crate::node::meta::NodeMeta;
+use crate::proto::admin::PartitionStatus;
 use crate::proto::peer::PeerResponse;
-use crate::raft::{Group, GroupInit};
+use crate::raft::{Group, GroupInit, ReadResult, Reply, WriteResult};
 use crate::shutdown::Shutdown;
 use crate::transport::PeerLinks;
 use crate::wal::Wal;
 
-/// A closure run by a shard's loop with exclusive access to the shard.
-pub type Job = Box<dyn FnOnce(&mut Shard) + Send>;
-
 /// A callback run on the shard once the turn's WAL sync has completed.
 type AfterSync = Box<dyn FnOnce(&mut Shard)>;
 
-/// What reaches a shard's inbox.
+/// Everything a shard serves: what reaches its inbox. Requests that
+/// concern one partition name it, and answer through their `reply` (a
+/// partition not hosted here answers NOT_FOUND, except where noted).
 pub enum ShardMsg {
+    // --- From peers ---
     /// A raft message for one of this shard's partitions (raft-rs
     /// encoding), from the peer connection of node `from`.
     Raft {
@@ -51,10 +56,104 @@ pub enum ShardMsg {
         from: u64,
         msg: Box<raft::eraftpb::Message>,
     },
-    /// Run this on the shard.
-    Exec(Job),
     /// The answer to a call this shard forwarded to another node.
     PeerResponse(PeerResponse),
+    /// How sending a snapshot of `partition` to `to` ended (raft-rs
+    /// `report_snapshot`).
+    SnapshotReport {
+        partition: u32,
+        to: u64,
+        status: raft::SnapshotStatus,
+    },
+    /// `node`'s raft address, for this shard's peer links.
+    PeerAddress { node: u64, addr: String },
+    /// A peer connection another shard's listener accepted for this one:
+    /// `(from node, socket, bytes already read)`.
+    AdoptPeer {
+        from: u64,
+        fd: std::os::fd::OwnedFd,
+        buffered: Vec<u8>,
+    },
+
+    // --- Data path ---
+    /// Propose a write; answered once it is applied here (or refused).
+    Propose {
+        partition: u32,
+        cmd: Command,
+        reply: Reply<WriteResult>,
+    },
+    /// Read a key: linearizable (ReadIndex) or, with `serializable`, from
+    /// this replica's state as it is.
+    Read {
+        partition: u32,
+        key: Bytes,
+        serializable: bool,
+        reply: Reply<ReadResult>,
+    },
+    /// Register a key watcher (see `kv::watch`).
+    Watch {
+        filter: Filter,
+        start_index: u64,
+        tx: futures::channel::mpsc::Sender<Event>,
+        ending: Arc<Ending>,
+        reply: Reply<()>,
+    },
+    /// Register a cluster-event watcher; answered with the leaders known
+    /// now, from which its events continue.
+    WatchCluster {
+        tx: futures::channel::mpsc::Sender<crate::proto::admin::ClusterEvent>,
+        behind: Arc<std::sync::atomic::AtomicBool>,
+        reply: Reply<Vec<(u32, u64, u64)>>,
+    },
+
+    // --- Control ---
+    /// Create a replica; answered once its initial state is durable (at
+    /// once if it exists).
+    CreateGroup {
+        partition: u32,
+        init: GroupInit,
+        reply: Reply<()>,
+    },
+    /// Remove a replica and its state; answered once that is durable.
+    RemoveGroup { partition: u32, reply: Reply<()> },
+    /// Add (`AddNode`) or remove (`RemoveNode`) a voter, unless the
+    /// configuration already says so. Answered at once with a receiver
+    /// that is answered when the change applies here.
+    ChangeMembership {
+        partition: u32,
+        node: u64,
+        change: ConfChangeType,
+        context: Vec<u8>,
+        reply: Reply<oneshot::Receiver<Result<ConfState, Status>>>,
+    },
+    /// Ask the leader of `partition` here to hand leadership to `to`
+    /// (nothing if it is not hosted or does not lead).
+    TransferLeader { partition: u32, to: u64 },
+
+    // --- Queries ---
+    /// One partition's status, `None` if it is not hosted here.
+    PartitionStatus {
+        partition: u32,
+        reply: Reply<Option<PartitionStatus>>,
+    },
+    /// Every hosted partition's status and the shard's counters.
+    Status {
+        reply: Reply<(Vec<PartitionStatus>, crate::proto::admin::ShardStatus)>,
+    },
+    /// How many of `partitions` that this shard owns have no replica or
+    /// know no leader (the Bootstrap wait).
+    WithoutLeader {
+        partitions: Arc<Vec<u32>>,
+        reply: Reply<usize>,
+    },
+    /// Hosted partitions that know no leader (`/ready`).
+    Leaderless { reply: Reply<Vec<u32>> },
+    /// The shard's state for a metrics scrape.
+    Metrics {
+        reply: Reply<crate::metrics::ShardState>,
+    },
+
+    // --- The loop's own ---
     /// Time for a raft tick.
     Tick,
     /// Stop the loop.
@@ -154,14 +253,15 @@ impl NodeShared {
         self.send(shard, msg)
     }
 
-    /// Runs `f` on shard `shard` and waits for the value it sends back.
-    pub async fn call<T: Send + 'static>(
+    /// Sends the request `make` builds around a reply to shard `shard`
+    /// and waits for the answer.
+    pub async fn request<T: Send + 'static>(
         &self,
         shard: usize,
-        f: impl FnOnce(&mut Shard, oneshot::Sender<Result<T, Status>>) + Send + 'static,
+        make: impl FnOnce(Reply<T>) -> ShardMsg,
     ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
-        self.send_bounded(shard, ShardMsg::Exec(Box::new(move |s| f(s, tx))))?;
+        self.send_bounded(shard, make(tx))?;
         rx.await.unwrap_or_else(|_| {
             Err(Status::unavailable(
                 "request dropped: node is shutting down",
@@ -169,43 +269,33 @@ impl NodeShared {
         })
     }
 
-    /// Runs `f` on every shard and collects the answers in shard order.
-    pub async fn call_all<T: Send + 'static>(
+    /// [`NodeShared::request`] to every shard; the answers in shard order.
+    pub async fn request_all<T: Send + 'static>(
         &self,
-        f: impl Fn(&mut Shard) -> T + Send + Sync + Clone + 'static,
+        make: impl Fn(Reply<T>) -> ShardMsg,
     ) -> Result<Vec<T>, Status> {
-        let mut out = Vec::with_capacity(self.inboxes.len());
-        for k in 0..self.inboxes.len() {
-            let f = f.clone();
-            out.push(self.call(k, move |s, tx| {
-                let _ = tx.send(Ok(f(s)));
-            }));
-        }
-        futures::future::try_join_all(out).await
+        let all = (0..self.inboxes.len()).map(|k| self.request(k, &make));
+        futures::future::try_join_all(all).await
     }
 
     /// Tells every shard's peer links about a node's raft address.
     pub fn broadcast_address(&self, node: u64, addr: String) {
         for k in 0..self.inboxes.len() {
             let addr = addr.clone();
-            let _ = self.send(
-                k,
-                ShardMsg::Exec(Box::new(move |s| s.links.set_address(node, &addr))),
-            );
+            let _ = self.send(k, ShardMsg::PeerAddress { node, addr });
         }
     }
 }
 
 /// One core's share of the node.
 pub struct Shard {
-    pub index: usize,
-    pub node: Arc<NodeShared>,
-    pub groups: BTreeMap<u32, Group>,
-    pub wal: Wal,
-    pub links: Rc<PeerLinks>,
+    index: usize,
+    node: Arc<NodeShared>,
+    groups: BTreeMap<u32, Group>,
+    wal: Wal,
+    links: Rc<PeerLinks>,
     /// Forwarded calls waiting for a PeerResponse, by request id.
-    pub peer_pending:
-        Rc<std::cell::RefCell<std::collections::HashMap<u64, oneshot::Sender<PeerResponse>>>>,
+    peer_pending: PeerPending,
     /// Callbacks to run once the current turn's WAL sync has completed
     /// (answers that promise durability).
     after_sync: Vec<AfterSync>,
@@ -221,17 +311,17 @@ pub struct Shard {
     retry_at: Option<std::time::Instant>,
     retry_delay: std::time::Duration,
     /// Duration of every WAL sync, in microseconds.
-    pub sync_us: hdrhistogram::Histogram<u64>,
+    sync_us: hdrhistogram::Histogram<u64>,
     /// Raft entries written to the WAL.
-    pub wal_entries: u64,
+    wal_entries: u64,
     /// Serves a peer connection handed over by another shard's listener.
-    pub adopt_peer: Option<AdoptPeer>,
+    adopt_peer: Option<AdoptPeer>,
     /// This shard's children of the event series (see `crate::metrics`).
     pub(crate) metrics: ShardMetrics,
     /// Recent changes and the watchers of this shard's partitions.
-    pub watch: crate::kv::watch::Hub,
+    watch: crate::kv::watch::Hub,
     /// Watchers of cluster events (`Admin/Watch`).
-    pub events: crate::node::events::Events,
+    events: crate::node::events::Events,
     /// Ticks since start (for the leader-balancing rounds).
     ticks: u64,
 }
@@ -264,7 +354,10 @@ impl ShardMetrics {
     }
 }
 
-/// See [`Shard::adopt_peer`]: `(from_node, socket, bytes already read)`.
+/// Forwarded calls waiting for their answer, by request id.
+pub type PeerPending = Rc<std::cell::RefCell<HashMap<u64, oneshot::Sender<PeerResponse>>>>;
+
+/// See [`Shard::set_adopt_peer`]: `(from_node, socket, bytes already read)`.
 pub type AdoptPeer = Rc<dyn Fn(u64, std::os::fd::OwnedFd, Vec<u8>)>;
 
 impl Shard {
@@ -294,12 +387,89 @@ impl Shard {
         }
     }
 
-    pub fn node_id(&self) -> u64 {
+    fn node_id(&self) -> u64 {
         self.node.node_id()
     }
 
+    /// Builds this shard's replicas from what its WAL recovered,
+    /// reconciled with the node's metadata: replicas no longer hosted are
+    /// removed, hosted ones the WAL does not know are created (from the
+    /// bootstrap layout, or empty to be joined). The removals and creations
+    /// are made durable by the first turn.
+    pub fn recover(
+        &mut self,
+        recovered: crate::wal::Recovered,
+        meta: &NodeMeta,
+    ) -> Result<(), String> {
+        let cfg = &self.node.config;
+        let mut removed = Vec::new();
+        for (gid, gs) in recovered.groups {
+            let p = gid as u32;
+            if !meta.hosted.contains(&p) || self.node.shard_of(p) != self.index {
+                removed.push(p);
+                continue;
+            }
+            let init = GroupInit {
+                hard_state: gs.hard_state,
+                conf_state: gs.conf_state,
+                snapshot: gs.snapshot,
+                entries: gs.entries,
+            };
+            // Writes up to the snapshot were applied by an earlier run: no
+            // watch can replay them.
+            let from = init.snapshot.as_ref().map_or(0, |s| s.get_metadata().index);
+            self.watch.skipped(p, from);
+            let g = Group::new(p, cfg.node_id, &cfg.raft, cfg.max_inflight_proposals, init)?;
+            self.groups.insert(p, g);
+        }
+        for p in removed {
+            tracing::info!(
+                partition = p,
+                "replica not hosted any more: removing its state"
+            );
+            self.remove_group(p, |_| {});
+        }
+        let me = self.node.node_id();
+        let mine: Vec<u32> = meta
+            .hosted
+            .iter()
+            .copied()
+            .filter(|p| self.node.shard_of(*p) == self.index && !self.groups.contains_key(p))
+            .collect();
+        for p in mine {
+            let bootstrapped = meta
+                .bootstrap
+                .as_ref()
+                .and_then(|l| l.get(&p))
+                .filter(|m| m.contains_key(&me));
+            let init = match bootstrapped {
+                Some(m) => GroupInit::bootstrap(m.keys().copied().collect()),
+                None => GroupInit::joining(),
+            };
+            self.create_group(p, init, |_| {});
+        }
+        tracing::info!(
+            shard = self.index,
+            partitions = self.groups.len(),
+            "shard recovered"
+        );
+        Ok(())
+    }
+
+    /// Calls this shard forwarded to other nodes, waiting for their
+    /// PeerResponse (shared with the shard's API frontend).
+    pub fn peer_pending(&self) -> PeerPending {
+        self.peer_pending.clone()
+    }
+
+    /// How this shard serves a peer connection handed over by another
+    /// shard's listener.
+    pub fn set_adopt_peer(&mut self, adopt: AdoptPeer) {
+        self.adopt_peer = Some(adopt);
+    }
+
     /// This shard's state for a metrics scrape.
-    pub fn metrics_state(&self) -> crate::metrics::ShardState {
+    fn metrics_state(&self) -> crate::metrics::ShardState {
         crate::metrics::ShardState {
             applied_commands: self.groups.values().map(|g| g.commands_applied).sum(),
             proposals: self.groups.values().map(|g| g.proposals).sum(),
@@ -357,7 +527,7 @@ impl Shard {
 
     /// (partition, leader, term) of every hosted partition with a known
     /// leader.
-    pub fn leaders(&self) -> Vec<(u32, u64, u64)> {
+    fn leaders(&self) -> Vec<(u32, u64, u64)> {
         self.groups
             .iter()
             .filter(|(_, g)| g.leader() != raft::INVALID_ID)
@@ -367,7 +537,7 @@ impl Shard {
 
     /// How many of `partitions` that this shard owns have no replica here
     /// yet or know no leader.
-    pub fn without_leader(&self, partitions: &[u32]) -> usize {
+    fn without_leader(&self, partitions: &[u32]) -> usize {
         partitions
             .iter()
             .filter(|p| self.node.shard_of(**p) == self.index)
@@ -380,7 +550,7 @@ impl Shard {
     }
 
     /// Hosted partitions that know no leader (for `/ready`).
-    pub fn leaderless(&self) -> Vec<u32> {
+    fn leaderless(&self) -> Vec<u32> {
         self.groups
             .iter()
             .filter(|(_, g)| g.leader() == raft::INVALID_ID)
@@ -389,7 +559,7 @@ impl Shard {
     }
 
     /// This shard's WAL and apply counters.
-    pub fn stats(&self) -> crate::proto::admin::ShardStatus {
+    fn stats(&self) -> crate::proto::admin::ShardStatus {
         let w = self.wal.stats();
         crate::proto::admin::ShardStatus {
             shard: self.index as u32,
@@ -406,7 +576,7 @@ impl Shard {
 
     /// Creates (and makes durable, this turn) a new replica. `done` runs
     /// after the WAL sync that persisted its initial state.
-    pub fn create_group(
+    fn create_group(
         &mut self,
         partition: u32,
         init: GroupInit,
@@ -445,7 +615,7 @@ impl Shard {
 
     /// Removes a replica and its state. `done` runs after the removal is
     /// durable.
-    pub fn remove_group(
+    fn remove_group(
         &mut self,
         partition: u32,
         done: impl FnOnce(Result<(), Status>) + 'static,
@@ -466,7 +636,9 @@ impl Shard {
         self.after_sync.push(Box::new(move |_| done(Ok(()))));
     }
 
+    /// Serves one message of the inbox; false on Stop.
     fn handle(&mut self, msg: ShardMsg) -> bool {
+        let not_hosted = |p: u32| Status::not_found(format!("partition {p} is not hosted here"));
         match msg {
             ShardMsg::Raft {
                 partition,
@@ -493,11 +665,115 @@ impl Shard {
                     "snapshot for a partition not hosted here dropped"
                 ),
             },
-            ShardMsg::Exec(job) => job(self),
             ShardMsg::PeerResponse(r) => {
                 if let Some(tx) = self.peer_pending.borrow_mut().remove(&r.id) {
                     let _ = tx.send(r);
                 }
+            }
+            ShardMsg::SnapshotReport {
+                partition,
+                to,
+                status,
+            } => {
+                if let Some(g) = self.groups.get_mut(&partition) {
+                    g.raw().report_snapshot(to, status);
+                }
+            }
+            ShardMsg::PeerAddress { node, addr } => self.links.set_address(node, &addr),
+            ShardMsg::AdoptPeer { from, fd, buffered } => match &self.adopt_peer {
+                Some(adopt) => adopt(from, fd, buffered),
+                None => tracing::debug!(
+                    from,
+                    "peer connection handed to a shard not serving yet; dropped"
+                ),
+            },
+            ShardMsg::Propose {
+                partition,
+                cmd,
+                reply,
+            } => match self.groups.get_mut(&partition) {
+                Some(g) => g.propose(cmd, reply),
+                None => drop(reply.send(Err(not_hosted(partition)))),
+            },
+            ShardMsg::Read {
+                partition,
+                key,
+                serializable,
+                reply,
+            } => match self.groups.get_mut(&partition) {
+                Some(g) if serializable => drop(reply.send(Ok(g.read_local(&key)))),
+                Some(g) => g.read(key, reply),
+                None => drop(reply.send(Err(not_hosted(partition)))),
+            },
+            ShardMsg::Watch {
+                filter,
+                start_index,
+                tx,
+                ending,
+                reply,
+            } => {
+                let applied = self.groups.iter().map(|(p, g)| (*p, g.applied()));
+                self.watch.start_recording(applied);
+                let _ = reply.send(self.watch.register(filter, start_index, tx, ending));
+            }
+            ShardMsg::WatchCluster { tx, behind, reply } => {
+                let r = self.events.register(tx, behind).map(|()| self.leaders());
+                let _ = reply.send(r);
+            }
+            ShardMsg::CreateGroup {
+                partition,
+                init,
+                reply,
+            } => self.create_group(partition, init, move |r| drop(reply.send(r))),
+            ShardMsg::RemoveGroup { partition, reply } => {
+                self.remove_group(partition, move |r| drop(reply.send(r)))
+            }
+            ShardMsg::ChangeMembership {
+                partition,
+                node,
+                change,
+                context,
+                reply,
+            } => {
+                let Some(g) = self.groups.get_mut(&partition) else {
+                    let _ = reply.send(Err(not_hosted(partition)));
+                    return true;
+                };
+                let (tx, rx) = oneshot::channel();
+                let adding = change == ConfChangeType::AddNode;
+                if g.voters().contains(&node) == adding {
+                    let _ = tx.send(Ok(Default::default()));
+                } else {
+                    let mut cc = raft::eraftpb::ConfChange::default();
+                    cc.set_change_type(change);
+                    cc.node_id = node;
+                    cc.context = context.into();
+                    g.propose_conf_change(cc, tx);
+                }
+                let _ = reply.send(Ok(rx));
+            }
+            ShardMsg::TransferLeader { partition, to } => {
+                if let Some(g) = self.groups.get_mut(&partition) {
+                    g.transfer_leader(to);
+                }
+            }
+            ShardMsg::PartitionStatus { partition, reply } => {
+                let shard = self.index as u32;
+                let _ = reply.send(Ok(self.groups.get(&partition).map(|g| g.status(shard))));
+            }
+            ShardMsg::Status { reply } => {
+                let shard = self.index as u32;
+                let groups = self.groups.values().map(|g| g.status(shard)).collect();
+                let _ = reply.send(Ok((groups, self.stats())));
+            }
+            ShardMsg::WithoutLeader { partitions, reply } => {
+                let _ = reply.send(Ok(self.without_leader(&partitions)));
+            }
+            ShardMsg::Leaderless { reply } => {
+                let _ = reply.send(Ok(self.leaderless()));
+            }
+            ShardMsg::Metrics { reply } => {
+                let _ = reply.send(Ok(self.metrics_state()));
             }
             ShardMsg::Tick => {
                 self.ticks += 1;

@@ -108,11 +108,11 @@ pub fn send_chunked(
         }
         let _ = node.send(
             shard,
-            ShardMsg::Exec(Box::new(move |s| {
-                if let Some(g) = s.groups.get_mut(&partition) {
-                    g.raw().report_snapshot(to, status);
-                }
-            })),
+            ShardMsg::SnapshotReport {
+                partition,
+                to,
+                status,
+            },
         );
     })
     .detach();
