@@ -9,7 +9,8 @@
 //!   cell no other core writes;
 //! - **state**, read from every shard at scrape time (the scrape asks each
 //!   shard through its inbox, as Admin/Status does): commands applied,
-//!   proposals, partitions and leaders, leader changes, disk-full.
+//!   proposals, partitions, leaders and quiescent partitions, leader changes,
+//!   disk-full.
 //!
 //! The HTTP server runs on its own thread, never on a shard's core.
 
@@ -40,6 +41,7 @@ pub struct Metrics {
     leader_changes: IntCounterVec,
     partitions: IntGaugeVec,
     leaders: IntGaugeVec,
+    quiescent: IntGaugeVec,
     disk_full: IntGaugeVec,
 }
 
@@ -174,6 +176,12 @@ pub fn get() -> &'static Metrics {
                 "hosted partitions this node leads",
                 shard,
             ),
+            quiescent: gauge(
+                &r,
+                "multiraft_quiescent_partitions",
+                "hosted partitions that are idle and have stopped ticking",
+                shard,
+            ),
             disk_full: gauge(
                 &r,
                 "multiraft_disk_full",
@@ -214,6 +222,7 @@ pub struct ShardState {
     pub leader_changes: u64,
     pub partitions: i64,
     pub leaders: i64,
+    pub quiescent: i64,
     pub disk_full: bool,
 }
 
@@ -239,6 +248,7 @@ impl Metrics {
             catch_up(&self.leader_changes.with_label_values(l), s.leader_changes);
             self.partitions.with_label_values(l).set(s.partitions);
             self.leaders.with_label_values(l).set(s.leaders);
+            self.quiescent.with_label_values(l).set(s.quiescent);
             self.disk_full
                 .with_label_values(l)
                 .set(i64::from(s.disk_full));

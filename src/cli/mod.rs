@@ -130,6 +130,7 @@ pub fn status_json(s: &StatusResponse) -> serde_json::Value {
             "appliedIndex": p.applied_index,
             "voters": p.voters,
             "snapshotIndex": p.snapshot_index,
+            "quiescent": p.quiescent,
         })).collect::<Vec<_>>(),
     })
 }
@@ -162,11 +163,11 @@ pub fn status_table(s: &StatusResponse) -> String {
         ));
     }
     out.push_str(
-        "PARTITION SHARD ROLE         LEADER TERM   COMMIT     APPLIED    SNAPSHOT   VOTERS\n",
+        "PARTITION SHARD ROLE         LEADER TERM   COMMIT     APPLIED    SNAPSHOT   QUIET VOTERS\n",
     );
     for p in &s.partitions {
         out.push_str(&format!(
-            "{:<9} {:<5} {:<12} {:<6} {:<6} {:<10} {:<10} {:<10} {:?}\n",
+            "{:<9} {:<5} {:<12} {:<6} {:<6} {:<10} {:<10} {:<10} {:<5} {:?}\n",
             p.partition_id,
             p.shard,
             role_name(p.role).trim_start_matches("ROLE_"),
@@ -175,6 +176,7 @@ pub fn status_table(s: &StatusResponse) -> String {
             p.commit_index,
             p.applied_index,
             p.snapshot_index,
+            if p.quiescent { "yes" } else { "no" },
             p.voters
         ));
     }

@@ -115,6 +115,7 @@ impl Node {
             meta_version: Default::default(),
             disk_full: (0..n).map(|_| Default::default()).collect(),
             stopping: Default::default(),
+            heard: Default::default(),
         });
         let cpus = std::thread::available_parallelism()
             .map(|c| c.get())
@@ -285,6 +286,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
                     let _ = sink_node.send(s, ShardMsg::PeerResponse(r));
                 }
             }
+            Some(envelope::Body::Ping(_)) => sink_node.heard_from(from),
             None => tracing::debug!(from, "empty peer envelope dropped"),
         },
     );

@@ -24,6 +24,9 @@ use crate::proto::admin::{PartitionStatus, Role};
 use super::storage::GroupStorage;
 
 mod inbound;
+mod quiet;
+
+pub use quiet::QUIESCE_CTX;
 
 /// Index (and term) of the snapshot every bootstrapped group starts from.
 ///
@@ -136,6 +139,8 @@ pub struct Group {
     max_inflight: usize,
     snapshot_threshold: u64,
     retain_entries: u64,
+    /// Whether the group ticks (see `quiet.rs`).
+    quiet: quiet::Quiet,
 }
 
 /// Everything a group is built from (fresh or recovered).
@@ -252,6 +257,7 @@ impl Group {
             max_inflight,
             snapshot_threshold: cfg.snapshot_entry_threshold,
             retain_entries: cfg.compaction_retain_entries,
+            quiet: Default::default(),
         })
     }
 
@@ -317,6 +323,7 @@ impl Group {
             applied_index: self.applied,
             voters: self.voters(),
             snapshot_index: self.snapshot_index,
+            quiescent: self.quiet.quiescent,
         }
     }
 
@@ -324,9 +331,11 @@ impl Group {
 
     /// One raft tick; also retries ReadIndex requests that got no answer,
     /// proposes again writes raft may have dropped, fails calls once the
-    /// group has had no leader for a while, and forgets waiters whose
-    /// callers have gone away.
-    pub fn tick(&mut self) {
+    /// group has had no leader for a while, forgets waiters whose callers
+    /// have gone away, and lets an idle group go quiet (`alive` says which
+    /// nodes this node hears from; see `quiet.rs`). The shard does not
+    /// tick quiescent groups.
+    pub fn tick(&mut self, alive: &dyn Fn(u64) -> bool) {
         self.raw.tick();
         self.ticks += 1;
         let leader = self.raw.raft.leader_id;
@@ -361,6 +370,7 @@ impl Group {
             self.leaderless_ticks = 0;
             self.repropose_stale();
         }
+        self.quiet_tick(alive);
     }
 
     /// Proposes again, under the same identity, every write that has waited
@@ -427,6 +437,7 @@ impl Group {
     /// Queues a write for this turn's batch. Refused with RESOURCE_EXHAUSTED
     /// when too many writes of the partition are already in flight.
     pub fn propose(&mut self, cmd: Command, reply: Reply<WriteResult>) {
+        self.wake();
         if reply.is_canceled() {
             // Its caller's deadline passed on the way here: not proposed.
             return;
@@ -448,6 +459,7 @@ impl Group {
 
     /// Queues a linearizable read for this turn's ReadIndex request.
     pub fn read(&mut self, key: Bytes, reply: Reply<ReadResult>) {
+        self.wake();
         if self.cannot_reach_quorum() {
             let _ = reply.send(Err(self.no_quorum_status("retry")));
             return;
@@ -500,6 +512,7 @@ impl Group {
     /// Proposes a membership change; `reply` is answered once it is applied
     /// here. Followers forward the proposal to the leader through raft.
     pub fn propose_conf_change(&mut self, cc: ConfChange, reply: Reply<ConfState>) {
+        self.wake();
         let id = self.next_ctx;
         self.next_ctx += 1;
         match self.raw.propose_conf_change(id.to_le_bytes().to_vec(), cc) {
@@ -516,6 +529,7 @@ impl Group {
     }
 
     pub fn transfer_leader(&mut self, to: u64) {
+        self.wake();
         self.raw.transfer_leader(to);
     }
 

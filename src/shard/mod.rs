@@ -160,6 +160,22 @@ pub enum ShardMsg {
     Stop,
 }
 
+impl ShardMsg {
+    /// The partition whose group this message gives work to, if any.
+    fn partition(&self) -> Option<u32> {
+        match self {
+            ShardMsg::Raft { partition, .. }
+            | ShardMsg::RaftMsg { partition, .. }
+            | ShardMsg::SnapshotReport { partition, .. }
+            | ShardMsg::Propose { partition, .. }
+            | ShardMsg::Read { partition, .. }
+            | ShardMsg::ChangeMembership { partition, .. }
+            | ShardMsg::TransferLeader { partition, .. } => Some(*partition),
+            _ => None,
+        }
+    }
+}
+
 /// Most messages waiting in one shard's inbox before calls and peers'
 /// raft messages for it are refused (a shard drains up to 16,384 per turn,
 /// so this is several turns behind).
@@ -193,9 +209,33 @@ pub struct NodeShared {
     pub disk_full: Vec<std::sync::atomic::AtomicBool>,
     /// Set when the node starts to stop (health and `/health` report it).
     pub stopping: std::sync::atomic::AtomicBool,
+    /// When each peer node's last ping arrived (node-level liveness for
+    /// quiescent groups; see `raft::group::quiet`).
+    pub heard: Mutex<HashMap<u64, std::time::Instant>>,
 }
 
 impl NodeShared {
+    /// A ping from `node` arrived.
+    pub fn heard_from(&self, node: u64) {
+        let now = std::time::Instant::now();
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node, now);
+    }
+
+    /// The peer nodes heard from within `within`.
+    fn alive_within(&self, within: Duration) -> std::collections::HashSet<u64> {
+        let now = std::time::Instant::now();
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) < within)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
     pub fn node_id(&self) -> u64 {
         self.config.node_id
     }
@@ -324,6 +364,10 @@ pub struct Shard {
     events: crate::node::events::Events,
     /// Ticks since start (for the leader-balancing rounds).
     ticks: u64,
+    /// Groups the next turn visits: those that were ticked or got a
+    /// message or request since the last turn, or still had work after
+    /// it. A turn costs what happened, not how many groups are hosted.
+    ready: std::collections::BTreeSet<u32>,
 }
 
 /// Ticks between leader-balancing rounds (3 s at the default 100 ms).
@@ -384,6 +428,7 @@ impl Shard {
             watch: Default::default(),
             events: Default::default(),
             ticks: 0,
+            ready: Default::default(),
         }
     }
 
@@ -421,6 +466,7 @@ impl Shard {
             self.watch.skipped(p, from);
             let g = Group::new(p, cfg.node_id, &cfg.raft, cfg.max_inflight_proposals, init)?;
             self.groups.insert(p, g);
+            self.ready.insert(p);
         }
         for p in removed {
             tracing::info!(
@@ -476,6 +522,7 @@ impl Shard {
             leader_changes: self.groups.values().map(|g| g.leader_changes).sum(),
             partitions: self.groups.len() as i64,
             leaders: self.groups.values().filter(|g| g.is_leader()).count() as i64,
+            quiescent: self.groups.values().filter(|g| g.is_quiescent()).count() as i64,
             disk_full: self.node.disk_full[self.index].load(std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -519,6 +566,7 @@ impl Shard {
                         "balancing leaders: handing leadership over"
                     );
                     g.transfer_leader(to);
+                    self.ready.insert(*p);
                     return;
                 }
             }
@@ -602,6 +650,7 @@ impl Shard {
         ) {
             Ok(g) => {
                 self.groups.insert(partition, g);
+                self.ready.insert(partition);
                 tracing::info!(partition, shard = self.index, "replica created");
                 self.events.publish(crate::node::events::event(
                     crate::proto::admin::cluster_event::Type::PartitionAdded,
@@ -615,11 +664,7 @@ impl Shard {
 
     /// Removes a replica and its state. `done` runs after the removal is
     /// durable.
-    fn remove_group(
-        &mut self,
-        partition: u32,
-        done: impl FnOnce(Result<(), Status>) + 'static,
-    ) {
+    fn remove_group(&mut self, partition: u32, done: impl FnOnce(Result<(), Status>) + 'static) {
         if let Some(mut g) = self.groups.remove(&partition) {
             g.fail_all(Status::unavailable(format!(
                 "partition {partition} left this node"
@@ -639,6 +684,11 @@ impl Shard {
     /// Serves one message of the inbox; false on Stop.
     fn handle(&mut self, msg: ShardMsg) -> bool {
         let not_hosted = |p: u32| Status::not_found(format!("partition {p} is not hosted here"));
+        if let Some(p) = msg.partition() {
+            if self.groups.contains_key(&p) {
+                self.ready.insert(p);
+            }
+        }
         match msg {
             ShardMsg::Raft {
                 partition,
@@ -775,28 +825,57 @@ impl Shard {
             ShardMsg::Metrics { reply } => {
                 let _ = reply.send(Ok(self.metrics_state()));
             }
-            ShardMsg::Tick => {
-                self.ticks += 1;
-                if self.ticks.is_multiple_of(BALANCE_TICKS) {
-                    self.balance_leaders();
-                    self.watch.maybe_stop_recording(std::time::Instant::now());
-                }
-                use crate::proto::admin::cluster_event::Type;
-                for (p, g) in self.groups.iter_mut() {
-                    g.tick();
-                    if let Some((leader, term)) = g.take_new_leader() {
-                        if self.events.watched() {
-                            let mut e = crate::node::events::event(Type::LeaderChanged, *p);
-                            e.node_id = leader;
-                            e.term = term;
-                            self.events.publish(e);
-                        }
-                    }
-                }
-            }
+            ShardMsg::Tick => self.tick(),
             ShardMsg::Stop => return false,
         }
         true
+    }
+
+    /// A tick: pings every known peer node, wakes quiescent followers
+    /// whose leader's node has been silent for an election timeout, and
+    /// ticks every group that is awake. Quiescent groups cost one check.
+    fn tick(&mut self) {
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(BALANCE_TICKS) {
+            self.balance_leaders();
+            self.watch.maybe_stop_recording(std::time::Instant::now());
+        }
+        let me = self.node.node_id();
+        for n in self.links.nodes() {
+            if n != me {
+                let body = Some(crate::proto::peer::envelope::Body::Ping(Default::default()));
+                self.links.send(n, crate::proto::peer::Envelope { body });
+            }
+        }
+        let heard = self
+            .node
+            .alive_within(self.node.config.raft.election_timeout);
+        let alive = |n: u64| n == me || heard.contains(&n);
+        use crate::proto::admin::cluster_event::Type;
+        for (p, g) in self.groups.iter_mut() {
+            if g.is_quiescent() {
+                let leader = g.leader();
+                if leader == me || alive(leader) {
+                    continue;
+                }
+                tracing::debug!(
+                    partition = *p,
+                    leader,
+                    "no ping from the leader's node for an election timeout: waking"
+                );
+                g.wake();
+            }
+            g.tick(&alive);
+            self.ready.insert(*p);
+            if let Some((leader, term)) = g.take_new_leader() {
+                if self.events.watched() {
+                    let mut e = crate::node::events::event(Type::LeaderChanged, *p);
+                    e.node_id = leader;
+                    e.term = term;
+                    self.events.publish(e);
+                }
+            }
+        }
     }
 
     /// The shard loop. Each turn:

@@ -66,16 +66,27 @@ impl Shard {
 
         let mut readies = Vec::new();
 
-        // 1-4.
-        let ids: Vec<u32> = self.groups.keys().copied().collect();
+        // 1-4, for the groups with something to do (`Shard::ready`).
+        let ids = std::mem::take(&mut self.ready);
         for id in &ids {
-            let g = self.groups.get_mut(id).expect("listed above");
+            let Some(g) = self.groups.get_mut(id) else {
+                continue;
+            };
             g.flush();
             if !g.raw().has_ready() {
+                // Its quiesce heartbeats, if any (no Ready: no other
+                // messages to keep them behind).
+                send_all(&out_ctx, *id, g.take_quiet_messages(), &mut out);
+                if g.wants_turn() {
+                    self.ready.insert(*id);
+                }
                 continue;
             }
             let mut rd = g.raw().ready();
             send_all(&out_ctx, *id, rd.take_messages(), &mut out);
+            // After the Ready's own heartbeats, so a follower sees the
+            // leader's plain heartbeat before its quiesce heartbeat.
+            send_all(&out_ctx, *id, g.take_quiet_messages(), &mut out);
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
                 self.metrics.snapshots_received.inc();
@@ -150,6 +161,9 @@ impl Shard {
                 self.wal_dirty = true;
             }
             g.raw().advance_apply();
+            if g.wants_turn() || g.raw().has_ready() {
+                self.ready.insert(id);
+            }
             if let Some((snap, compact_to)) = g.maybe_snapshot() {
                 tracing::debug!(
                     partition = id,

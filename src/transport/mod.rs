@@ -250,6 +250,11 @@ impl PeerLinks {
         }
     }
 
+    /// The nodes this shard has an address for.
+    pub fn nodes(&self) -> Vec<u64> {
+        self.links.borrow().keys().copied().collect()
+    }
+
     /// The address currently known for `node`.
     pub fn address(&self, node: u64) -> Option<String> {
         self.links

@@ -25,6 +25,10 @@
 //! - `kill-leader`: kill -9 of a leader, restarted on the same data dir;
 //! - `pause-leader`: SIGSTOP of a leader, then SIGCONT.
 //!
+//! `a_quiescent_leader_cut_off_serves_no_stale_reads` checks one case by
+//! hand: an idle partition whose leader stopped ticking (see
+//! `raft::group::quiet`) is cut from its members.
+//!
 //! `nemeses_keep_histories_linearizable` runs one short round of each
 //! (about two and a half minutes, one cluster, so it never overlaps another
 //! fault cluster), with mutual TLS between the nodes. `nemeses_long_run` is the same with
@@ -111,6 +115,75 @@ async fn nemeses_long_run() {
     let secs = env_u64("MULTIRAFT_FAULT_SECS", 60);
     let tls = env_u64("MULTIRAFT_FAULT_TLS", 0) == 1;
     run_suite(rounds, Duration::from_secs(secs), tls).await;
+}
+
+/// A quiescent leader sends no heartbeats and does not notice on its own
+/// that it was replaced. Cut off from the other members, it must not
+/// answer a linearizable read from its stale state after the majority has
+/// elected a new leader and taken a newer write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiescent_leader_cut_off_serves_no_stale_reads() {
+    use crate::pb::multiraft::kv::v1::kv_client::KvClient;
+    use crate::pb::multiraft::kv::v1::GetRequest;
+    use crate::support::{put, req, wait_for, wait_until};
+
+    let Some(mut fc) = FaultCluster::start(false).await else {
+        return;
+    };
+    let p = PARTITIONS[0];
+    let kv = |id: u64| KvClient::new(fc.channels[(id - 1) as usize].clone());
+    let quiet_everywhere = async |fc: &FaultCluster| {
+        let mut quiet = 0;
+        for id in MEMBERS {
+            if let Ok(st) = fc.cluster.node(id).partition_status(p).await {
+                quiet += usize::from(st.quiescent);
+            }
+        }
+        quiet == MEMBERS.len()
+    };
+    let (old, old_term) = fc.cluster.wait_leader(p, Duration::from_secs(20)).await;
+    put(&mut kv(old), p, b"q", b"v1").await;
+    wait_until(
+        Duration::from_secs(20),
+        "the partition quiescent",
+        async || quiet_everywhere(&fc).await,
+    )
+    .await;
+
+    let others: Vec<u64> = NODES.iter().copied().filter(|n| *n != old).collect();
+    fc.net.isolate(&[old], &others);
+    let (new, new_term) = wait_for(
+        Duration::from_secs(20),
+        "a new leader among the other members",
+        async || match fc.cluster.agreed_leader(p).await {
+            Ok((l, t)) if l != old => Ok((l, t)),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    assert!(new_term > old_term);
+    put(&mut kv(new), p, b"q", b"v2").await;
+
+    let read = GetRequest {
+        key: b"q".to_vec(),
+        partition_id: p,
+        serializable: false,
+    };
+    match kv(old).get(req(read, Duration::from_secs(2))).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            assert_eq!(
+                r.value, b"v2",
+                "node {old}, cut off, answered a linearizable read with a stale value"
+            );
+        }
+        Err(s) => note(format!(
+            "the cut-off former leader refused the read: {:?} {}",
+            s.code(),
+            s.message()
+        )),
+    }
+    fc.net.heal_all();
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {

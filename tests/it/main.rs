@@ -18,6 +18,7 @@
 //! - `faults`: linearizability under partitions, crashes and pauses (needs
 //!   root and network namespaces).
 //! - `netns`: per-node network namespaces and nftables partitions for `faults`.
+//! - `quiescence`: idle partitions stop ticking, wake for work, fail over.
 //! - `linearizability`: the checker that `faults` runs on recorded histories.
 //! - `tls`: mutual TLS between peers, TLS and client certificates on the API.
 
@@ -33,6 +34,7 @@ mod linearizability;
 mod netns;
 mod node_api;
 mod operator;
+mod quiescence;
 mod support;
 mod tls;
 

@@ -31,11 +31,12 @@ impl Group {
         }
     }
 
-    pub fn step(&mut self, msg: Message) {
+    pub fn step(&mut self, mut msg: Message) {
         if let Some(reason) = self.would_panic(&msg) {
             self.refuse(msg.from, &msg, &reason);
             return;
         }
+        self.quiet_on_message(&mut msg);
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(partition = self.id, "step: {e}");
         }

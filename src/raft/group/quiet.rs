@@ -1,0 +1,195 @@
+//! Quiescence: an idle group stops ticking, so it sends no heartbeats and
+//! starts no elections, and costs its shard nothing until something
+//! happens to it.
+//!
+//! How a group goes quiet (the leader decides):
+//! 1. The leader has been idle for an election timeout: nothing queued
+//!    or waiting (writes, reads, membership changes), no leadership
+//!    transfer, everything committed and applied, and every follower it
+//!    can hear from caught up to its last index.
+//! 2. It sends each such follower a *quiesce heartbeat*: an ordinary raft
+//!    heartbeat (term, commit) whose context is [`QUIESCE_CTX`].
+//! 3. A follower agrees if that leader is its leader in that term, its log
+//!    ends exactly at the commit index carried, and it has nothing of its
+//!    own in flight; it stops ticking and lets raft answer the heartbeat
+//!    with the same context. Otherwise it strips the context before
+//!    stepping, so its answer does not count as agreement.
+//! 4. Once every follower it can hear from has agreed in this term, the
+//!    leader stops ticking too.
+//!
+//! Any proposal, read, membership change or leadership transfer wakes a
+//! group, and so does any raft message except heartbeats that bring no
+//! news (a heartbeat from the known leader, same term, no new commit) and
+//! heartbeat answers. A quiescent follower also wakes when the shard
+//! stops hearing the node-level pings of its leader's node for an election
+//! timeout (`Shard::wake_suspected`): it ticks again and, raft's election
+//! timeout later, campaigns. So a partition still fails over when its
+//! leader's node dies.
+//!
+//! Why this is safe: quiescence only stops ticks. Every message is still
+//! stepped by raft, terms and votes are untouched, and linearizable reads
+//! use ReadIndex (raft-rs `ReadOnlyOption::Safe`), which asks a quorum in
+//! the current term: a quiescent leader that has been replaced (it missed
+//! the election while not ticking) wakes on the read, cannot get that
+//! quorum, and steps down when it hears the new term. It never answers a
+//! read or acknowledges a write on its own authority.
+
+use raft::eraftpb::{Message, MessageType};
+use raft::StateRole;
+
+use super::Group;
+
+/// Context of a quiesce heartbeat. ReadIndex contexts are 8 bytes, so
+/// this one-byte context never matches a pending read.
+pub const QUIESCE_CTX: &[u8] = b"Q";
+
+/// A group's quiescence state.
+#[derive(Default)]
+pub(super) struct Quiet {
+    pub quiescent: bool,
+    /// Consecutive ticks this leader was idle.
+    idle_ticks: u64,
+    /// Followers that agreed to go quiet, and the term they agreed in.
+    agreed: Vec<u64>,
+    agreed_term: u64,
+    /// Quiesce heartbeats to send this turn.
+    outgoing: Vec<Message>,
+}
+
+impl Group {
+    /// Whether the group has stopped ticking (see the module notes).
+    pub fn is_quiescent(&self) -> bool {
+        self.quiet.quiescent
+    }
+
+    /// Starts ticking again.
+    pub fn wake(&mut self) {
+        if self.quiet.quiescent {
+            tracing::trace!(partition = self.id, "woken");
+        }
+        self.quiet.quiescent = false;
+        self.quiet.idle_ticks = 0;
+        self.quiet.agreed.clear();
+    }
+
+    /// Quiesce heartbeats to send (taken by the shard's turn, after the
+    /// group's Ready messages).
+    pub fn take_quiet_messages(&mut self) -> Vec<Message> {
+        std::mem::take(&mut self.quiet.outgoing)
+    }
+
+    /// Work queued for the next turn (writes or reads to propose, quiesce
+    /// heartbeats to send).
+    pub fn wants_turn(&self) -> bool {
+        !self.queued.is_empty()
+            || !self.reproposals.is_empty()
+            || !self.read_queue.is_empty()
+            || !self.quiet.outgoing.is_empty()
+    }
+
+    /// Nothing of this replica's own in flight.
+    fn nothing_waiting(&self) -> bool {
+        self.queued.is_empty()
+            && self.reproposals.is_empty()
+            && self.waiting.is_empty()
+            && self.read_queue.is_empty()
+            && self.read_batches.is_empty()
+            && self.ready_reads.is_empty()
+            && self.conf_waiters.is_empty()
+    }
+
+    /// Called by every tick: a leader idle for long enough asks the
+    /// followers it can hear from (`alive`) to go quiet, and goes quiet
+    /// itself once they all agreed.
+    pub(super) fn quiet_tick(&mut self, alive: &dyn Fn(u64) -> bool) {
+        let r = &self.raw.raft;
+        let last = r.raft_log.last_index();
+        let me = r.id;
+        let idle = r.state == StateRole::Leader
+            && r.lead_transferee.is_none()
+            && self.nothing_waiting()
+            && r.raft_log.committed == last
+            && self.applied == last
+            && r.prs()
+                .iter()
+                .all(|(id, p)| *id == me || p.matched == last || !alive(*id));
+        if !idle {
+            self.quiet.idle_ticks = 0;
+            self.quiet.agreed.clear();
+            return;
+        }
+        self.quiet.idle_ticks += 1;
+        if self.quiet.idle_ticks < self.election_ticks {
+            return;
+        }
+        if self.quiet.agreed_term != r.term {
+            self.quiet.agreed.clear();
+            self.quiet.agreed_term = r.term;
+        }
+        let mut missing = Vec::new();
+        for (id, _) in r.prs().iter() {
+            if *id != me && alive(*id) && !self.quiet.agreed.contains(id) {
+                missing.push(*id);
+            }
+        }
+        // At least a quorum (this leader and the followers that agreed),
+        // so that a leader that hears from nobody (a node just started,
+        // whose peers' pings have not arrived yet) keeps ticking.
+        let voters = r.prs().conf().voters().ids().len();
+        let agreed = 1 + self.quiet.agreed.len();
+        if missing.is_empty() && 2 * agreed > voters {
+            tracing::trace!(partition = self.id, term = r.term, "quiescent");
+            self.quiet.quiescent = true;
+            return;
+        }
+        for to in missing {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgHeartbeat);
+            m.to = to;
+            m.from = me;
+            m.term = r.term;
+            m.commit = last;
+            m.context = QUIESCE_CTX.to_vec().into();
+            self.quiet.outgoing.push(m);
+        }
+    }
+
+    /// Before `msg` is stepped: wakes the group unless the message brings
+    /// no news, and handles the quiesce handshake (which may strip the
+    /// context off a quiesce heartbeat this replica does not agree to).
+    pub(super) fn quiet_on_message(&mut self, msg: &mut Message) {
+        let r = &self.raw.raft;
+        match msg.get_msg_type() {
+            MessageType::MsgHeartbeat => {
+                let from_leader =
+                    msg.term == r.term && msg.from == r.leader_id && r.state == StateRole::Follower;
+                if msg.context.as_ref() == QUIESCE_CTX {
+                    if from_leader
+                        && r.raft_log.last_index() == msg.commit
+                        && msg.commit >= r.raft_log.committed
+                        && self.nothing_waiting()
+                    {
+                        self.quiet.quiescent = true;
+                    } else {
+                        // Answered without the context: not an agreement.
+                        msg.context = Default::default();
+                        self.wake();
+                    }
+                } else if !from_leader || msg.commit > r.raft_log.committed {
+                    self.wake();
+                }
+            }
+            MessageType::MsgHeartbeatResponse => {
+                if msg.context.as_ref() == QUIESCE_CTX
+                    && msg.term == r.term
+                    && r.state == StateRole::Leader
+                    && self.quiet.agreed_term == r.term
+                    && !self.quiet.agreed.contains(&msg.from)
+                {
+                    self.quiet.agreed.push(msg.from);
+                }
+            }
+            _ => self.wake(),
+        }
+    }
+}
