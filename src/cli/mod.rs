@@ -1,10 +1,12 @@
 //! Operator commands: thin gRPC clients for the Node and Admin services,
-//! the data commands (`data`), and the local-cluster launcher used by
-//! `cluster` and `bench`.
+//! the data commands (`data`), the local cluster used by `cluster` and
+//! `bench` (`cluster`), and the node launcher it shares with the
+//! integration tests (`launch`).
 
 pub mod bench;
 pub mod cluster;
 pub mod data;
+pub mod launch;
 pub mod log;
 pub mod tls_flags;
 
