@@ -34,8 +34,9 @@ impl Default for RaftConfig {
     }
 }
 
-/// proto3 JSON of `MultiRaftConfig`: durations as "1.5s", uint64 as strings
-/// (numbers are accepted too).
+/// proto3 JSON of `MultiRaftConfig`: durations as "1.5s" (the other units
+/// of [`parse_duration`], like "500ms", are accepted too), uint64 as
+/// strings (numbers are accepted too).
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RaftConfigJson {
@@ -88,18 +89,36 @@ impl RaftConfig {
     }
 }
 
-/// Parses a proto3 JSON duration ("1s", "0.5s", "-"-less).
+/// Parses a duration: a positive decimal number and a unit, `ms`, `s`,
+/// `m` or `h` ("500ms", "0.05s", "2s", "1.5m", "1h"; spaces around it are
+/// ignored). The one grammar of every command-line flag and config field
+/// that takes a duration: the config's proto3 JSON durations ("0.5s") are
+/// its seconds case. Zero, negative, non-finite and out-of-range values
+/// are refused, and so is a number without a unit.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let num = s
-        .strip_suffix('s')
-        .ok_or_else(|| format!("{s:?} is not a proto3 JSON duration (like \"1.5s\")"))?;
-    let secs: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a proto3 JSON duration (like \"1.5s\")"))?;
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} must be a non-negative duration"));
+    let bad = || format!("{s:?} is not a duration like \"1.5s\", \"500ms\" or \"2m\"");
+    let t = s.trim();
+    // "ms" before "s" and "m": "500ms" is milliseconds, not minutes.
+    let (num, secs_of): (&str, fn(f64) -> f64) = if let Some(n) = t.strip_suffix("ms") {
+        (n, |v| v / 1000.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, |v| v)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, |v| v * 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, |v| v * 3600.0)
+    } else {
+        return Err(bad());
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(format!("{s:?} must be a positive duration"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    match Duration::try_from_secs_f64(secs_of(v)) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("{s:?} is shorter than a nanosecond")),
+        Err(_) => Err(format!("{s:?} is too long a duration")),
+    }
 }
 
 fn parse_u64(v: &serde_json::Value) -> Result<u64, String> {
@@ -188,6 +207,46 @@ mod tests {
         assert_eq!(c.snapshot_entry_threshold, 200);
         assert_eq!(c.compaction_retain_entries, 50);
         assert_eq!(c.election_ticks(), 10);
+    }
+
+    /// Every flag and config field parses durations with this one grammar.
+    #[test]
+    fn duration_grammar() {
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        for (text, want) in [
+            // `bootstrap --timeout 500ms`, `bench --duration 500ms`.
+            ("500ms", ms(500)),
+            ("1ms", ms(1)),
+            ("0.5ms", Duration::from_micros(500)),
+            ("2s", secs(2)),
+            ("10s", secs(10)),
+            ("1.5s", ms(1500)),
+            // The config file's proto3 JSON form.
+            ("0.05s", ms(50)),
+            ("0.5s", ms(500)),
+            ("1m", secs(60)),
+            ("2m", secs(120)),
+            ("1h", secs(3600)),
+            (" 30s ", secs(30)),
+            ("10 s", secs(10)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(want), "{text:?}");
+        }
+        for bad in [
+            "", "10", "0.5", "s", "ms", "xs", "fast", "1d", "10sec", "1s5", "1,5s", "0s", "0ms",
+            "-1s", "-500ms", "nans", "infs", "1e-12s", "1e300h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn config_durations_take_every_unit() {
+        let c =
+            RaftConfig::from_json(r#"{"heartbeatPeriod":"50ms","electionTimeout":"1m"}"#).unwrap();
+        assert_eq!(c.heartbeat_period, Duration::from_millis(50));
+        assert_eq!(c.election_timeout, Duration::from_secs(60));
     }
 
     #[test]

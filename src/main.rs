@@ -7,9 +7,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use multiraft::cli::bench::parse_duration;
 use multiraft::cli::{self, bench, cluster};
-use multiraft::config::{NodeConfig, RaftConfig};
+use multiraft::config::{parse_duration, NodeConfig, RaftConfig};
 
 #[derive(Parser)]
 #[command(
@@ -37,21 +36,21 @@ struct DataTarget {
     #[arg(long, default_value_t = 0)]
     partition: u32,
     /// Deadline of the call, e.g. "5s", "500ms".
-    #[arg(long, default_value = "10s")]
-    timeout: String,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
     /// Print proto3 JSON (bytes in base64).
     #[arg(long)]
     json: bool,
 }
 
 impl DataTarget {
-    fn resolve(&self) -> Result<cli::data::Target> {
-        Ok(cli::data::Target {
+    fn resolve(&self) -> cli::data::Target {
+        cli::data::Target {
             addr: self.addr.clone(),
             partition: self.partition,
-            timeout: dur(&self.timeout)?,
+            timeout: self.timeout,
             json: self.json,
-        })
+        }
     }
 }
 
@@ -135,8 +134,8 @@ enum Cmd {
         #[arg(long)]
         members: String,
         /// How long to wait for leaders, e.g. "30s", "500ms", "2m".
-        #[arg(long, default_value = "30s")]
-        timeout: String,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Add the node at --addr to an existing partition.
     Join {
@@ -150,8 +149,8 @@ enum Cmd {
         #[arg(long)]
         members: String,
         /// How long to wait for the replica to catch up, e.g. "60s".
-        #[arg(long, default_value = "60s")]
-        timeout: String,
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Remove the node at --addr from a partition and delete its replica.
     Leave {
@@ -162,8 +161,8 @@ enum Cmd {
         #[arg(long)]
         partition: u32,
         /// How long to wait for the removal to commit, e.g. "30s".
-        #[arg(long, default_value = "30s")]
-        timeout: String,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Show the partitions a node hosts.
     Status {
@@ -293,10 +292,6 @@ fn client_runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn dur(s: &str) -> Result<Duration> {
-    parse_duration(s).map_err(|e| anyhow!("{e}"))
-}
-
 fn run(cli: Cli) -> Result<()> {
     let local_cluster = match &cli.cmd {
         Cmd::Cluster { .. } => true,
@@ -346,12 +341,7 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
         } => {
             let members = cli::parse_members(&members).map_err(|e| anyhow!(e))?;
-            client_runtime()?.block_on(cli::bootstrap(
-                &addr,
-                partitions,
-                members,
-                dur(&timeout)?,
-            ))?;
+            client_runtime()?.block_on(cli::bootstrap(&addr, partitions, members, timeout))?;
             println!("bootstrapped {partitions} partitions");
             Ok(())
         }
@@ -362,7 +352,7 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
         } => {
             let members = cli::parse_members(&members).map_err(|e| anyhow!(e))?;
-            client_runtime()?.block_on(cli::join(&addr, partition, members, dur(&timeout)?))?;
+            client_runtime()?.block_on(cli::join(&addr, partition, members, timeout))?;
             println!("joined partition {partition}");
             Ok(())
         }
@@ -371,7 +361,7 @@ fn run(cli: Cli) -> Result<()> {
             partition,
             timeout,
         } => {
-            client_runtime()?.block_on(cli::leave(&addr, partition, dur(&timeout)?))?;
+            client_runtime()?.block_on(cli::leave(&addr, partition, timeout))?;
             println!("left partition {partition}");
             Ok(())
         }
@@ -399,14 +389,14 @@ fn run(cli: Cli) -> Result<()> {
             value_file,
         } => {
             let value = value_of(value, value_file)?;
-            data(cli::data::put(&target.resolve()?, &key, value))
+            data(cli::data::put(&target.resolve(), &key, value))
         }
         Cmd::Get {
             target,
             key,
             serializable,
-        } => data(cli::data::get(&target.resolve()?, &key, serializable)),
-        Cmd::Del { target, key } => data(cli::data::del(&target.resolve()?, &key)),
+        } => data(cli::data::get(&target.resolve(), &key, serializable)),
+        Cmd::Del { target, key } => data(cli::data::del(&target.resolve(), &key)),
         Cmd::Watch {
             target,
             key,
@@ -415,7 +405,7 @@ fn run(cli: Cli) -> Result<()> {
             from_index,
         } => {
             // The call's deadline would end the watch: none is sent.
-            let t = target.resolve()?;
+            let t = target.resolve();
             let rt = client_runtime()?;
             match key {
                 Some(key) if !cluster => {
@@ -439,7 +429,7 @@ fn run(cli: Cli) -> Result<()> {
                 (None, true) => None,
                 _ => bail!("give either --expect VALUE or --expect-absent"),
             };
-            data(cli::data::cas(&target.resolve()?, &key, expected, value))
+            data(cli::data::cas(&target.resolve(), &key, expected, value))
         }
     }
 }
@@ -627,4 +617,140 @@ fn run_cluster(
     println!("stopping");
     drop(c);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("multiraft").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    /// Every duration flag takes the grammar of `config::parse_duration`.
+    #[test]
+    fn duration_flags_share_one_grammar() {
+        let members = ["--members", "1=127.0.0.1:7101"];
+        let cli = parse(
+            &[
+                &["bootstrap", "--addr", "a:1", "--timeout", "500ms"][..],
+                &members,
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let Cmd::Bootstrap { timeout, .. } = cli.cmd else {
+            panic!("not bootstrap");
+        };
+        assert_eq!(timeout, Duration::from_millis(500));
+
+        let cli = parse(
+            &[
+                &[
+                    "join",
+                    "--addr",
+                    "a:1",
+                    "--partition",
+                    "1",
+                    "--timeout",
+                    "2m",
+                ][..],
+                &members,
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let Cmd::Join { timeout, .. } = cli.cmd else {
+            panic!("not join");
+        };
+        assert_eq!(timeout, Duration::from_secs(120));
+
+        let cli = parse(&[
+            "leave",
+            "--addr",
+            "a:1",
+            "--partition",
+            "1",
+            "--timeout",
+            "0.05s",
+        ])
+        .unwrap();
+        let Cmd::Leave { timeout, .. } = cli.cmd else {
+            panic!("not leave");
+        };
+        assert_eq!(timeout, Duration::from_millis(50));
+
+        let cli = parse(&["get", "--timeout", "1.5s", "k"]).unwrap();
+        let Cmd::Get { target, .. } = cli.cmd else {
+            panic!("not get");
+        };
+        assert_eq!(target.resolve().timeout, Duration::from_millis(1500));
+
+        let cli = parse(&["bench", "--duration", "500ms"]).unwrap();
+        let Cmd::Bench(args) = cli.cmd else {
+            panic!("not bench");
+        };
+        assert_eq!(args.duration, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn defaults_go_through_the_same_parser() {
+        let cli = parse(&["bootstrap", "--addr", "a:1", "--members", "1=b:2"]).unwrap();
+        let Cmd::Bootstrap { timeout, .. } = cli.cmd else {
+            panic!("not bootstrap");
+        };
+        assert_eq!(timeout, Duration::from_secs(30));
+        let cli = parse(&["bench"]).unwrap();
+        let Cmd::Bench(args) = cli.cmd else {
+            panic!("not bench");
+        };
+        assert_eq!(args.duration, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_durations_are_refused_naming_the_flag() {
+        for (args, flag) in [
+            (
+                &[
+                    "bootstrap",
+                    "--addr",
+                    "a:1",
+                    "--members",
+                    "1=b:2",
+                    "--timeout",
+                    "500",
+                ][..],
+                "--timeout",
+            ),
+            (
+                &[
+                    "leave",
+                    "--addr",
+                    "a:1",
+                    "--partition",
+                    "1",
+                    "--timeout",
+                    "0s",
+                ][..],
+                "--timeout",
+            ),
+            (&["put", "--timeout", "soon", "k", "v"][..], "--timeout"),
+            (&["bench", "--duration=-1s"][..], "--duration"),
+        ] {
+            let err = parse(args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} was accepted"));
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{args:?}"
+            );
+            assert!(err.to_string().contains(flag), "{args:?}: {err}");
+        }
+    }
 }

@@ -2,10 +2,16 @@
 //! the `cluster` command, and the default target of `bench`.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::Duration;
+
+use super::launch::{self, free_port, NotReady, Serve};
+
+/// How long a node may take to answer Status after its start.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// One node process of a local cluster.
 pub struct LocalNode {
@@ -37,10 +43,6 @@ pub struct ClusterSpec {
     /// The `multiraft` binary to run; default: this process's executable.
     /// Programs other than `multiraft` itself (benches, tests) must set it.
     pub exe: Option<PathBuf>,
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl LocalCluster {
@@ -82,21 +84,31 @@ impl LocalCluster {
             } else {
                 ports(spec.base_port, id)?
             };
-            let data_dir = dir.join(format!("node-{id}"));
-            let log = dir.join(format!("node-{id}.log"));
-            let mut node = LocalNode {
-                id,
+            let serve = Serve {
+                exe: exe.clone(),
+                node_id: id,
                 api_addr: format!("127.0.0.1:{api}"),
                 raft_addr: format!("127.0.0.1:{raft}"),
-                data_dir,
-                log,
-                child: None,
+                data_dir: dir.join(format!("node-{id}")),
+                shards: spec.shards,
+                config: config_file.clone(),
+                extra_args: Vec::new(),
+                exec_prefix: Vec::new(),
+                log: dir.join(format!("node-{id}.log")),
+                rust_log: spec.rust_log.clone(),
             };
-            node.spawn(&exe, spec.shards, config_file.as_deref(), &spec.rust_log)?;
-            cluster.nodes.push(node);
+            let child = serve.spawn(1)?;
+            cluster.nodes.push(LocalNode {
+                id,
+                api_addr: serve.api_addr,
+                raft_addr: serve.raft_addr,
+                data_dir: serve.data_dir,
+                log: serve.log,
+                child: Some(child),
+            });
         }
         for n in &mut cluster.nodes {
-            n.wait_ready(Duration::from_secs(30)).await?;
+            n.wait_ready(READY_TIMEOUT).await?;
         }
         Ok(cluster)
     }
@@ -146,97 +158,46 @@ fn ports(base: u16, id: u64) -> Result<(u16, u16), String> {
 /// The last lines of `path`, for an error message that must stand on its
 /// own (the file may be removed with the cluster's temporary directory).
 fn log_tail(path: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(10)..].join("\n");
-    if tail.is_empty() {
-        "(its log is empty)".into()
-    } else {
-        format!("its log ends:\n{tail}")
+    match launch::log_tail(path, 10) {
+        Ok(tail) if !tail.is_empty() => format!("its log ends:\n{tail}"),
+        _ => "(its log is empty)".into(),
     }
 }
 
 impl LocalNode {
-    fn spawn(
-        &mut self,
-        exe: &Path,
-        shards: Option<usize>,
-        config: Option<&Path>,
-        rust_log: &str,
-    ) -> Result<(), String> {
-        let log = std::fs::File::create(&self.log)
-            .map_err(|e| format!("create {}: {e}", self.log.display()))?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("serve")
-            .args(["--node-id", &self.id.to_string()])
-            .args(["--api-addr", &self.api_addr])
-            .args(["--raft-addr", &self.raft_addr])
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .env("RUST_LOG", rust_log)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        if let Some(s) = shards {
-            cmd.args(["--shards", &s.to_string()]);
-        }
-        if let Some(c) = config {
-            cmd.arg("--config").arg(c);
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("start node {}: {e}", self.id))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
     async fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
-        let until = Instant::now() + limit;
-        loop {
-            if let Some(c) = &mut self.child {
-                if let Ok(Some(st)) = c.try_wait() {
-                    return Err(format!(
-                        "node {} exited during start-up ({st}); {}",
-                        self.id,
-                        log_tail(&self.log)
-                    ));
-                }
-            }
-            if super::status(&self.api_addr, Duration::from_secs(1))
+        let Some(child) = &mut self.child else {
+            return Err(format!("node {} is not running", self.id));
+        };
+        let addr = &self.api_addr;
+        let answers_status = async || {
+            super::status(addr, Duration::from_secs(1))
                 .await
-                .is_ok()
-            {
-                return Ok(());
-            }
-            if Instant::now() > until {
-                return Err(format!(
-                    "node {} did not start within {limit:?}; {}",
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        match launch::wait_ready(child, limit, answers_status).await {
+            Ok(()) => Ok(()),
+            Err(NotReady::Exited(st)) => {
+                self.child = None;
+                Err(format!(
+                    "node {} exited during start-up ({st}); {}",
                     self.id,
                     log_tail(&self.log)
-                ));
+                ))
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(NotReady::TimedOut(_)) => Err(format!(
+                "node {} did not start within {limit:?}; {}",
+                self.id,
+                log_tail(&self.log)
+            )),
         }
     }
 
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SAFETY: plain kill(2) on a child we spawned and have not reaped.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
+        if let Some(child) = self.child.take() {
+            launch::stop(child, STOP_GRACE);
         }
-        let until = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < until {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 

@@ -13,8 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 
-use super::connect;
-use crate::grpc::Status;
+use crate::grpc::{Client, Status};
 use crate::node::api::{KV_CAS, KV_DELETE, KV_GET, KV_PUT};
 use crate::proto::kv::{
     CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse, GetRequest,
@@ -89,7 +88,7 @@ pub async fn put(t: &Target, key: &str, value: Bytes) -> Result<Outcome, Status>
         value,
         partition_id: t.partition,
     };
-    let r: PutResponse = connect(&t.addr)
+    let r: PutResponse = Client::connect(&t.addr)
         .await?
         .call(KV_PUT, &req, Some(t.timeout))
         .await?;
@@ -112,7 +111,7 @@ pub async fn get(t: &Target, key: &str, serializable: bool) -> Result<Outcome, S
         partition_id: t.partition,
         serializable,
     };
-    let r: GetResponse = connect(&t.addr)
+    let r: GetResponse = Client::connect(&t.addr)
         .await?
         .call(KV_GET, &req, Some(t.timeout))
         .await?;
@@ -145,7 +144,7 @@ pub async fn del(t: &Target, key: &str) -> Result<Outcome, Status> {
         key: Bytes::copy_from_slice(key.as_bytes()),
         partition_id: t.partition,
     };
-    let r: DeleteResponse = connect(&t.addr)
+    let r: DeleteResponse = Client::connect(&t.addr)
         .await?
         .call(KV_DELETE, &req, Some(t.timeout))
         .await?;
@@ -180,7 +179,7 @@ pub async fn cas(
         value,
         partition_id: t.partition,
     };
-    let r: CompareAndSwapResponse = connect(&t.addr)
+    let r: CompareAndSwapResponse = Client::connect(&t.addr)
         .await?
         .call(KV_CAS, &req, Some(t.timeout))
         .await?;
@@ -229,7 +228,7 @@ pub async fn watch(t: &Target, key: &str, prefix: bool, start_index: u64) -> Res
         partition_id: t.partition,
         start_index,
     };
-    let client = connect(&t.addr).await?;
+    let client = Client::connect(&t.addr).await?;
     let mut events = client
         .server_stream(KV_WATCH, Bytes::from(req.encode_to_vec()))
         .await?;
@@ -278,7 +277,7 @@ pub async fn watch_cluster(t: &Target) -> Result<(), Status> {
     use crate::node::api::ADMIN_WATCH;
     use crate::proto::admin::{cluster_event::Type, ClusterEvent, WatchClusterRequest};
     use prost::Message;
-    let client = connect(&t.addr).await?;
+    let client = Client::connect(&t.addr).await?;
     let mut events = client
         .server_stream(
             ADMIN_WATCH,

@@ -1,10 +1,12 @@
 //! Operator commands: thin gRPC clients for the Node and Admin services,
-//! the data commands (`data`), and the local-cluster launcher used by
-//! `cluster` and `bench`.
+//! the data commands (`data`), the local cluster used by `cluster` and
+//! `bench` (`cluster`), and the node launcher it shares with the
+//! integration tests (`launch`).
 
 pub mod bench;
 pub mod cluster;
 pub mod data;
+pub mod launch;
 pub mod log;
 pub mod tls_flags;
 
@@ -35,10 +37,6 @@ pub fn parse_members(s: &str) -> Result<HashMap<u64, String>, String> {
     Ok(out)
 }
 
-pub async fn connect(addr: &str) -> Result<Client, Status> {
-    Client::connect(addr).await
-}
-
 pub async fn bootstrap(
     addr: &str,
     partitions: u32,
@@ -53,7 +51,7 @@ pub async fn bootstrap(
             })
             .collect(),
     };
-    let c = connect(addr).await?;
+    let c = Client::connect(addr).await?;
     let _: crate::proto::node::BootstrapResponse =
         c.call(NODE_BOOTSTRAP, &req, Some(timeout)).await?;
     Ok(())
@@ -71,13 +69,13 @@ pub async fn join(
             members,
         }),
     };
-    let c = connect(addr).await?;
+    let c = Client::connect(addr).await?;
     let _: crate::proto::node::JoinResponse = c.call(NODE_JOIN, &req, Some(timeout)).await?;
     Ok(())
 }
 
 pub async fn leave(addr: &str, partition: u32, timeout: Duration) -> Result<(), Status> {
-    let c = connect(addr).await?;
+    let c = Client::connect(addr).await?;
     let _: crate::proto::node::LeaveResponse = c
         .call(
             NODE_LEAVE,
@@ -91,7 +89,7 @@ pub async fn leave(addr: &str, partition: u32, timeout: Duration) -> Result<(), 
 }
 
 pub async fn status(addr: &str, timeout: Duration) -> Result<StatusResponse, Status> {
-    let c = connect(addr).await?;
+    let c = Client::connect(addr).await?;
     c.call(ADMIN_STATUS, &StatusRequest {}, Some(timeout)).await
 }
 

@@ -80,11 +80,13 @@ where
 
 impl Client {
     /// Connects to `addr` (`host:port`, resolved with the system resolver),
-    /// over TLS if [`use_tls`] was called.
+    /// over TLS if [`use_tls`] was called. The one way the operator
+    /// commands, `bench` and the local cluster reach a node's API.
     ///
     /// Must be called from within a tokio runtime (any flavour, also inside
     /// a `LocalSet`): the connection driver is spawned with `tokio::spawn`.
-    /// Failures are reported as `UNAVAILABLE`.
+    /// Every failure names `addr`: a malformed address is
+    /// `INVALID_ARGUMENT`, anything else `UNAVAILABLE`.
     pub async fn connect(addr: &str) -> Result<Client, Status> {
         let authority: Authority = addr
             .parse()

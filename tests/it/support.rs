@@ -2,10 +2,14 @@
 //! them, gRPC clients, the command line, and condition polling.
 //!
 //! Every node runs as a real child process with its own data directory and a
-//! log file (stdout and stderr) in the test's temporary directory. Children
-//! are killed when their `Node` is dropped; when that happens because a test
-//! is panicking, the tail of every node's log is printed so the failure comes
-//! with the servers' side of the story (libtest shows it with the failure).
+//! log file (stdout and stderr) in the test's temporary directory. Nodes are
+//! started, and waited for, by the crate's own launcher
+//! (`multiraft::cli::launch`, shared with `multiraft cluster` and `bench`);
+//! readiness is asked with the tonic client, like everything else here.
+//! Children are killed when their `Node` is dropped; when that happens
+//! because a test is panicking, the tail of every node's log is printed so
+//! the failure comes with the servers' side of the story (libtest shows it
+//! with the failure).
 //!
 //! Tests never sleep to synchronise: they poll a condition with
 //! [`wait_until`] / [`wait_for`] until it holds or a deadline passes.
@@ -14,16 +18,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut};
+use multiraft::cli::launch::{self, NotReady, Serve};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -55,8 +58,7 @@ const LOG_TAIL_LINES: usize = 80;
 
 /// A free loopback port: bind port 0, read the port, release it.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
+    launch::free_port().expect("bind 127.0.0.1:0")
 }
 
 fn free_addr() -> SocketAddr {
@@ -211,76 +213,34 @@ impl Node {
         }
     }
 
-    /// The `serve` arguments; identical on every (re)start.
-    pub fn serve_args(&self) -> Vec<String> {
-        let mut args = vec![
-            "serve".to_string(),
-            "--node-id".to_string(),
-            self.id.to_string(),
-            "--api-addr".to_string(),
-            self.api_addr.to_string(),
-            "--raft-addr".to_string(),
-            self.raft_addr.to_string(),
-            "--data-dir".to_string(),
-            self.data_dir.display().to_string(),
-            "--shards".to_string(),
-            self.shards.to_string(),
-        ];
-        if let Some(config) = &self.config_path {
-            args.push("--config".to_string());
-            args.push(config.display().to_string());
+    /// How the launcher runs this node, from the fields above as they are
+    /// at each (re)start.
+    pub fn serve(&self) -> Serve {
+        Serve {
+            exe: BIN.into(),
+            node_id: self.id,
+            api_addr: self.api_addr.to_string(),
+            raft_addr: self.raft_addr.to_string(),
+            data_dir: self.data_dir.clone(),
+            shards: Some(self.shards as usize),
+            config: self.config_path.clone(),
+            extra_args: self.extra_args.clone(),
+            exec_prefix: self.exec_prefix.clone(),
+            log: self.log_path.clone(),
+            rust_log: std::env::var("MULTIRAFT_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
         }
-        args.extend(self.extra_args.iter().cloned());
-        args
     }
 
-    /// Spawns the process (without waiting for it to be ready).
+    /// Spawns the process (without waiting for it to be ready). The kernel
+    /// kills it if the test process dies without running destructors
+    /// (abort, SIGKILL), so no stray servers outlive a test run.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "node {} is already running", self.id);
         self.starts += 1;
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("open node log");
-        let mut args = self.serve_args();
-        let program = match self.exec_prefix.split_first() {
-            None => BIN.to_string(),
-            Some((first, rest)) => {
-                args.splice(0..0, rest.iter().cloned().chain([BIN.to_string()]));
-                first.clone()
-            }
-        };
-        writeln!(
-            log,
-            "=== start #{}: {program} {}",
-            self.starts,
-            args.join(" ")
-        )
-        .unwrap();
-        let stderr = log.try_clone().expect("clone log fd");
-        let mut cmd = Command::new(&program);
-        cmd.args(&args)
-            .env(
-                "RUST_LOG",
-                std::env::var("MULTIRAFT_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(stderr);
-        // SAFETY: the closure runs in the forked child before exec and only
-        // calls prctl, which is async-signal-safe. It makes the kernel kill the
-        // node if the test process dies without running destructors (abort,
-        // SIGKILL), so no stray servers outlive a test run.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {program} (multiraft serve): {e}"));
+        let child = self
+            .serve()
+            .spawn(self.starts)
+            .unwrap_or_else(|e| panic!("{e}"));
         self.child = Some(child);
         *self.channel.lock().unwrap() = None;
     }
@@ -318,35 +278,40 @@ impl Node {
     /// Waits until the node answers `Admin/Status`; panics (with its log
     /// tail) if the process exits first.
     pub async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let id = self.id;
+        let child = self
+            .child
+            .as_mut()
+            .unwrap_or_else(|| panic!("node {id} is not running"));
         let endpoint = endpoint(self.api_addr);
-        loop {
-            if let Some(status) = self.try_exit() {
+        let cache = &self.channel;
+        let answers_status = async || {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e:?}"))?;
+            AdminClient::new(channel.clone())
+                .status(req(StatusRequest {}, Duration::from_secs(2)))
+                .await
+                .map_err(|s| format!("Status: {:?} {}", s.code(), s.message()))?;
+            *cache.lock().unwrap() = Some(channel);
+            Ok(())
+        };
+        match launch::wait_ready(child, READY_TIMEOUT, answers_status).await {
+            Ok(()) => {}
+            Err(NotReady::Exited(status)) => {
+                self.child = None;
+                *self.channel.lock().unwrap() = None;
                 panic!(
-                    "node {} exited with {status} before becoming ready; log tail:\n{}",
-                    self.id,
+                    "node {id} exited with {status} before becoming ready; log tail:\n{}",
                     self.log_tail(LOG_TAIL_LINES)
                 );
             }
-            if let Ok(channel) = endpoint.connect().await {
-                let mut admin = AdminClient::new(channel.clone());
-                if admin
-                    .status(req(StatusRequest {}, Duration::from_secs(2)))
-                    .await
-                    .is_ok()
-                {
-                    *self.channel.lock().unwrap() = Some(channel);
-                    return;
-                }
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "node {} did not answer Admin/Status within {READY_TIMEOUT:?}; log tail:\n{}",
-                    self.id,
-                    self.log_tail(LOG_TAIL_LINES)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(NotReady::TimedOut(last)) => panic!(
+                "node {id} did not answer Admin/Status within {READY_TIMEOUT:?} \
+                 (last: {last}); log tail:\n{}",
+                self.log_tail(LOG_TAIL_LINES)
+            ),
         }
     }
 
@@ -448,11 +413,8 @@ impl Node {
 
     /// The last `lines` lines of the node's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read(&self.log_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.log_path.display()));
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        launch::log_tail(&self.log_path, lines)
+            .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.log_path.display()))
     }
 
     pub fn log(&self) -> String {

@@ -119,16 +119,13 @@ pub(super) fn value_header(v: &[u8]) -> Option<(u32, u32, u64)> {
     Some((nonce, worker, seq))
 }
 
+/// `n` connections, round-robin over `addrs`. A failure names its address
+/// (every [`Client::connect`] error does).
 pub(super) async fn connect_all(addrs: &[String], n: usize) -> Result<Vec<Client>, String> {
-    let calls = (0..n).map(|i| {
-        let addr = addrs[i % addrs.len()].clone();
-        async move {
-            Client::connect(&addr)
-                .await
-                .map_err(|e| format!("connect {addr}: {e}"))
-        }
-    });
-    futures::future::try_join_all(calls).await
+    let calls = (0..n).map(|i| Client::connect(&addrs[i % addrs.len()]));
+    futures::future::try_join_all(calls)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 pub(super) async fn load_and_verify(

@@ -94,8 +94,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub in_flight: usize,
     /// How long to run, e.g. "10s", "500ms", "2m".
-    #[arg(long, default_value = "10s")]
-    pub duration: String,
+    #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
+    pub duration: Duration,
     /// Total requests to send; overrides --duration.
     #[arg(long)]
     pub requests: Option<u64>,
@@ -231,7 +231,7 @@ impl TryFrom<&BenchArgs> for BenchOpts {
             exe: None,
             connections: a.connections,
             in_flight: a.in_flight,
-            duration: parse_duration(&a.duration)?,
+            duration: a.duration,
             requests: a.requests,
             value_size: a.value_size,
             keys: a.keys,
@@ -242,28 +242,6 @@ impl TryFrom<&BenchArgs> for BenchOpts {
             progress: !a.json,
         })
     }
-}
-
-/// Parses "10s", "1.5s", "500ms", "2m", "1h".
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let bad = || format!("{s:?} is not a duration like \"10s\", \"500ms\" or \"2m\"");
-    let (num, unit) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        return Err(bad());
-    };
-    let v: f64 = num.trim().parse().map_err(|_| bad())?;
-    if !v.is_finite() || v <= 0.0 {
-        return Err(format!("{s:?} must be a positive duration"));
-    }
-    Ok(Duration::from_secs_f64(v * unit))
 }
 
 /// Latency percentiles of the successful calls, in microseconds.
@@ -554,17 +532,6 @@ use load::*;
 mod tests {
     use super::verify::*;
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("xs").is_err());
-    }
 
     #[test]
     fn values_are_unique_and_decodable() {
