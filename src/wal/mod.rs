@@ -29,6 +29,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 
+use futures::{StreamExt, TryStreamExt};
 use glommio::io::DmaFile;
 use glommio::Task;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -42,6 +43,13 @@ mod record;
 mod recovery;
 mod segment;
 mod snapshot;
+
+/// Snapshot files written or read at once.
+const SNAPSHOT_IO_IN_FLIGHT: usize = 32;
+
+/// Snapshots up to this size (encoded) are kept inside the log (see
+/// `record.rs`): a new replica's starting snapshot is well below it.
+const INLINE_SNAPSHOT_MAX: usize = 256;
 #[cfg(test)]
 mod tests;
 
@@ -186,13 +194,26 @@ impl Wal {
         io::probe_device(&snap_dir).await;
 
         let replayed = recovery::replay(&wal_dir).await?;
+        // Snapshot files are read several at a time: a shard with thousands
+        // of partitions has as many files, and one at a time leaves the
+        // disk idle between them.
+        let snaps: Vec<Option<Snapshot>> = futures::stream::iter(replayed.groups.values())
+            .map(|g| {
+                let snap_dir = &snap_dir;
+                async move {
+                    match &g.meta.snapshot {
+                        Some(r) if r.inline.is_some() => snapshot::read_inline(r).map(Some),
+                        Some(r) => snapshot::read(snap_dir, r).await.map(Some),
+                        None => Ok(None),
+                    }
+                }
+            })
+            .buffered(SNAPSHOT_IO_IN_FLIGHT)
+            .try_collect()
+            .await?;
         let mut groups = BTreeMap::new();
         let mut recovered = Recovered::default();
-        for (id, g) in replayed.groups {
-            let snap = match &g.meta.snapshot {
-                Some(r) => Some(snapshot::read(&snap_dir, r).await?),
-                None => None,
-            };
+        for ((id, g), snap) in replayed.groups.into_iter().zip(snaps) {
             // Replay refused logs that do not continue their floor.
             let entries: Vec<Entry> = g.entries.into();
             recovered.groups.insert(
@@ -311,14 +332,29 @@ impl Wal {
     /// history the snapshot replaced and recovery drops them too.
     pub fn save_snapshot(&mut self, group: u64, snap: &Snapshot) {
         self.snapshot_serial += 1;
-        let (r, content) = snapshot::encode(group, self.snapshot_serial, snap);
-        self.snapshot_files.push((r.name.clone(), content));
+        let (mut r, content) = snapshot::encode(group, self.snapshot_serial, snap);
+        if content.len() <= INLINE_SNAPSHOT_MAX {
+            // Inside the log record: durable with it, no file (and every
+            // segment's checkpoint repeats it, hence the small bound).
+            r.name.clear();
+            r.inline = Some(content);
+        } else {
+            self.snapshot_files.push((r.name.clone(), content));
+        }
         self.push(|buf| record::put_snapshot_meta(buf, group, &r));
         let meta = self.groups.entry(group).or_default();
-        if let Some(old) = meta.snapshot.take() {
+        let old = meta.snapshot.take();
+        meta.on_snapshot(r);
+        if let Some(old) = old {
+            self.doom(old);
+        }
+    }
+
+    /// A replaced snapshot's file (if it has one) goes after the next sync.
+    fn doom(&mut self, old: record::SnapshotRef) {
+        if old.inline.is_none() {
             self.doomed_snapshots.push(old.name);
         }
-        meta.on_snapshot(r);
     }
 
     /// Entries of `group` up to `index` are no longer needed. The caller
@@ -335,7 +371,7 @@ impl Wal {
         self.push(|buf| record::put_remove_group(buf, group));
         if let Some(meta) = self.groups.remove(&group) {
             if let Some(s) = meta.snapshot {
-                self.doomed_snapshots.push(s.name);
+                self.doom(s);
             }
         }
     }
@@ -402,9 +438,24 @@ impl Wal {
         if self.snapshot_files.is_empty() {
             return Ok(());
         }
-        while let Some((name, content)) = self.snapshot_files.first() {
-            snapshot::write(&self.snap_dir, name, content).await?;
-            self.snapshot_files.remove(0);
+        // Several at a time (Bootstrap buffers one per partition). Those
+        // that fail stay queued, in order, for the next try.
+        let files = std::mem::take(&mut self.snapshot_files);
+        let dir = &self.snap_dir;
+        let results: Vec<Result<(), WalError>> = futures::stream::iter(files.iter())
+            .map(|(name, content)| snapshot::write(dir, name, content))
+            .buffered(SNAPSHOT_IO_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut first_err = None;
+        for (file, res) in files.into_iter().zip(results) {
+            if let Err(e) = res {
+                first_err.get_or_insert(e);
+                self.snapshot_files.push(file);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
         }
         io::sync_dir(&self.snap_dir).await?;
         if failpoints::is_on("wal::sync::crash_after_snapshot_files") {
@@ -584,6 +635,7 @@ async fn clean_snapshots(
     let live: std::collections::HashSet<&str> = groups
         .values()
         .filter_map(|m| m.snapshot.as_ref().map(|s| s.name.as_str()))
+        .filter(|name| !name.is_empty())
         .collect();
     let mut serial = 0;
     for (name, path) in io::list_dir(snap_dir)? {

@@ -371,6 +371,10 @@ fn apply(
             let s = record::parse_snapshot_meta(rec.payload)?;
             groups.entry(g).or_default().snapshot(s);
         }
+        Kind::SnapshotInline => {
+            let s = record::parse_snapshot_inline(rec.payload)?;
+            groups.entry(g).or_default().snapshot(s);
+        }
         Kind::Compact => {
             let index = record::parse_compact(rec.payload)?;
             groups.entry(g).or_default().compact(index);
@@ -403,6 +407,7 @@ mod tests {
             data_len: 0,
             file_crc: 0,
             name: "s".into(),
+            inline: None,
         }
     }
 

@@ -77,6 +77,7 @@ pub(crate) fn encode(group: u64, serial: u64, snap: &Snapshot) -> (SnapshotRef, 
         data_len: data.len() as u64,
         file_crc: crc,
         name,
+        inline: None,
     };
     (r, content)
 }
@@ -129,6 +130,16 @@ pub(crate) async fn read(dir: &Path, r: &SnapshotRef) -> Result<Snapshot, WalErr
     let _ = file.close().await;
     decode(&content?, r).map_err(|(offset, reason)| WalError::Corruption {
         path,
+        offset,
+        reason,
+    })
+}
+
+/// Verifies and decodes an inline snapshot (its content is in the log).
+pub(crate) fn read_inline(r: &SnapshotRef) -> Result<Snapshot, WalError> {
+    let content = r.inline.as_deref().unwrap_or_default();
+    decode(content, r).map_err(|(offset, reason)| WalError::Corruption {
+        path: std::path::PathBuf::from(format!("(inline snapshot at index {})", r.index)),
         offset,
         reason,
     })

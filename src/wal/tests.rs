@@ -59,6 +59,14 @@ fn snapshot(index: u64, term: u64, data: &[u8]) -> Snapshot {
     s
 }
 
+/// Snapshot data too big to be kept inside the log (a file of its own):
+/// `label` padded to 1 KiB.
+fn file_data(label: &[u8]) -> Vec<u8> {
+    let mut d = label.to_vec();
+    d.resize(1024, b'.');
+    d
+}
+
 /// Appends entries `range` of group 1 (3000 bytes each, term 1) with one
 /// sync per entry: enough to fill several small segments.
 async fn append_synced(wal: &mut Wal, range: std::ops::RangeInclusive<u64>) {
@@ -503,10 +511,10 @@ fn snapshots_replace_old_files_and_remove_group_forgets() {
         {
             let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
             wal.append_entries(1, &entries(1, 5, 1, 8));
-            wal.save_snapshot(1, &snapshot(2, 1, b"two"));
+            wal.save_snapshot(1, &snapshot(2, 1, &file_data(b"two")));
             wal.sync().await.unwrap();
             assert_eq!(snap_files(&d).len(), 1);
-            wal.save_snapshot(1, &snapshot(4, 1, b"four"));
+            wal.save_snapshot(1, &snapshot(4, 1, &file_data(b"four")));
             // The new file is written by the sync, before its record; the
             // old one goes once that record is durable.
             assert_eq!(snap_files(&d).len(), 1);
@@ -514,7 +522,7 @@ fn snapshots_replace_old_files_and_remove_group_forgets() {
             assert_eq!(snap_files(&d).len(), 1);
 
             wal.append_entries(2, &entries(1, 1, 1, 8));
-            wal.save_snapshot(2, &snapshot(1, 1, b"g2"));
+            wal.save_snapshot(2, &snapshot(1, 1, &file_data(b"g2")));
             wal.sync().await.unwrap();
             assert_eq!(snap_files(&d).len(), 2);
             wal.remove_group(2);
@@ -530,7 +538,7 @@ fn snapshots_replace_old_files_and_remove_group_forgets() {
         let (_wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
         assert!(!rec.groups.contains_key(&2));
         let g1 = &rec.groups[&1];
-        assert_eq!(g1.snapshot.as_ref().unwrap().get_data(), b"four");
+        assert_eq!(g1.snapshot.as_ref().unwrap().get_data(), file_data(b"four"));
         assert_eq!(indexes(g1), vec![5]);
         assert_eq!(snap_files(&d).len(), 1);
     });
@@ -722,12 +730,12 @@ fn crash_between_snapshot_file_and_its_metadata() {
     run(move || async move {
         {
             let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
-            wal.save_snapshot(1, &snapshot(5, 1, b"state@5"));
+            wal.save_snapshot(1, &snapshot(5, 1, &file_data(b"state@5")));
             for i in 6..=30 {
                 wal.append_entries(1, &entries(i, i, 1, 3000));
                 wal.sync().await.unwrap();
             }
-            wal.save_snapshot(1, &snapshot(25, 1, b"state@25"));
+            wal.save_snapshot(1, &snapshot(25, 1, &file_data(b"state@25")));
             wal.compact(1, 20);
             assert!(failpoints::set(
                 "wal::sync::crash_after_snapshot_files",
@@ -741,8 +749,64 @@ fn crash_between_snapshot_file_and_its_metadata() {
         }
         let (_wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
         let g = &rec.groups[&1];
-        assert_eq!(g.snapshot.as_ref().unwrap().get_data(), b"state@5");
+        assert_eq!(
+            g.snapshot.as_ref().unwrap().get_data(),
+            file_data(b"state@5")
+        );
         assert_eq!(indexes(g), (6..=30).collect::<Vec<_>>());
         assert_eq!(snap_files(&d).len(), 1, "the unreferenced file is removed");
+    });
+}
+
+/// A small snapshot (a new replica's first) lives inside the log: no file,
+/// and it survives a restart, a segment roll with purge (the checkpoint
+/// repeats it), replacement by a file snapshot and group removal.
+#[test]
+fn small_snapshots_live_inside_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(move || async move {
+        {
+            let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
+            for g in 1..=100 {
+                wal.set_conf_state(g, &conf_state(&[1, 2, 3]));
+                wal.save_snapshot(g, &snapshot(5, 5, b""));
+            }
+            wal.sync().await.unwrap();
+            assert_eq!(snap_files(&d), Vec::<String>::new(), "no file per snapshot");
+            assert_eq!(wal.stats().syncs, 1);
+        }
+        {
+            let (mut wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
+            assert_eq!(rec.groups.len(), 100);
+            for g in rec.groups.values() {
+                assert_eq!(g.snapshot.as_ref().unwrap(), &snapshot(5, 5, b""));
+            }
+            // Fill several segments with group 1's log, then purge: the
+            // segment that held the inline records goes, the checkpoints
+            // carry them on.
+            for i in 6..=60 {
+                wal.append_entries(1, &entries(i, i, 5, 3000));
+                wal.sync().await.unwrap();
+            }
+            wal.save_snapshot(1, &snapshot(60, 5, &file_data(b"state@60")));
+            wal.compact(1, 60);
+            wal.remove_group(100);
+            wal.sync().await.unwrap();
+            wal.purge().await.unwrap();
+            assert!(wal.stats().segments_purged > 0);
+            assert_eq!(snap_files(&d).len(), 1, "only group 1's big snapshot");
+        }
+        let (_wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
+        assert_eq!(rec.groups.len(), 99);
+        assert_eq!(
+            rec.groups[&1].snapshot.as_ref().unwrap().get_data(),
+            file_data(b"state@60")
+        );
+        assert_eq!(
+            rec.groups[&2].snapshot.as_ref().unwrap(),
+            &snapshot(5, 5, b"")
+        );
+        assert_eq!(rec.groups[&99].conf_state, conf_state(&[1, 2, 3]));
     });
 }
