@@ -368,10 +368,18 @@ pub struct Shard {
     /// message or request since the last turn, or still had work after
     /// it. A turn costs what happened, not how many groups are hosted.
     ready: std::collections::BTreeSet<u32>,
+    /// Groups that may be awake (not quiescent): the ones a tick visits.
+    /// Every path that can wake a group adds it; a tick drops those that
+    /// went quiet.
+    awake: std::collections::BTreeSet<u32>,
+    /// Whether some peer node was silent at the last tick.
+    any_silent: bool,
 }
 
 /// Ticks between leader-balancing rounds (3 s at the default 100 ms).
 const BALANCE_TICKS: u64 = 30;
+/// Most leaderships one shard hands over in a round.
+const BALANCE_STEP: usize = 64;
 
 /// A shard's own label children of the metrics it counts as events.
 pub(crate) struct ShardMetrics {
@@ -429,6 +437,8 @@ impl Shard {
             events: Default::default(),
             ticks: 0,
             ready: Default::default(),
+            awake: Default::default(),
+            any_silent: false,
         }
     }
 
@@ -467,6 +477,7 @@ impl Shard {
             let g = Group::new(p, cfg.node_id, &cfg.raft, cfg.max_inflight_proposals, init)?;
             self.groups.insert(p, g);
             self.ready.insert(p);
+            self.awake.insert(p);
         }
         for p in removed {
             tracing::info!(
@@ -527,49 +538,84 @@ impl Shard {
         }
     }
 
-    /// One leader-balancing round: if this node leads at least two
-    /// partitions more (among this shard's) than some voter that is caught
-    /// up, it hands one of them to the voter leading the fewest. One
-    /// transfer a round per shard, so leadership moves in small steps, and
-    /// only from the node with more to the node with fewer, so it settles
-    /// (every node sees about the same counts: each hosts the partitions it
-    /// counts). After Bootstrap the first elections pile leaders up; after
-    /// a node returns it leads nothing; both even out this way.
+    /// One leader-balancing round. Every node counts, among this shard's
+    /// partitions, how many each voter leads (every node sees about the
+    /// same counts: each hosts the partitions it counts). A node leading
+    /// more than its share hands leaderships to voters below theirs, each
+    /// to one that is caught up, in steps: at most [`BALANCE_STEP`] a round
+    /// per shard, and each node above its share fills only its part of a
+    /// voter's deficit, so that the givers together do not overshoot. A
+    /// transfer needs a difference of two, so the counts settle. After
+    /// Bootstrap the first elections pile leaders up; after a node returns
+    /// it leads nothing; both even out this way.
     fn balance_leaders(&mut self) {
         let me = self.node.node_id();
         let mut leads: HashMap<u64, usize> = HashMap::new();
+        let mut led: usize = 0;
         for g in self.groups.values() {
             for v in g.voters() {
                 leads.entry(v).or_insert(0);
             }
             if g.leader() != raft::INVALID_ID {
                 *leads.entry(g.leader()).or_insert(0) += 1;
+                led += 1;
             }
         }
-        let mine = leads.get(&me).copied().unwrap_or(0);
-        if mine < 2 {
+        if leads.is_empty() {
             return;
         }
+        let share = led.div_ceil(leads.len());
+        let mut mine = leads.get(&me).copied().unwrap_or(0);
+        if mine <= share {
+            return;
+        }
+        let givers = leads.values().filter(|n| **n > share).count().max(1);
+        // What this node may give each voter this round.
+        let mut room: HashMap<u64, usize> = leads
+            .iter()
+            .filter(|(_, n)| **n < share)
+            .map(|(v, n)| (*v, (share - n).div_ceil(givers)))
+            .collect();
+        let mut moved = 0;
         for (p, g) in self.groups.iter_mut() {
+            if moved == BALANCE_STEP || mine <= share {
+                break;
+            }
             let target = g
                 .transfer_targets()
                 .into_iter()
+                .filter(|v| room.get(v).is_some_and(|r| *r > 0))
                 .min_by_key(|v| (leads.get(v).copied().unwrap_or(0), *v));
-            if let Some(to) = target {
-                let theirs = leads.get(&to).copied().unwrap_or(0);
-                if mine >= theirs + 2 {
-                    tracing::info!(
-                        partition = *p,
-                        to,
-                        leads_here = mine,
-                        leads_there = theirs,
-                        "balancing leaders: handing leadership over"
-                    );
-                    g.transfer_leader(to);
-                    self.ready.insert(*p);
-                    return;
-                }
+            let Some(to) = target else { continue };
+            let theirs = leads.get(&to).copied().unwrap_or(0);
+            if mine < theirs + 2 {
+                continue;
             }
+            tracing::debug!(
+                partition = *p,
+                to,
+                leads_here = mine,
+                leads_there = theirs,
+                "balancing leaders: handing leadership over"
+            );
+            g.transfer_leader(to);
+            self.ready.insert(*p);
+            self.awake.insert(*p);
+            mine -= 1;
+            *leads.entry(to).or_insert(0) += 1;
+            if let Some(r) = room.get_mut(&to) {
+                *r -= 1;
+            }
+            moved += 1;
+        }
+        if moved > 0 {
+            tracing::info!(
+                shard = self.index,
+                moved,
+                leads_here = mine,
+                share,
+                "balancing leaders: handed leaderships over"
+            );
         }
     }
 
@@ -651,6 +697,7 @@ impl Shard {
             Ok(g) => {
                 self.groups.insert(partition, g);
                 self.ready.insert(partition);
+                self.awake.insert(partition);
                 tracing::info!(partition, shard = self.index, "replica created");
                 self.events.publish(crate::node::events::event(
                     crate::proto::admin::cluster_event::Type::PartitionAdded,
@@ -683,12 +730,22 @@ impl Shard {
 
     /// Serves one message of the inbox; false on Stop.
     fn handle(&mut self, msg: ShardMsg) -> bool {
-        let not_hosted = |p: u32| Status::not_found(format!("partition {p} is not hosted here"));
-        if let Some(p) = msg.partition() {
-            if self.groups.contains_key(&p) {
+        let touched = msg.partition();
+        let go_on = self.serve(msg);
+        if let Some(p) = touched {
+            if let Some(g) = self.groups.get(&p) {
                 self.ready.insert(p);
+                if !g.is_quiescent() {
+                    self.awake.insert(p);
+                }
             }
         }
+        go_on
+    }
+
+    /// [`Shard::handle`] without the bookkeeping of which groups have work.
+    fn serve(&mut self, msg: ShardMsg) -> bool {
+        let not_hosted = |p: u32| Status::not_found(format!("partition {p} is not hosted here"));
         match msg {
             ShardMsg::Raft {
                 partition,
@@ -851,31 +908,48 @@ impl Shard {
             .node
             .alive_within(self.node.config.raft.election_timeout);
         let alive = |n: u64| n == me || heard.contains(&n);
-        use crate::proto::admin::cluster_event::Type;
-        for (p, g) in self.groups.iter_mut() {
-            if g.is_quiescent() {
+        // Quiescent followers of a silent node wake. Scanned when a node is
+        // silent (a dead node's followers are woken the first tick; those
+        // that quiesce again under a live leader are not), not every tick.
+        let silent = self.links.nodes().into_iter().any(|n| !alive(n));
+        if silent && (!self.any_silent || self.ticks.is_multiple_of(10)) {
+            for (p, g) in self.groups.iter_mut() {
                 let leader = g.leader();
-                if leader == me || alive(leader) {
-                    continue;
-                }
-                tracing::debug!(
-                    partition = *p,
-                    leader,
-                    "no ping from the leader's node for an election timeout: waking"
-                );
-                g.wake();
-            }
-            g.tick(&alive);
-            self.ready.insert(*p);
-            if let Some((leader, term)) = g.take_new_leader() {
-                if self.events.watched() {
-                    let mut e = crate::node::events::event(Type::LeaderChanged, *p);
-                    e.node_id = leader;
-                    e.term = term;
-                    self.events.publish(e);
+                if g.is_quiescent() && leader != me && !alive(leader) {
+                    tracing::debug!(
+                        partition = *p,
+                        leader,
+                        "no ping from the leader's node for an election timeout: waking"
+                    );
+                    g.wake();
+                    self.awake.insert(*p);
                 }
             }
         }
+        self.any_silent = silent;
+        use crate::proto::admin::cluster_event::Type;
+        let groups = &mut self.groups;
+        let ready = &mut self.ready;
+        let events = &mut self.events;
+        self.awake.retain(|p| {
+            let Some(g) = groups.get_mut(p) else {
+                return false;
+            };
+            if g.is_quiescent() {
+                return false;
+            }
+            g.tick(&alive);
+            ready.insert(*p);
+            if let Some((leader, term)) = g.take_new_leader() {
+                if events.watched() {
+                    let mut e = crate::node::events::event(Type::LeaderChanged, *p);
+                    e.node_id = leader;
+                    e.term = term;
+                    events.publish(e);
+                }
+            }
+            true
+        });
     }
 
     /// The shard loop. Each turn:

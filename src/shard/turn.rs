@@ -83,7 +83,9 @@ impl Shard {
                 continue;
             }
             let mut rd = g.raw().ready();
-            send_all(&out_ctx, *id, rd.take_messages(), &mut out);
+            let mut msgs = rd.take_messages();
+            g.prune_heartbeats(&mut msgs);
+            send_all(&out_ctx, *id, msgs, &mut out);
             // After the Ready's own heartbeats, so a follower sees the
             // leader's plain heartbeat before its quiesce heartbeat.
             send_all(&out_ctx, *id, g.take_quiet_messages(), &mut out);
@@ -155,7 +157,9 @@ impl Shard {
                 self.wal
                     .set_hard_state(id as u64, &g.storage().hard_state());
             }
-            send_all(out_ctx, id, light.take_messages(), out);
+            let mut msgs = light.take_messages();
+            g.prune_heartbeats(&mut msgs);
+            send_all(out_ctx, id, msgs, out);
             if let Some(cs) = g.apply(light.take_committed_entries(), out) {
                 self.wal.set_conf_state(id as u64, &cs);
                 self.wal_dirty = true;

@@ -54,6 +54,8 @@ pub(super) struct Quiet {
     agreed_term: u64,
     /// Quiesce heartbeats to send this turn.
     outgoing: Vec<Message>,
+    /// Followers sent an append since the last batch of heartbeats.
+    appended: Vec<u64>,
 }
 
 impl Group {
@@ -76,6 +78,39 @@ impl Group {
     /// group's Ready messages).
     pub fn take_quiet_messages(&mut self) -> Vec<Message> {
         std::mem::take(&mut self.quiet.outgoing)
+    }
+
+    /// Drops the plain heartbeats of `msgs` to followers that were sent an
+    /// append since the last heartbeats (in this batch or before): the
+    /// append already reset their election timer, carried the commit index,
+    /// and its answer tells the leader they are alive. A busy group then
+    /// sends about one message per follower per write instead of that plus
+    /// a heartbeat and its answer every tick. Heartbeats with a context
+    /// (ReadIndex rounds, quiesce) always go. If an append is lost, the
+    /// next tick's heartbeat goes (no append was sent since), and its
+    /// answer resumes a paused follower as before.
+    pub fn prune_heartbeats(&mut self, msgs: &mut Vec<Message>) {
+        let mut heartbeats = false;
+        for m in msgs.iter() {
+            match m.get_msg_type() {
+                MessageType::MsgAppend if !self.quiet.appended.contains(&m.to) => {
+                    self.quiet.appended.push(m.to)
+                }
+                MessageType::MsgHeartbeat => heartbeats = true,
+                _ => {}
+            }
+        }
+        if !heartbeats {
+            return;
+        }
+        let appended = std::mem::take(&mut self.quiet.appended);
+        if !appended.is_empty() {
+            msgs.retain(|m| {
+                m.get_msg_type() != MessageType::MsgHeartbeat
+                    || !m.context.is_empty()
+                    || !appended.contains(&m.to)
+            });
+        }
     }
 
     /// Work queued for the next turn (writes or reads to propose, quiesce
