@@ -89,24 +89,28 @@ impl Api {
             }
         }
         // Done when every hosted partition has elected a leader. Each poll
-        // asks every shard about its own partitions only: linear in the
-        // layout (a full Status per poll was quadratic, and slow at
-        // thousands of partitions).
-        let ids: std::sync::Arc<Vec<u32>> =
-            std::sync::Arc::new(hosted.iter().map(|(p, _)| *p).collect());
+        // asks every shard about the partitions still without one: the
+        // work shrinks as elections finish (the whole layout every poll
+        // was quadratic at thousands of partitions).
+        let lacking = std::cell::RefCell::new(std::sync::Arc::new(
+            hosted.iter().map(|(p, _)| *p).collect::<Vec<u32>>(),
+        ));
         self.wait_for(
             deadline,
             "every hosted partition to elect a leader",
             || async {
-                let ids = ids.clone();
-                let lacking = self
+                let ids = lacking.borrow().clone();
+                let still = self
                     .node
                     .request_all(|reply| ShardMsg::WithoutLeader {
                         partitions: ids.clone(),
                         reply,
                     })
-                    .await?;
-                Ok(lacking.iter().all(|n| *n == 0))
+                    .await?
+                    .concat();
+                let done = still.is_empty();
+                *lacking.borrow_mut() = std::sync::Arc::new(still);
+                Ok(done)
             },
         )
         .await?;

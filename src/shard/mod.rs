@@ -140,11 +140,11 @@ pub enum ShardMsg {
     Status {
         reply: Reply<(Vec<PartitionStatus>, crate::proto::admin::ShardStatus)>,
     },
-    /// How many of `partitions` that this shard owns have no replica or
-    /// know no leader (the Bootstrap wait).
+    /// Those of `partitions` that this shard owns and that have no
+    /// replica or know no leader (the Bootstrap wait).
     WithoutLeader {
         partitions: Arc<Vec<u32>>,
-        reply: Reply<usize>,
+        reply: Reply<Vec<u32>>,
     },
     /// Hosted partitions that know no leader (`/ready`).
     Leaderless { reply: Reply<Vec<u32>> },
@@ -629,18 +629,19 @@ impl Shard {
             .collect()
     }
 
-    /// How many of `partitions` that this shard owns have no replica here
-    /// yet or know no leader.
-    fn without_leader(&self, partitions: &[u32]) -> usize {
+    /// Those of `partitions` that this shard owns and that have no replica
+    /// here yet or know no leader.
+    fn without_leader(&self, partitions: &[u32]) -> Vec<u32> {
         partitions
             .iter()
-            .filter(|p| self.node.shard_of(**p) == self.index)
+            .copied()
+            .filter(|p| self.node.shard_of(*p) == self.index)
             .filter(|p| {
                 self.groups
                     .get(p)
                     .is_none_or(|g| g.leader() == raft::INVALID_ID)
             })
-            .count()
+            .collect()
     }
 
     /// Hosted partitions that know no leader (for `/ready`).
