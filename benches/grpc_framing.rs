@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use bytes::Bytes;
-use multiraft::grpc::codec::{encode, UnaryDecoder};
+use multiraft::internals::{encode, UnaryDecoder};
 
 fn round_trip(msg: &Bytes) -> usize {
     let pieces = encode(msg.clone()).expect("message fits the length field");

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use multiraft::config::RaftConfig;
-use multiraft::kv::command::{Command, Op, SessionId, WriteId};
-use multiraft::raft::{Group, GroupInit, Outbox};
+use multiraft::internals::{Command, Op, SessionId, WriteId};
+use multiraft::internals::{Group, GroupInit, Outbox};
 
 fn main() {
     for batch in [1usize, 16, 256] {

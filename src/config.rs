@@ -158,7 +158,7 @@ pub struct NodeConfig {
     /// TLS on the API port (default: none, h2c).
     pub api_tls: Option<crate::tls::ApiTls>,
     /// Client connections and the bytes their calls hold, per shard
-    /// (defaults in [`crate::grpc::ServerConfig`]).
+    /// (defaults in `grpc::ServerConfig`).
     pub api_limits: crate::grpc::Limits,
 }
 

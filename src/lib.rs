@@ -7,32 +7,63 @@
 //!
 //! # Layout
 //!
+//! Public (the binary, the tests and the benches use them):
+//! - [`cli`]: operator commands, the data CLI, the local-cluster launcher
+//!   (`cli::launch`, shared with the tests) and `bench`.
 //! - [`config`]: node and raft settings, each default documented.
-//! - [`grpc`]: gRPC over HTTP/2 by hand on `h2`: framing, server, client.
-//! - [`node`]: start-up, node metadata, the Node/Admin services and the
-//!   per-shard request router ([`node::api`]).
-//! - [`shard`]: the per-core loop that owns partitions and drives raft.
-//! - [`raft`]: one raft group per partition and its `raft::Storage`.
-//! - [`wal`]: the per-shard write-ahead log (segments, recovery, purge).
-//! - [`transport`]: peer links between nodes (raft messages, forwarded calls).
-//! - [`tls`]: mutual TLS between nodes, optional TLS on the API port.
-//! - [`kv`]: the replicated key-value state machine (with its session
-//!   table: every write applied at most once), its service, forwarding.
 //! - [`proto`]: generated protobuf messages.
-//! - [`metrics`]: Prometheus series and the `/metrics` endpoint.
-//! - [`cli`]: operator commands, the local-cluster launcher and `bench`.
+//! - [`internals`]: the few internal parts the benches measure on their
+//!   own and the tests use to speak TLS to a raft port.
+//!
+//! Internal:
+//! - `node`: start-up, node metadata, the Node/Admin services, health,
+//!   reflection, cluster events and the per-shard request router
+//!   (`node::api`).
+//! - `shard`: the per-core loop that owns partitions and drives raft; its
+//!   typed requests (`ShardMsg`), the ready cycle (`shard::turn`) and
+//!   snapshot transfer.
+//! - `raft`: one raft group per partition, its quiescence
+//!   (`raft::group::quiet`) and its `raft::Storage`.
+//! - `kv`: the replicated key-value state machine (with its session
+//!   table: every write applied at most once), its service, forwarding and
+//!   watches.
+//! - `wal`: the per-shard write-ahead log (segments, recovery, purge,
+//!   snapshot files).
+//! - `transport`: peer links between nodes (raft messages, pings, forwarded
+//!   calls).
+//! - `tls`: mutual TLS between nodes, optional TLS on the API port.
+//! - `grpc`: gRPC over HTTP/2 by hand on `h2`: framing, server, client,
+//!   streaming, limits.
+//! - `metrics`: Prometheus series and the `/metrics` endpoint.
+//! - `net`: socket helpers shared by the gRPC frontend and the transport.
+//! - `shutdown`: the stop signal every task of a shard can wait on.
 
 pub mod cli;
 pub mod config;
-pub mod grpc;
-pub mod kv;
-pub mod metrics;
-pub mod net;
-pub mod node;
+mod grpc;
+mod kv;
+mod metrics;
+mod net;
+mod node;
 pub mod proto;
-pub mod raft;
-pub mod shard;
-pub mod shutdown;
-pub mod tls;
-pub mod transport;
-pub mod wal;
+mod raft;
+mod shard;
+mod shutdown;
+mod tls;
+mod transport;
+mod wal;
+
+// What the binary, the benches and the tests use; everything else is
+// internal.
+pub use grpc::Status;
+pub use metrics::serve as serve_metrics;
+pub use node::{memlock_hint, Node};
+
+/// Parts that `benches/` measure on their own and that the tests use to
+/// speak TLS to a node's raft port.
+pub mod internals {
+    pub use crate::grpc::codec::{encode, UnaryDecoder};
+    pub use crate::kv::command::{Command, Op, SessionId, WriteId};
+    pub use crate::raft::{Group, GroupInit, Outbox};
+    pub use crate::tls::{api_client, node_name};
+}

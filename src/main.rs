@@ -65,7 +65,7 @@ fn value_of(text: Option<String>, file: Option<String>) -> Result<bytes::Bytes> 
 
 /// Runs a data command and exits 1 when its outcome is not a success.
 fn data(
-    f: impl std::future::Future<Output = Result<cli::data::Outcome, multiraft::grpc::Status>>,
+    f: impl std::future::Future<Output = Result<cli::data::Outcome, multiraft::Status>>,
 ) -> Result<()> {
     let outcome = client_runtime()?.block_on(f)?;
     cli::data::print(&outcome)?;
@@ -473,7 +473,7 @@ fn serve(
         // glommio panics when io_uring cannot lock its rings, blaming the
         // kernel's age; the usual cause is the memlock limit.
         let msg = if msg.contains("register a probe") {
-            format!("{msg}{}", multiraft::node::memlock_hint())
+            format!("{msg}{}", multiraft::memlock_hint())
         } else {
             msg
         };
@@ -493,7 +493,7 @@ fn serve(
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
     ])?;
-    let mut node = multiraft::node::Node::start(cfg.clone()).map_err(|e| anyhow!(e))?;
+    let mut node = multiraft::Node::start(cfg.clone()).map_err(|e| anyhow!(e))?;
     tracing::info!(
         node_id,
         api = %cfg.api_addr,
@@ -504,7 +504,7 @@ fn serve(
     );
     let metrics = match metrics_addr {
         Some(addr) => {
-            let endpoint = multiraft::metrics::serve(addr, node.metrics_source());
+            let endpoint = multiraft::serve_metrics(addr, node.metrics_source());
             let endpoint = match endpoint {
                 Ok(e) => e,
                 Err(e) => {

@@ -20,7 +20,7 @@ mod tests;
 pub use client::Client;
 pub use limits::Limits;
 pub use status::{Code, Status};
-pub use stream::{Incoming, Outgoing, StreamCall};
+pub use stream::StreamCall;
 
 use std::rc::Rc;
 use std::time::Instant;

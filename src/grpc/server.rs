@@ -424,7 +424,6 @@ async fn serve_streaming(
     let shared = Rc::new(std::cell::RefCell::new(Some(stream)));
     let mut work = handler.stream(StreamCall {
         method: call.method.clone(),
-        deadline,
         client_verified: call.client_verified,
         incoming: Incoming::new(body, config.max_message_size),
         outgoing: Outgoing {

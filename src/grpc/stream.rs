@@ -7,7 +7,6 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -20,9 +19,6 @@ use super::{Code, Status};
 pub struct StreamCall {
     /// The `:path`, e.g. `/grpc.health.v1.Health/Watch`.
     pub method: String,
-    /// From `grpc-timeout`, if the client sent one (the frontend ends the
-    /// call then in any case).
-    pub deadline: Option<Instant>,
     /// See [`super::Request::client_verified`].
     pub client_verified: bool,
     pub incoming: Incoming,

@@ -62,15 +62,18 @@ impl KvStore {
         self.map.get(key)
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
 
     /// Sessions in the table.
+    #[cfg(test)]
     pub fn sessions(&self) -> usize {
         self.sessions.len()
     }

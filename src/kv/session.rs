@@ -140,13 +140,10 @@ impl Sessions {
         }
     }
 
-    /// Sessions in the table (for status and tests).
+    /// Sessions in the table (for tests).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.live.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
     }
 
     /// Appends the table to a snapshot.

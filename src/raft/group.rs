@@ -26,8 +26,6 @@ use super::storage::GroupStorage;
 mod inbound;
 mod quiet;
 
-pub use quiet::QUIESCE_CTX;
-
 /// Index (and term) of the snapshot every bootstrapped group starts from.
 ///
 /// Starting above zero means the log's first entry is never index 1, so a
@@ -153,7 +151,7 @@ pub struct GroupInit {
 
 impl GroupInit {
     /// The initial state of a bootstrapped replica: a snapshot at
-    /// [`INIT_INDEX`] holding the voters and an empty map.
+    /// `INIT_INDEX` holding the voters and an empty map.
     pub fn bootstrap(voters: Vec<u64>) -> GroupInit {
         let cs = ConfState {
             voters,

@@ -47,7 +47,9 @@ use prost::Message;
 use crate::proto::peer::Envelope;
 use crate::shutdown::Shutdown;
 
-pub use server::{serve_adopted, serve_handing_off, serve_with, Handoff, RecvStats};
+#[cfg(test)]
+pub use server::serve_with;
+pub use server::{serve_adopted, serve_handing_off, Handoff, RecvStats};
 
 /// Tunables of the peer transport. `Default` gives production values.
 #[derive(Clone, Debug)]
@@ -100,6 +102,7 @@ impl Default for TransportConfig {
 pub struct Counter(Cell<u64>);
 
 impl Counter {
+    #[cfg(test)]
     pub fn get(&self) -> u64 {
         self.0.get()
     }
@@ -184,6 +187,7 @@ pub struct PeerLinks {
 
 impl PeerLinks {
     /// `node_id` is this node (sent in the Hello of every connection).
+    #[cfg(test)]
     pub fn new(node_id: u64, shutdown: Shutdown) -> Rc<PeerLinks> {
         PeerLinks::with_config(node_id, shutdown, TransportConfig::default())
     }
@@ -208,6 +212,7 @@ impl PeerLinks {
     }
 
     /// Counters of this shard's outgoing traffic.
+    #[cfg(test)]
     pub fn stats(&self) -> &SendStats {
         &self.shared.stats
     }
@@ -265,6 +270,7 @@ impl PeerLinks {
 
     /// Forgets `node`: its queued envelopes are dropped and its connection
     /// closed. Later sends to it are dropped until `set_address`.
+    #[cfg(test)]
     pub fn remove(&self, node: u64) {
         if let Some(link) = self.links.borrow_mut().remove(&node) {
             close_link(&link);
@@ -357,21 +363,4 @@ fn close_link(link: &Link) {
     link.pending.borrow_mut().clear();
     link.pending_msgs.set(0);
     link.wake_writer();
-}
-
-/// Serves incoming peer connections until `shutdown`; each envelope is
-/// passed to `sink(from_node, envelope)`.
-pub async fn serve(
-    listener: glommio::net::TcpListener,
-    sink: Rc<dyn Fn(u64, Envelope)>,
-    shutdown: Shutdown,
-) {
-    serve_with(
-        listener,
-        sink,
-        shutdown,
-        TransportConfig::default(),
-        Rc::new(RecvStats::default()),
-    )
-    .await
 }

@@ -43,7 +43,9 @@ pub struct RecvStats {
 /// when the connection was taken.
 pub type Handoff = Rc<dyn Fn(u64, u32, OwnedFd, Vec<u8>) -> bool>;
 
-/// [`super::serve`] with explicit tunables and counters.
+/// Serves incoming peer connections until `shutdown` (each envelope is
+/// passed to `sink(from_node, envelope)`), keeping them on this shard.
+#[cfg(test)]
 pub async fn serve_with(
     listener: TcpListener,
     sink: Rc<dyn Fn(u64, Envelope)>,

@@ -19,6 +19,7 @@
 //! the feature `is_on` is a constant `false` and compiles away.
 
 /// Every failpoint name this build knows.
+#[cfg(all(test, feature = "failpoints"))]
 pub const NAMES: [&str; 4] = [
     "wal::write::enospc",
     "wal::sync::err",
@@ -37,6 +38,7 @@ mod imp {
 
     /// Turns the named failpoint on or off for the calling thread. Returns
     /// false for an unknown name.
+    #[cfg(test)]
     pub fn set(name: &str, on: bool) -> bool {
         let Some(&known) = super::NAMES.iter().find(|&&n| n == name) else {
             return false;
@@ -57,7 +59,7 @@ mod imp {
     }
 }
 
-#[cfg(feature = "failpoints")]
+#[cfg(all(test, feature = "failpoints"))]
 pub use imp::set;
 
 #[cfg(feature = "failpoints")]

@@ -126,13 +126,14 @@ async fn send_tls(
     key: &Path,
     payload: &[u8],
 ) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let config = multiraft::tls::api_client(ca, Some((cert, key))).expect("client TLS config");
+    let config =
+        multiraft::internals::api_client(ca, Some((cert, key))).expect("client TLS config");
     let mut sock = tokio::net::TcpStream::connect(node.raft_addr)
         .await
         .unwrap();
     sock.write_all(&hello(claim)).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(multiraft::tls::node_name(node.id), sock)
+        .connect(multiraft::internals::node_name(node.id), sock)
         .await
         .ok()?;
     let _ = tls.write_all(payload).await;
