@@ -6,6 +6,42 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Why a setting was refused. The messages name the setting and the value.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file is not the JSON of `MultiRaftConfig`.
+    #[error("{0}")]
+    Json(String),
+    /// A field's value was refused.
+    #[error("{field}: {source}")]
+    Field {
+        field: &'static str,
+        source: Box<ConfigError>,
+    },
+    #[error("{0:?} is not a duration like \"1.5s\", \"500ms\" or \"2m\"")]
+    NotADuration(String),
+    #[error("{0:?} must be a positive duration")]
+    NotPositive(String),
+    #[error("{0:?} is shorter than a nanosecond")]
+    TooShort(String),
+    #[error("{0:?} is too long a duration")]
+    TooLong(String),
+    #[error("{0} is not a uint64")]
+    NotAUint64(String),
+    /// Values that do not fit together.
+    #[error("{0}")]
+    Inconsistent(&'static str),
+}
+
+impl ConfigError {
+    fn of(field: &'static str) -> impl FnOnce(ConfigError) -> ConfigError {
+        move |e| ConfigError::Field {
+            field,
+            source: Box::new(e),
+        }
+    }
+}
+
 /// Raft settings shared by every partition of the node: the atomix
 /// `MultiRaftConfig`, read at start-up from proto3 JSON.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,36 +84,43 @@ struct RaftConfigJson {
 
 impl RaftConfig {
     /// Parses `MultiRaftConfig` proto3 JSON; absent fields keep defaults.
-    pub fn from_json(text: &str) -> Result<RaftConfig, String> {
-        let j: RaftConfigJson = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_json(text: &str) -> Result<RaftConfig, ConfigError> {
+        let j: RaftConfigJson =
+            serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
         let mut c = RaftConfig::default();
         if let Some(s) = j.heartbeat_period {
-            c.heartbeat_period = parse_duration(&s).map_err(|e| format!("heartbeatPeriod: {e}"))?;
+            c.heartbeat_period = parse_duration(&s).map_err(ConfigError::of("heartbeatPeriod"))?;
         }
         if let Some(s) = j.election_timeout {
-            c.election_timeout = parse_duration(&s).map_err(|e| format!("electionTimeout: {e}"))?;
+            c.election_timeout = parse_duration(&s).map_err(ConfigError::of("electionTimeout"))?;
         }
         if let Some(v) = j.snapshot_entry_threshold {
             c.snapshot_entry_threshold =
-                parse_u64(&v).map_err(|e| format!("snapshotEntryThreshold: {e}"))?;
+                parse_u64(&v).map_err(ConfigError::of("snapshotEntryThreshold"))?;
         }
         if let Some(v) = j.compaction_retain_entries {
             c.compaction_retain_entries =
-                parse_u64(&v).map_err(|e| format!("compactionRetainEntries: {e}"))?;
+                parse_u64(&v).map_err(ConfigError::of("compactionRetainEntries"))?;
         }
         c.validate()?;
         Ok(c)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.heartbeat_period < Duration::from_millis(1) {
-            return Err("heartbeatPeriod must be at least 1ms".into());
+            return Err(ConfigError::Inconsistent(
+                "heartbeatPeriod must be at least 1ms",
+            ));
         }
         if self.election_timeout < self.heartbeat_period * 2 {
-            return Err("electionTimeout must be at least twice heartbeatPeriod".into());
+            return Err(ConfigError::Inconsistent(
+                "electionTimeout must be at least twice heartbeatPeriod",
+            ));
         }
         if self.snapshot_entry_threshold == 0 {
-            return Err("snapshotEntryThreshold must be positive".into());
+            return Err(ConfigError::Inconsistent(
+                "snapshotEntryThreshold must be positive",
+            ));
         }
         Ok(())
     }
@@ -95,8 +138,8 @@ impl RaftConfig {
 /// that takes a duration: the config's proto3 JSON durations ("0.5s") are
 /// its seconds case. Zero, negative, non-finite and out-of-range values
 /// are refused, and so is a number without a unit.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration like \"1.5s\", \"500ms\" or \"2m\"");
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::NotADuration(s.to_string());
     let t = s.trim();
     // "ms" before "s" and "m": "500ms" is milliseconds, not minutes.
     let (num, secs_of): (&str, fn(f64) -> f64) = if let Some(n) = t.strip_suffix("ms") {
@@ -112,20 +155,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     let v: f64 = num.trim().parse().map_err(|_| bad())?;
     if !v.is_finite() || v <= 0.0 {
-        return Err(format!("{s:?} must be a positive duration"));
+        return Err(ConfigError::NotPositive(s.to_string()));
     }
     match Duration::try_from_secs_f64(secs_of(v)) {
         Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(format!("{s:?} is shorter than a nanosecond")),
-        Err(_) => Err(format!("{s:?} is too long a duration")),
+        Ok(_) => Err(ConfigError::TooShort(s.to_string())),
+        Err(_) => Err(ConfigError::TooLong(s.to_string())),
     }
 }
 
-fn parse_u64(v: &serde_json::Value) -> Result<u64, String> {
+fn parse_u64(v: &serde_json::Value) -> Result<u64, ConfigError> {
+    let not = |shown: String| ConfigError::NotAUint64(shown);
     match v {
-        serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| format!("{n} is not a uint64")),
-        serde_json::Value::String(s) => s.parse().map_err(|_| format!("{s:?} is not a uint64")),
-        other => Err(format!("{other} is not a uint64")),
+        serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| not(n.to_string())),
+        serde_json::Value::String(s) => s.parse().map_err(|_| not(format!("{s:?}"))),
+        other => Err(not(other.to_string())),
     }
 }
 

@@ -493,7 +493,7 @@ fn serve(
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
     ])?;
-    let mut node = multiraft::Node::start(cfg.clone()).map_err(|e| anyhow!(e))?;
+    let mut node = multiraft::Node::start(cfg.clone()).map_err(|e| anyhow!("{e}"))?;
     tracing::info!(
         node_id,
         api = %cfg.api_addr,

@@ -309,14 +309,34 @@ impl GrpcSeries {
     }
 }
 
+/// Why the node does not serve (`/health`) or should not get traffic
+/// (`/ready`), or cannot report its state: the 503 answer's body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotServing(pub String);
+
 /// What the HTTP endpoint needs from the node.
 pub trait Source: Send + Sync + 'static {
     /// Every shard's state (blocking; called on the HTTP thread).
-    fn shards(&self) -> Result<Vec<ShardState>, String>;
+    fn shards(&self) -> Result<Vec<ShardState>, NotServing>;
     /// `/health`: `Err(reason)` while the node is not serving.
-    fn health(&self) -> Result<(), String>;
+    fn health(&self) -> Result<(), NotServing>;
     /// `/ready`: `Err(reason)` while it should not get traffic.
-    fn ready(&self) -> Result<(), String>;
+    fn ready(&self) -> Result<(), NotServing>;
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("bind metrics address {addr}: {reason}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
+    #[error("metrics address {0} is not an IP address")]
+    NotIp(std::net::SocketAddr),
+    #[error("start the metrics thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// The running HTTP endpoint; dropping it stops the server thread.
@@ -336,14 +356,19 @@ impl Drop for Endpoint {
 }
 
 /// Serves `/metrics`, `/health` and `/ready` on `addr` until dropped.
-pub fn serve(addr: std::net::SocketAddr, source: Arc<dyn Source>) -> Result<Endpoint, String> {
-    let server =
-        tiny_http::Server::http(addr).map_err(|e| format!("bind metrics address {addr}: {e}"))?;
+pub fn serve(
+    addr: std::net::SocketAddr,
+    source: Arc<dyn Source>,
+) -> Result<Endpoint, EndpointError> {
+    let server = tiny_http::Server::http(addr).map_err(|e| EndpointError::Bind {
+        addr,
+        reason: e.to_string(),
+    })?;
     let server = Arc::new(server);
     let local = server
         .server_addr()
         .to_ip()
-        .ok_or_else(|| format!("metrics address {addr} is not an IP address"))?;
+        .ok_or(EndpointError::NotIp(addr))?;
     let s = server.clone();
     let thread = std::thread::Builder::new()
         .name("metrics".into())
@@ -352,7 +377,7 @@ pub fn serve(addr: std::net::SocketAddr, source: Arc<dyn Source>) -> Result<Endp
                 let _ = answer(req, &*source);
             }
         })
-        .map_err(|e| format!("start the metrics thread: {e}"))?;
+        .map_err(EndpointError::Thread)?;
     Ok(Endpoint {
         server,
         thread: Some(thread),
@@ -367,7 +392,7 @@ fn answer(req: tiny_http::Request, source: &dyn Source) -> std::io::Result<()> {
             .with_status_code(code)
             .with_header(Header::from_bytes("Content-Type", "text/plain; charset=utf-8").unwrap())
     };
-    let check = |r: Result<(), String>| match r {
+    let check = |r: Result<(), NotServing>| match r {
         Ok(()) => text(200, "ok\n".into()),
         Err(why) => text(503, format!("{why}\n")),
     };

@@ -147,7 +147,7 @@ pub fn encode_batch(cmds: &[Command]) -> Bytes {
 /// Decodes an entry payload. The log was written by this code and is
 /// CRC-checked, so an error here means a bug or a foreign log; the caller
 /// skips the entry on every replica alike (see `raft::Group::apply`).
-pub fn decode_batch(data: &Bytes) -> Result<Vec<Command>, String> {
+pub fn decode_batch(data: &Bytes) -> Result<Vec<Command>, super::DecodeError> {
     let mut buf = data.clone();
     let header = get_u32(&mut buf).ok_or("batch header truncated")?;
     let sessions = header & SESSION_BATCH != 0;
@@ -157,7 +157,7 @@ pub fn decode_batch(data: &Bytes) -> Result<Vec<Command>, String> {
         let err = || format!("command {i} of {count} truncated");
         let (id, acked) = if sessions {
             if buf.remaining() < 33 {
-                return Err(err());
+                return Err(err().into());
             }
             let session = SessionId {
                 node: buf.get_u64(),
@@ -168,7 +168,7 @@ pub fn decode_batch(data: &Bytes) -> Result<Vec<Command>, String> {
             (WriteId { session, seq }, acked)
         } else {
             if buf.remaining() < 9 {
-                return Err(err());
+                return Err(err().into());
             }
             // A pre-session command: its id named a waiter, nothing more.
             let _ = buf.get_u64();
@@ -183,7 +183,7 @@ pub fn decode_batch(data: &Bytes) -> Result<Vec<Command>, String> {
             2 => Op::Delete,
             3 => {
                 if !buf.has_remaining() {
-                    return Err(err());
+                    return Err(err().into());
                 }
                 let expected = match buf.get_u8() {
                     0 => None,
@@ -194,7 +194,7 @@ pub fn decode_batch(data: &Bytes) -> Result<Vec<Command>, String> {
                     value: get_bytes(&mut buf).ok_or_else(err)?,
                 }
             }
-            other => return Err(format!("command {i}: unknown op {other}")),
+            other => return Err(format!("command {i}: unknown op {other}").into()),
         };
         cmds.push(Command { id, acked, key, op });
     }

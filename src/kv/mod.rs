@@ -20,6 +20,24 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use command::{Command, Op};
 use session::{Admission, Refusal, Sessions};
 
+/// State-machine bytes (a snapshot, a batch of commands) that do not
+/// decode: what is wrong and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(String);
+
+impl From<&str> for DecodeError {
+    fn from(s: &str) -> DecodeError {
+        DecodeError(s.to_string())
+    }
+}
+
+impl From<String> for DecodeError {
+    fn from(s: String) -> DecodeError {
+        DecodeError(s)
+    }
+}
+
 /// What applying one command produced, returned to the caller that proposed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
@@ -140,7 +158,7 @@ impl KvStore {
 
     /// Replaces the map with a snapshot's contents. An empty buffer is the
     /// empty map (the bootstrap snapshot carries no data).
-    pub fn restore(data: &Bytes) -> Result<KvStore, String> {
+    pub fn restore(data: &Bytes) -> Result<KvStore, DecodeError> {
         let mut store = KvStore::default();
         if data.is_empty() {
             return Ok(store);

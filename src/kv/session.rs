@@ -186,7 +186,7 @@ impl Sessions {
     }
 
     /// Reads a table written by [`Sessions::encode`].
-    pub fn decode(buf: &mut Bytes) -> Result<Sessions, String> {
+    pub fn decode(buf: &mut Bytes) -> Result<Sessions, super::DecodeError> {
         let mut t = Sessions::default();
         let nfloors = get_u32(buf).ok_or("session floors truncated")?;
         for _ in 0..nfloors {

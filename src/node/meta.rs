@@ -54,14 +54,20 @@ impl NodeMeta {
     }
 
     /// Loads the metadata, or `None` for a fresh data directory.
-    pub fn load(data_dir: &Path) -> Result<Option<NodeMeta>, String> {
+    pub fn load(data_dir: &Path) -> Result<Option<NodeMeta>, super::StartError> {
         let path = Self::path(data_dir);
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
                 .map(Some)
-                .map_err(|e| format!("{}: {e}", path.display())),
+                .map_err(|e| super::StartError::Meta {
+                    reason: e.to_string(),
+                    path,
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("read {}: {e}", path.display())),
+            Err(e) => Err(super::StartError::Io {
+                what: format!("read {}", path.display()),
+                source: e,
+            }),
         }
     }
 

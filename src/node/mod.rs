@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod control;
+mod error;
 pub mod events;
 pub mod health;
 pub mod meta;
@@ -27,6 +28,7 @@ use crate::transport::PeerLinks;
 use crate::wal::{Wal, WalConfig};
 
 use api::Api;
+pub use error::StartError;
 use meta::NodeMeta;
 
 /// A started node; dropping it does not stop it, call [`Node::stop`].
@@ -41,52 +43,52 @@ pub struct Node {
 impl Node {
     /// Starts every shard and returns once all of them serve, or with the
     /// first start-up error (e.g. a corrupt WAL, a port in use).
-    pub fn start(mut config: NodeConfig) -> Result<Node, String> {
+    pub fn start(mut config: NodeConfig) -> Result<Node, StartError> {
         // Why absolute: glommio fails to open a relative directory on the
         // shard threads (EBADF), so `--data-dir data` would not start.
-        config.data_dir = std::path::absolute(&config.data_dir)
-            .map_err(|e| format!("data directory {}: {e}", config.data_dir.display()))?;
+        config.data_dir = std::path::absolute(&config.data_dir).map_err(StartError::io(
+            format!("data directory {}", config.data_dir.display()),
+        ))?;
         if config.node_id == 0 {
-            return Err("--node-id must be non-zero".into());
+            return Err(StartError::Invalid("--node-id must be non-zero"));
         }
         if config.shards == 0 {
-            return Err("--shards must be at least 1".into());
+            return Err(StartError::Invalid("--shards must be at least 1"));
         }
         // A shard's write session carries its index in 8 bits (see
         // `kv::command::SessionId`): two shards must never share one.
         if config.shards > 256 {
-            return Err("--shards must be at most 256".into());
+            return Err(StartError::Invalid("--shards must be at most 256"));
         }
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| format!("create {}: {e}", config.data_dir.display()))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(StartError::io(format!(
+            "create {}",
+            config.data_dir.display()
+        )))?;
         // One process per data directory and per address: a second node
         // with the same identity would otherwise start and share the WAL,
         // or split calls and raft traffic with the first (SO_REUSEPORT).
         let lock = lock_data_dir(&config.data_dir)?;
         for (what, addr) in [("API", config.api_addr), ("raft", config.raft_addr)] {
-            crate::net::check_address_free(addr, ADDRESS_PATIENCE).map_err(|e| {
-                format!(
-                    "{what} address {addr} is not available (another process listens on it?): {e}"
-                )
-            })?;
+            crate::net::check_address_free(addr, ADDRESS_PATIENCE)
+                .map_err(|source| StartError::AddressInUse { what, addr, source })?;
         }
         let mut meta = match NodeMeta::load(&config.data_dir)? {
             Some(m) => {
                 if m.node_id != config.node_id {
-                    return Err(format!(
+                    return Err(StartError::Mismatch(format!(
                         "{} belongs to node {}, not node {}",
                         config.data_dir.display(),
                         m.node_id,
                         config.node_id
-                    ));
+                    )));
                 }
                 if m.shards != config.shards {
-                    return Err(format!(
+                    return Err(StartError::Mismatch(format!(
                         "{} was laid out for {} shards; start with --shards {}",
                         config.data_dir.display(),
                         m.shards,
                         m.shards
-                    ));
+                    )));
                 }
                 m
             }
@@ -101,7 +103,10 @@ impl Node {
         // this run must be new to every partition (see `kv::session`).
         meta.incarnation = meta.next_incarnation();
         meta.store(&config.data_dir)
-            .map_err(|e| format!("write {}: {e}", NodeMeta::path(&config.data_dir).display()))?;
+            .map_err(StartError::io(format!(
+                "write {}",
+                NodeMeta::path(&config.data_dir).display()
+            )))?;
         tracing::info!(incarnation = meta.incarnation, "starting");
 
         let n = config.shards;
@@ -120,7 +125,7 @@ impl Node {
         let cpus = std::thread::available_parallelism()
             .map(|c| c.get())
             .unwrap_or(1);
-        let (ready_tx, ready_rx) = std_mpsc::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = std_mpsc::channel::<Result<(), StartError>>();
         let mut triggers = Vec::new();
         let mut threads = Vec::new();
         for (k, inbox) in receivers.into_iter().enumerate() {
@@ -139,11 +144,13 @@ impl Node {
                             shard.run(inbox, shutdown).await;
                         }
                         Err(e) => {
-                            let _ = ready.send(Err(format!("shard {k}: {e}")));
+                            let _ = ready.send(Err(e));
                         }
                     }
                 })
-                .map_err(|e| format!("starting shard {k}: {e}"))?;
+                .map_err(|e| StartError::ShardThread {
+                    reason: format!("shard {k}: {e}"),
+                })?;
             threads.push(handle);
         }
         drop(ready_tx);
@@ -170,7 +177,7 @@ impl Node {
                         .map(|e| e.to_string())
                         .next()
                         .unwrap_or_else(|| "no error reported".into());
-                    return Err(format!("a shard could not start: {why}{}", memlock_hint()));
+                    return Err(StartError::ShardThread { reason: why });
                 }
             }
         }
@@ -203,7 +210,11 @@ impl Node {
     }
 }
 
-async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Result<Shard, String> {
+async fn shard_start(
+    k: usize,
+    node: Arc<NodeShared>,
+    shutdown: Shutdown,
+) -> Result<Shard, StartError> {
     let cfg = &node.config;
     let dir = cfg.data_dir.join(format!("shard-{k}"));
     let wal_config = WalConfig {
@@ -211,7 +222,7 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     };
     let (wal, recovered) = Wal::open(dir, wal_config)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| StartError::Wal { shard: k, source })?;
     let transport_config = crate::transport::TransportConfig {
         tls: cfg.peer_tls.clone(),
         ..Default::default()
@@ -226,12 +237,20 @@ async fn shard_start(k: usize, node: Arc<NodeShared>, shutdown: Shutdown) -> Res
     }
     let mut shard = Shard::new(k, node.clone(), wal, links.clone());
 
-    shard.recover(recovered, &meta)?;
+    shard
+        .recover(recovered, &meta)
+        .map_err(|source| StartError::Group { shard: k, source })?;
 
-    let api_listener = crate::net::reuseport_listener(cfg.api_addr)
-        .map_err(|e| format!("bind API address {}: {e}", cfg.api_addr))?;
-    let raft_listener = crate::net::reuseport_listener(cfg.raft_addr)
-        .map_err(|e| format!("bind raft address {}: {e}", cfg.raft_addr))?;
+    let bind = |what, addr| {
+        crate::net::reuseport_listener(addr).map_err(|source| StartError::Bind {
+            shard: k,
+            what,
+            addr,
+            source,
+        })
+    };
+    let api_listener = bind("API", cfg.api_addr)?;
+    let raft_listener = bind("raft", cfg.raft_addr)?;
     let api = Api::new(
         node.clone(),
         k,
@@ -356,36 +375,40 @@ fn debug_panic_hook(k: usize) {
     }
 }
 
+use crate::metrics::NotServing;
+
 /// The node as the metrics endpoint sees it (from its own thread).
 struct MetricsSource(Arc<NodeShared>);
 
 impl crate::metrics::Source for MetricsSource {
-    fn shards(&self) -> Result<Vec<crate::metrics::ShardState>, String> {
+    fn shards(&self) -> Result<Vec<crate::metrics::ShardState>, NotServing> {
         futures::executor::block_on(self.0.request_all(|reply| ShardMsg::Metrics { reply }))
-            .map_err(|s| s.message)
+            .map_err(|s| NotServing(s.message))
     }
 
-    fn health(&self) -> Result<(), String> {
+    fn health(&self) -> Result<(), NotServing> {
         if self.0.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err("the node is shutting down".into());
+            return Err(NotServing("the node is shutting down".into()));
         }
         Ok(())
     }
 
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), NotServing> {
         self.health()?;
         let full: Vec<usize> = (0..self.0.disk_full.len())
             .filter(|&k| self.0.disk_full[k].load(std::sync::atomic::Ordering::Relaxed))
             .collect();
         if !full.is_empty() {
-            return Err(format!("the disk of shard(s) {full:?} is full"));
+            return Err(NotServing(format!("the disk of shard(s) {full:?} is full")));
         }
         let leaderless: Vec<u32> =
             futures::executor::block_on(self.0.request_all(|reply| ShardMsg::Leaderless { reply }))
-                .map_err(|s| s.message)?
+                .map_err(|s| NotServing(s.message))?
                 .concat();
         if !leaderless.is_empty() {
-            return Err(format!("partitions without a leader: {leaderless:?}"));
+            return Err(NotServing(format!(
+                "partitions without a leader: {leaderless:?}"
+            )));
         }
         Ok(())
     }
@@ -418,7 +441,7 @@ const ADDRESS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 /// Takes an exclusive `flock` on `DATA_DIR/LOCK` (and writes this process's
 /// pid into it, for the message another process gets). The lock goes with
 /// the process, however it ends.
-fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
     let path = dir.join("LOCK");
@@ -428,7 +451,7 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
+        .map_err(StartError::io(format!("open {}", path.display())))?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -436,12 +459,14 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
         let mut holder = String::new();
         let _ = file.read_to_string(&mut holder);
         return Err(match err.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => format!(
-                "data directory {} is in use by another multiraft process (pid {})",
-                dir.display(),
-                holder.trim()
-            ),
-            _ => format!("lock {}: {err}", path.display()),
+            Some(libc::EWOULDBLOCK) => StartError::Locked {
+                dir: dir.to_path_buf(),
+                pid: holder.trim().to_string(),
+            },
+            _ => StartError::Io {
+                what: format!("lock {}", path.display()),
+                source: err,
+            },
         });
     }
     let pid = std::process::id().to_string();
@@ -449,6 +474,6 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
         .set_len(0)
         .and_then(|_| file.rewind())
         .and_then(|_| file.write_all(pid.as_bytes()));
-    written.map_err(|e| format!("write {}: {e}", path.display()))?;
+    written.map_err(StartError::io(format!("write {}", path.display())))?;
     Ok(file)
 }

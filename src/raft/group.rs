@@ -35,6 +35,20 @@ mod quiet;
 /// set by bootstrap, not by log entries.)
 pub const INIT_INDEX: u64 = 5;
 
+/// Why a replica could not be built or take a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// The state machine's snapshot does not decode.
+    #[error("partition {partition}: snapshot: {source}")]
+    Snapshot {
+        partition: u32,
+        source: crate::kv::DecodeError,
+    },
+    /// raft-rs refused the initial state.
+    #[error("partition {partition}: {source}")]
+    Raft { partition: u32, source: raft::Error },
+}
+
 /// A caller waiting for a result.
 pub type Reply<T> = oneshot::Sender<Result<T, Status>>;
 
@@ -193,10 +207,13 @@ impl Group {
         cfg: &RaftConfig,
         max_inflight: usize,
         init: GroupInit,
-    ) -> Result<Group, String> {
+    ) -> Result<Group, GroupError> {
         let (kv, snap_index, snap_term, snap_conf) = match &init.snapshot {
             Some(s) => (
-                KvStore::restore(&s.data).map_err(|e| format!("partition {id}: snapshot: {e}"))?,
+                KvStore::restore(&s.data).map_err(|source| GroupError::Snapshot {
+                    partition: id,
+                    source,
+                })?,
                 s.get_metadata().index,
                 s.get_metadata().term,
                 s.get_metadata().get_conf_state().clone(),
@@ -223,7 +240,10 @@ impl Group {
             ..Default::default()
         };
         let raw = RawNode::new(&config, storage.clone(), &super::logger::group_logger(id))
-            .map_err(|e| format!("partition {id}: {e}"))?;
+            .map_err(|source| GroupError::Raft {
+                partition: id,
+                source,
+            })?;
         Ok(Group {
             id,
             raw,
@@ -612,9 +632,11 @@ impl Group {
     }
 
     /// Installs a snapshot from the leader into the state machine.
-    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), String> {
-        let kv = KvStore::restore(&snap.data)
-            .map_err(|e| format!("partition {}: snapshot: {e}", self.id))?;
+    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), GroupError> {
+        let kv = KvStore::restore(&snap.data).map_err(|source| GroupError::Snapshot {
+            partition: self.id,
+            source,
+        })?;
         let meta = snap.get_metadata();
         self.storage.apply_snapshot(snap.clone());
         self.kv = kv;

@@ -5,4 +5,4 @@ pub mod group;
 pub mod logger;
 pub mod storage;
 
-pub use group::{Group, GroupInit, Outbox, ReadResult, Reply, WriteResult};
+pub use group::{Group, GroupError, GroupInit, Outbox, ReadResult, Reply, WriteResult};

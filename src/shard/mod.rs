@@ -455,7 +455,7 @@ impl Shard {
         &mut self,
         recovered: crate::wal::Recovered,
         meta: &NodeMeta,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::raft::GroupError> {
         let cfg = &self.node.config;
         let mut removed = Vec::new();
         for (gid, gs) in recovered.groups {
@@ -706,7 +706,7 @@ impl Shard {
                 ));
                 self.after_sync.push(Box::new(move |_| done(Ok(()))));
             }
-            Err(e) => done(Err(Status::internal(e))),
+            Err(e) => done(Err(Status::internal(e.to_string()))),
         }
     }
 

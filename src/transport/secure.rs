@@ -89,14 +89,14 @@ pub(super) async fn accept(
     buffered: Vec<u8>,
     from: u64,
     timeout: Duration,
-) -> Result<ServerStream, String> {
+) -> Result<ServerStream, Refused> {
     let handshake =
         std::pin::pin!(TlsAcceptor::from(tls.server()).accept(Prefixed::new(buffered, stream)));
     let timer = std::pin::pin!(glommio::timer::sleep(timeout));
     let stream = match select(handshake, timer).await {
         Either::Left((Ok(stream), _)) => stream,
-        Either::Left((Err(e), _)) => return Err(format!("TLS handshake failed: {e}")),
-        Either::Right(_) => return Err(format!("no TLS handshake within {timeout:?}")),
+        Either::Left((Err(e), _)) => return Err(Refused::Handshake(e)),
+        Either::Right(_) => return Err(Refused::Timeout(timeout)),
     };
     let names_sender = stream
         .get_ref()
@@ -105,11 +105,20 @@ pub(super) async fn accept(
         .and_then(|chain| chain.first())
         .is_some_and(|cert| cert_names_node(cert, from));
     if !names_sender {
-        return Err(format!(
-            "its certificate does not name node {from}, which its Hello claims"
-        ));
+        return Err(Refused::NotTheNode(from));
     }
     Ok(stream)
+}
+
+/// Why an incoming peer connection was refused at its TLS handshake.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Refused {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("no TLS handshake within {0:?}")]
+    Timeout(Duration),
+    #[error("its certificate does not name node {0}, which its Hello claims")]
+    NotTheNode(u64),
 }
 
 /// The writing half of an outgoing peer connection: plain or TLS.

@@ -190,7 +190,27 @@ pub(crate) fn find_valid_after(buf: &[u8], from: usize, limit: usize) -> Option<
 }
 
 /// Error of a payload that passed its checksum but does not parse.
-pub(crate) type PayloadError = String;
+/// Why a record's payload does not parse (a message naming the field).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PayloadError(pub String);
+
+impl std::fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for PayloadError {
+    fn from(s: &str) -> PayloadError {
+        PayloadError(s.to_string())
+    }
+}
+
+impl From<String> for PayloadError {
+    fn from(s: String) -> PayloadError {
+        PayloadError(s)
+    }
+}
 
 /// A little cursor over a payload.
 struct Reader<'a> {
@@ -200,10 +220,9 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], PayloadError> {
         if self.buf.len() < n {
-            return Err(format!(
-                "payload truncated: need {n} bytes, have {}",
-                self.buf.len()
-            ));
+            return Err(
+                format!("payload truncated: need {n} bytes, have {}", self.buf.len()).into(),
+            );
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -228,7 +247,7 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(format!("{} trailing payload bytes", self.buf.len()))
+            Err(format!("{} trailing payload bytes", self.buf.len()).into())
         }
     }
 }
@@ -241,7 +260,7 @@ pub(crate) fn put_message<M: Message>(out: &mut Vec<u8>, m: &M) {
 }
 
 fn parse_message<M: Message>(bytes: &[u8]) -> Result<M, PayloadError> {
-    M::parse_from_bytes(bytes).map_err(|e| format!("bad protobuf: {e}"))
+    M::parse_from_bytes(bytes).map_err(|e| format!("bad protobuf: {e}").into())
 }
 
 // ---- SegmentHeader ----
@@ -259,11 +278,11 @@ pub(crate) fn parse_segment_header(payload: &[u8]) -> Result<u64, PayloadError> 
     let mut r = Reader { buf: payload };
     let magic = r.u64()?;
     if magic != SEGMENT_MAGIC {
-        return Err(format!("bad segment magic {magic:#x}"));
+        return Err(format!("bad segment magic {magic:#x}").into());
     }
     let version = r.u32()?;
     if version != SEGMENT_VERSION {
-        return Err(format!("unsupported segment version {version}"));
+        return Err(format!("unsupported segment version {version}").into());
     }
     let seq = r.u64()?;
     r.finish()?;
@@ -301,7 +320,7 @@ pub(crate) fn parse_entries(payload: &[u8]) -> Result<Vec<Entry>, PayloadError> 
         let e: Entry = parse_message(r.take(len)?)?;
         if let Some(p) = prev {
             if e.index != p + 1 {
-                return Err(format!("entries not contiguous: {} after {}", e.index, p));
+                return Err(format!("entries not contiguous: {} after {}", e.index, p).into());
             }
         }
         prev = Some(e.index);
@@ -379,7 +398,7 @@ pub(crate) fn parse_snapshot_meta(payload: &[u8]) -> Result<SnapshotRef, Payload
         .map_err(|_| "snapshot file name is not utf-8".to_string())?
         .to_string();
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
-        return Err(format!("invalid snapshot file name {name:?}"));
+        return Err(format!("invalid snapshot file name {name:?}").into());
     }
     r.finish()?;
     Ok(SnapshotRef {

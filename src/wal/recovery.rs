@@ -216,7 +216,7 @@ pub(crate) async fn replay(wal_dir: &Path) -> Result<Replayed, WalError> {
             apply(&mut groups, seq, *off as u64, rec).map_err(|reason| WalError::Corruption {
                 path: path.clone(),
                 offset: *off as u64,
-                reason,
+                reason: reason.to_string(),
             })?;
         }
         if is_last {
@@ -327,7 +327,7 @@ fn scan_segment<'a>(
             ))
         }
         Some((_, r)) => {
-            let got = record::parse_segment_header(r.payload).map_err(|e| corrupt(0, e))?;
+            let got = record::parse_segment_header(r.payload).map_err(|e| corrupt(0, e.0))?;
             if got != seq {
                 return Err(corrupt(
                     0,
@@ -350,7 +350,7 @@ fn apply(
     seq: u64,
     offset: u64,
     rec: &Record<'_>,
-) -> Result<(), String> {
+) -> Result<(), record::PayloadError> {
     let g = rec.group;
     match rec.kind {
         Kind::SegmentHeader => return Err("segment header in the middle of a segment".into()),
