@@ -25,6 +25,10 @@
 //! - `kill-leader`: kill -9 of a leader, restarted on the same data dir;
 //! - `pause-leader`: SIGSTOP of a leader, then SIGCONT.
 //!
+//! About every other fault meets quiescent partitions: the clients hold off
+//! until every member reports every partition quiet, and resume 300 ms into
+//! the fault (`hold_until_quiet`).
+//!
 //! `a_quiescent_leader_cut_off_serves_no_stale_reads` checks one case by
 //! hand: an idle partition whose leader stopped ticking (see
 //! `raft::group::quiet`) is cut from its members.
@@ -89,6 +93,10 @@ const CALL_BACKSTOP: Duration = Duration::from_secs(3);
 const CALM_START: Duration = Duration::from_secs(1);
 const FAULT_MS: std::ops::RangeInclusive<u64> = 2000..=5000;
 const HEAL_MS: std::ops::RangeInclusive<u64> = 1000..=3000;
+/// Longest wait for every partition to go quiet before a fault.
+const QUIET_WAIT: Duration = Duration::from_secs(4);
+/// How long into a fault on quiescent partitions the clients resume.
+const QUIET_FAULT_HOLD: Duration = Duration::from_millis(300);
 
 /// How long a healed cluster may take to have leaders and take writes.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -230,7 +238,7 @@ async fn run_suite(rounds: u64, secs: Duration, tls: bool) {
             let outcome = run_round(&mut cluster, nemesis, number, secs, &mut rng).await;
             note(format!(
                 "round {round}/{rounds} {}: {} calls ({} ok / {} unknown / {} failed{}), \
-                 {} faults; {} (checked in {:.1}s){}",
+                 {} faults ({} on quiescent partitions); {} (checked in {:.1}s){}",
                 nemesis.name(),
                 outcome.calls,
                 outcome.ok,
@@ -241,6 +249,7 @@ async fn run_suite(rounds: u64, secs: Duration, tls: bool) {
                     c => format!("; {c}"),
                 },
                 outcome.faults,
+                outcome.quiet_faults,
                 match &outcome.verdict {
                     Ok(()) => "linearizable".to_string(),
                     Err(e) => short(e),
@@ -325,6 +334,8 @@ struct Outcome {
     unknown_by: BTreeMap<String, usize>,
     failed_by: BTreeMap<String, usize>,
     faults: usize,
+    /// Faults injected while every partition was quiescent.
+    quiet_faults: usize,
     /// One line per fault and heal, with times from the round's origin.
     timeline: String,
     verdict: Result<(), String>,
@@ -344,6 +355,39 @@ impl Outcome {
         }
         parts.join("; ")
     }
+}
+
+/// Holds the clients and waits (bounded) until every member reports every
+/// partition quiescent. False, with the clients released, if that does not
+/// happen in time (a partition still catching up, say).
+async fn hold_until_quiet(
+    fc: &FaultCluster,
+    hold: &std::sync::atomic::AtomicBool,
+    stop_at: Instant,
+) -> bool {
+    use std::sync::atomic::Ordering;
+    hold.store(true, Ordering::Relaxed);
+    let until = (Instant::now() + QUIET_WAIT).min(stop_at);
+    while Instant::now() < until {
+        let mut quiet = true;
+        'all: for id in MEMBERS {
+            for p in PARTITIONS {
+                match fc.cluster.node(id).partition_status(p).await {
+                    Ok(st) if st.quiescent => {}
+                    _ => {
+                        quiet = false;
+                        break 'all;
+                    }
+                }
+            }
+        }
+        if quiet {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hold.store(false, Ordering::Relaxed);
+    false
 }
 
 /// Clients run for `length` while `nemesis` injects and heals faults; then
@@ -367,6 +411,7 @@ async fn run_round(
             })
             .collect(),
     );
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let client = Client {
@@ -376,6 +421,7 @@ async fn run_round(
                 origin,
                 stop_at,
                 rng: StdRng::seed_from_u64(rng.gen()),
+                hold: hold.clone(),
             };
             tokio::spawn(client.run())
         })
@@ -384,6 +430,7 @@ async fn run_round(
     let at = |t: Instant| t.duration_since(origin).as_secs_f64();
     let mut timeline = String::new();
     let mut faults = 0;
+    let mut quiet_faults = 0;
     tokio::time::sleep_until((origin + CALM_START).into()).await;
     loop {
         let now = Instant::now();
@@ -391,11 +438,34 @@ async fn run_round(
         if now + Duration::from_millis(1500) >= stop_at {
             break;
         }
+        // Every other fault or so meets quiescent partitions: the clients
+        // hold off until every member reports each partition quiet (idle
+        // groups stop ticking; see raft::group::quiet), and resume a
+        // moment into the fault.
+        let quiet = rng.gen_bool(0.5) && hold_until_quiet(fc, &hold, stop_at).await;
+        if quiet {
+            writeln!(
+                timeline,
+                "  {:7.3}s every partition quiescent",
+                at(Instant::now())
+            )
+            .unwrap();
+        }
+        let now = Instant::now();
+        if now + Duration::from_millis(1500) >= stop_at {
+            hold.store(false, std::sync::atomic::Ordering::Relaxed);
+            break;
+        }
         let fault_for = Duration::from_millis(rng.gen_range(FAULT_MS));
         let heal_at = (now + fault_for).min(stop_at - Duration::from_millis(500));
         let fault = nemesis.inject(fc, rng).await;
         faults += 1;
+        quiet_faults += usize::from(quiet);
         writeln!(timeline, "  {:7.3}s fault: {}", at(now), fault.what).unwrap();
+        if quiet {
+            tokio::time::sleep(QUIET_FAULT_HOLD).await;
+            hold.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         tokio::time::sleep_until(heal_at.into()).await;
         let healing = Instant::now();
         fault.heal(fc).await;
@@ -440,6 +510,7 @@ async fn run_round(
         unknown_by,
         failed_by,
         faults,
+        quiet_faults,
         timeline,
         verdict,
         checked_in,

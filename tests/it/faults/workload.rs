@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -25,6 +25,9 @@ pub(super) struct Client {
     pub(super) origin: Instant,
     pub(super) stop_at: Instant,
     pub(super) rng: StdRng,
+    /// While set, the client makes no calls (so that partitions go
+    /// quiescent before the next fault).
+    pub(super) hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What one client did in a round.
@@ -64,6 +67,11 @@ impl Client {
         let mut seen: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         let mut seq = 0u64;
         while Instant::now() < self.stop_at {
+            if self.hold.load(std::sync::atomic::Ordering::Relaxed) {
+                // Pacing while held, not synchronisation: nothing waits on it.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
             seq += 1;
             let node = self.rng.gen_range(1..=self.channels.len() as u64);
             let mut kv = KvClient::new(self.channels[(node - 1) as usize].clone());
