@@ -261,7 +261,7 @@ impl Api {
         let (tx, rx) = futures::channel::oneshot::channel();
         self.node.send(self.node.shard_of(p), make(tx))?;
         match with_deadline(deadline, rx).await {
-            Some(Ok(r)) => r,
+            Some(Ok(r)) => r.map_err(Status::from),
             Some(Err(_)) => Err(Status::unavailable(format!("partition {p} stopped"))),
             None => Err(late()),
         }

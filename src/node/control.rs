@@ -422,7 +422,7 @@ impl Api {
             .await?;
         match with_deadline(super::api::answer_by(deadline), rx).await {
             Some(Ok(Ok(_))) => Ok(()),
-            Some(Ok(Err(s))) => Err(s),
+            Some(Ok(Err(e))) => Err(e.into()),
             Some(Err(_)) => Err(Status::unavailable("partition stopped")),
             None => Err(Status::deadline_exceeded(format!(
                 "{change:?} of node {node} in partition {pid} did not commit before the deadline"

@@ -15,16 +15,17 @@ use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Har
 use raft::{RawNode, StateRole};
 
 use crate::config::RaftConfig;
-use crate::grpc::Status;
 use crate::kv::command::{self, Command, WriteId};
 use crate::kv::session::Refusal;
 use crate::kv::{Applied, KvStore, Outcome};
-use crate::proto::admin::{PartitionStatus, Role};
 
 use super::storage::GroupStorage;
 
 mod inbound;
 mod quiet;
+
+#[cfg(test)]
+use quiet::QUIESCE_CTX;
 
 /// Index (and term) of the snapshot every bootstrapped group starts from.
 ///
@@ -49,8 +50,46 @@ pub enum GroupError {
     Raft { partition: u32, source: raft::Error },
 }
 
+/// Why a call to a group got no result. Each kind is one gRPC status
+/// code at the service edge (`impl From<CallError> for Status` in
+/// `shard`); the message says what happened to the call.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// Not now: no quorum reachable, the replica is leaving, the node
+    /// stops, a retry took over the call (UNAVAILABLE).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Too many calls of the partition in flight (RESOURCE_EXHAUSTED).
+    #[error("{0}")]
+    Busy(String),
+    /// This copy of a write was not applied (ABORTED).
+    #[error("{0}")]
+    Aborted(&'static str),
+    /// Raft rejected a membership change (FAILED_PRECONDITION).
+    #[error("{0}")]
+    Rejected(String),
+    /// The partition is not hosted on this node (NOT_FOUND).
+    #[error("partition {0} is not hosted here")]
+    NotHosted(u32),
+}
+
+/// One replica's state, for Status (the admin proto is built by the shard).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupStatus {
+    pub partition: u32,
+    pub role: StateRole,
+    /// `raft::INVALID_ID` (0) when no leader is known.
+    pub leader: u64,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub voters: Vec<u64>,
+    pub snapshot_index: u64,
+    pub quiescent: bool,
+}
+
 /// A caller waiting for a result.
-pub type Reply<T> = oneshot::Sender<Result<T, Status>>;
+pub type Reply<T> = oneshot::Sender<Result<T, CallError>>;
 
 /// The answer to a write.
 #[derive(Debug)]
@@ -324,21 +363,14 @@ impl Group {
         v
     }
 
-    pub fn status(&self, shard: u32) -> PartitionStatus {
-        let role = match self.raw.raft.state {
-            StateRole::Follower => Role::Follower,
-            StateRole::Candidate => Role::Candidate,
-            StateRole::PreCandidate => Role::PreCandidate,
-            StateRole::Leader => Role::Leader,
-        };
-        PartitionStatus {
-            partition_id: self.id,
-            shard,
-            role: role as i32,
-            leader_id: self.raw.raft.leader_id,
+    pub fn status(&self) -> GroupStatus {
+        GroupStatus {
+            partition: self.id,
+            role: self.raw.raft.state,
+            leader: self.raw.raft.leader_id,
             term: self.raw.raft.term,
-            commit_index: self.raw.raft.raft_log.committed,
-            applied_index: self.applied,
+            commit: self.raw.raft.raft_log.committed,
+            applied: self.applied,
             voters: self.voters(),
             snapshot_index: self.snapshot_index,
             quiescent: self.quiet.quiescent,
@@ -412,13 +444,18 @@ impl Group {
     /// No leader for two election timeouts: this replica cannot reach a
     /// quorum (a leader that cannot steps down after one, with check-quorum;
     /// a follower campaigns after one).
+    ///
+    /// The count is kept by ticks, so it is stale once a message names a
+    /// leader between two ticks, or when the group learned its leader and
+    /// then went quiet without ticking again: a known leader wins.
     fn cannot_reach_quorum(&self) -> bool {
-        self.leaderless_ticks >= 2 * self.election_ticks
+        self.raw.raft.leader_id == raft::INVALID_ID
+            && self.leaderless_ticks >= 2 * self.election_ticks
     }
 
-    fn no_quorum_status(&self, what: &str) -> Status {
+    fn no_quorum_status(&self, what: &str) -> CallError {
         let secs = self.leaderless_ticks as f64 * self.tick_secs();
-        Status::unavailable(format!(
+        CallError::Unavailable(format!(
             "partition {}: no leader for {secs:.1}s (this replica cannot reach a quorum); {what}",
             self.id
         ))
@@ -465,7 +502,7 @@ impl Group {
             return;
         }
         if self.waiting.len() + self.queued.len() >= self.max_inflight {
-            let _ = reply.send(Err(Status::resource_exhausted(format!(
+            let _ = reply.send(Err(CallError::Busy(format!(
                 "partition {}: {} writes in flight; retry later",
                 self.id, self.max_inflight
             ))));
@@ -483,7 +520,7 @@ impl Group {
             return;
         }
         if self.reads_in_flight() >= self.max_inflight {
-            let _ = reply.send(Err(Status::resource_exhausted(format!(
+            let _ = reply.send(Err(CallError::Busy(format!(
                 "partition {}: {} linearizable reads in flight; retry later",
                 self.id, self.max_inflight
             ))));
@@ -538,7 +575,7 @@ impl Group {
                 self.conf_waiters.insert(id, reply);
             }
             Err(e) => {
-                let _ = reply.send(Err(Status::unavailable(format!(
+                let _ = reply.send(Err(CallError::Unavailable(format!(
                     "partition {}: conf change not accepted ({e}); no leader known yet",
                     self.id
                 ))));
@@ -576,8 +613,8 @@ impl Group {
                         // this node): the newer caller waits, the older
                         // one is told to look elsewhere.
                         if let Some(old) = self.waiting.insert(p.cmd.id, p) {
-                            let _ = old.reply.send(Err(Status::unavailable(
-                                "superseded by a retry of the same write",
+                            let _ = old.reply.send(Err(CallError::Unavailable(
+                                "superseded by a retry of the same write".into(),
                             )));
                         }
                     }
@@ -734,10 +771,10 @@ impl Group {
                     })
                 }
                 Outcome::Duplicate { applied, index } => Ok(WriteResult { applied, index }),
-                Outcome::Refused(Refusal::Finished) => Err(Status::aborted(
+                Outcome::Refused(Refusal::Finished) => Err(CallError::Aborted(
                     "this copy of the write came after its proposer had finished with it; this copy was not applied",
                 )),
-                Outcome::Refused(Refusal::Expired) => Err(Status::aborted(
+                Outcome::Refused(Refusal::Expired) => Err(CallError::Aborted(
                     "the write's session belongs to an earlier run of its node; this copy was not applied",
                 )),
             };
@@ -795,7 +832,7 @@ impl Group {
                     "conf change rejected: {err}"
                 );
                 if let Some(w) = waiter {
-                    let _ = w.send(Err(Status::failed_precondition(format!(
+                    let _ = w.send(Err(CallError::Rejected(format!(
                         "conf change rejected: {err}"
                     ))));
                 }
@@ -829,7 +866,7 @@ impl Group {
     }
 
     /// Fails every waiter (the group is being removed or the node stops).
-    pub fn fail_all(&mut self, status: Status) {
+    pub fn fail_all(&mut self, status: CallError) {
         for (_, r) in self.queued.drain(..) {
             let _ = r.send(Err(status.clone()));
         }
@@ -868,11 +905,9 @@ mod tests {
         // Four wait for their ReadIndex; the fifth is refused at once.
         let fifth = answers.pop().unwrap().try_recv().unwrap();
         let err = fifth.expect("an answer").unwrap_err();
-        assert_eq!(err.code, crate::grpc::Code::ResourceExhausted);
         assert!(
-            err.message.contains("4 linearizable reads"),
-            "{}",
-            err.message
+            matches!(&err, CallError::Busy(m) if m.contains("4 linearizable reads")),
+            "{err:?}"
         );
         for mut rx in answers {
             assert!(
@@ -880,5 +915,46 @@ mod tests {
                 "a queued read was answered"
             );
         }
+    }
+
+    /// A follower that had no leader for long, then hears from one and
+    /// goes quiet before it ticks again, serves calls: the leaderless count
+    /// it kept by ticks is stale once a leader is known.
+    #[test]
+    fn a_known_leader_outweighs_a_stale_leaderless_count() {
+        use raft::eraftpb::{Message, MessageType};
+        let cfg = RaftConfig::default();
+        let mut g = Group::new(1, 2, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+        let alive = |_: u64| true;
+        // Ticks short of an election timeout, repeated: no campaign, no
+        // leader, and a leaderless count past two election timeouts.
+        for _ in 0..3 * g.election_ticks {
+            g.tick(&alive);
+            g.raw.raft.election_elapsed = 0;
+        }
+        let (tx, mut rx) = oneshot::channel();
+        g.read(Bytes::from_static(b"k"), tx);
+        assert!(
+            matches!(rx.try_recv(), Ok(Some(Err(CallError::Unavailable(_))))),
+            "no leader: refused at once"
+        );
+        // Node 1 leads, in a later term, and asks it to go quiet.
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.from = 1;
+        m.to = 2;
+        m.term = g.term() + 1;
+        m.commit = g.raw.raft.raft_log.last_index();
+        g.step_from(1, m.clone());
+        m.context = QUIESCE_CTX.to_vec().into();
+        g.step_from(1, m);
+        assert_eq!(g.leader(), 1);
+        assert!(g.is_quiescent());
+        let (tx, mut rx) = oneshot::channel();
+        g.read(Bytes::from_static(b"k"), tx);
+        assert!(
+            matches!(rx.try_recv(), Ok(None)),
+            "with a leader known the read waits for its ReadIndex"
+        );
     }
 }

@@ -5,4 +5,6 @@ pub mod group;
 pub mod logger;
 pub mod storage;
 
-pub use group::{Group, GroupError, GroupInit, Outbox, ReadResult, Reply, WriteResult};
+pub use group::{
+    CallError, Group, GroupError, GroupInit, GroupStatus, Outbox, ReadResult, Reply, WriteResult,
+};

@@ -30,13 +30,53 @@ use crate::kv::watch::{Ending, Event, Filter};
 use crate::node::meta::NodeMeta;
 use crate::proto::admin::PartitionStatus;
 use crate::proto::peer::PeerResponse;
-use crate::raft::{Group, GroupInit, ReadResult, Reply, WriteResult};
+use crate::raft::{CallError, Group, GroupInit, ReadResult, Reply, WriteResult};
 use crate::shutdown::Shutdown;
 use crate::transport::PeerLinks;
 use crate::wal::Wal;
 
 /// A callback run on the shard once the turn's WAL sync has completed.
 type AfterSync = Box<dyn FnOnce(&mut Shard)>;
+
+/// A replica's state as the admin API reports it.
+fn partition_status(g: crate::raft::GroupStatus, shard: u32) -> PartitionStatus {
+    use crate::proto::admin::Role;
+    let role = match g.role {
+        raft::StateRole::Follower => Role::Follower,
+        raft::StateRole::Candidate => Role::Candidate,
+        raft::StateRole::PreCandidate => Role::PreCandidate,
+        raft::StateRole::Leader => Role::Leader,
+    };
+    PartitionStatus {
+        partition_id: g.partition,
+        shard,
+        role: role as i32,
+        leader_id: g.leader,
+        term: g.term,
+        commit_index: g.commit,
+        applied_index: g.applied,
+        voters: g.voters,
+        snapshot_index: g.snapshot_index,
+        quiescent: g.quiescent,
+    }
+}
+
+/// How a shard answers a request that is not a group's call.
+pub type Answer<T> = oneshot::Sender<Result<T, Status>>;
+
+/// A group's call failure as the gRPC status a client gets.
+impl From<CallError> for Status {
+    fn from(e: CallError) -> Status {
+        let message = e.to_string();
+        match e {
+            CallError::Unavailable(_) => Status::unavailable(message),
+            CallError::Busy(_) => Status::resource_exhausted(message),
+            CallError::Aborted(_) => Status::aborted(message),
+            CallError::Rejected(_) => Status::failed_precondition(message),
+            CallError::NotHosted(_) => Status::not_found(message),
+        }
+    }
+}
 
 /// Everything a shard serves: what reaches its inbox. Requests that
 /// concern one partition name it, and answer through their `reply` (a
@@ -96,14 +136,14 @@ pub enum ShardMsg {
         start_index: u64,
         tx: futures::channel::mpsc::Sender<Event>,
         ending: Arc<Ending>,
-        reply: Reply<()>,
+        reply: Answer<()>,
     },
     /// Register a cluster-event watcher; answered with the leaders known
     /// now, from which its events continue.
     WatchCluster {
         tx: futures::channel::mpsc::Sender<crate::proto::admin::ClusterEvent>,
         behind: Arc<std::sync::atomic::AtomicBool>,
-        reply: Reply<Vec<(u32, u64, u64)>>,
+        reply: Answer<Vec<(u32, u64, u64)>>,
     },
 
     // --- Control ---
@@ -112,10 +152,10 @@ pub enum ShardMsg {
     CreateGroup {
         partition: u32,
         init: GroupInit,
-        reply: Reply<()>,
+        reply: Answer<()>,
     },
     /// Remove a replica and its state; answered once that is durable.
-    RemoveGroup { partition: u32, reply: Reply<()> },
+    RemoveGroup { partition: u32, reply: Answer<()> },
     /// Add (`AddNode`) or remove (`RemoveNode`) a voter, unless the
     /// configuration already says so. Answered at once with a receiver
     /// that is answered when the change applies here.
@@ -124,7 +164,7 @@ pub enum ShardMsg {
         node: u64,
         change: ConfChangeType,
         context: Vec<u8>,
-        reply: Reply<oneshot::Receiver<Result<ConfState, Status>>>,
+        reply: Answer<oneshot::Receiver<Result<ConfState, CallError>>>,
     },
     /// Ask the leader of `partition` here to hand leadership to `to`
     /// (nothing if it is not hosted or does not lead).
@@ -134,23 +174,23 @@ pub enum ShardMsg {
     /// One partition's status, `None` if it is not hosted here.
     PartitionStatus {
         partition: u32,
-        reply: Reply<Option<PartitionStatus>>,
+        reply: Answer<Option<PartitionStatus>>,
     },
     /// Every hosted partition's status and the shard's counters.
     Status {
-        reply: Reply<(Vec<PartitionStatus>, crate::proto::admin::ShardStatus)>,
+        reply: Answer<(Vec<PartitionStatus>, crate::proto::admin::ShardStatus)>,
     },
     /// Those of `partitions` that this shard owns and that have no
     /// replica or know no leader (the Bootstrap wait).
     WithoutLeader {
         partitions: Arc<Vec<u32>>,
-        reply: Reply<Vec<u32>>,
+        reply: Answer<Vec<u32>>,
     },
     /// Hosted partitions that know no leader (`/ready`).
-    Leaderless { reply: Reply<Vec<u32>> },
+    Leaderless { reply: Answer<Vec<u32>> },
     /// The shard's state for a metrics scrape.
     Metrics {
-        reply: Reply<crate::metrics::ShardState>,
+        reply: Answer<crate::metrics::ShardState>,
     },
 
     // --- The loop's own ---
@@ -298,7 +338,7 @@ impl NodeShared {
     pub async fn request<T: Send + 'static>(
         &self,
         shard: usize,
-        make: impl FnOnce(Reply<T>) -> ShardMsg,
+        make: impl FnOnce(Answer<T>) -> ShardMsg,
     ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.send_bounded(shard, make(tx))?;
@@ -312,7 +352,7 @@ impl NodeShared {
     /// [`NodeShared::request`] to every shard; the answers in shard order.
     pub async fn request_all<T: Send + 'static>(
         &self,
-        make: impl Fn(Reply<T>) -> ShardMsg,
+        make: impl Fn(Answer<T>) -> ShardMsg,
     ) -> Result<Vec<T>, Status> {
         let all = (0..self.inboxes.len()).map(|k| self.request(k, &make));
         futures::future::try_join_all(all).await
@@ -714,7 +754,7 @@ impl Shard {
     /// durable.
     fn remove_group(&mut self, partition: u32, done: impl FnOnce(Result<(), Status>) + 'static) {
         if let Some(mut g) = self.groups.remove(&partition) {
-            g.fail_all(Status::unavailable(format!(
+            g.fail_all(CallError::Unavailable(format!(
                 "partition {partition} left this node"
             )));
             tracing::info!(partition, shard = self.index, "replica removed");
@@ -801,7 +841,7 @@ impl Shard {
                 reply,
             } => match self.groups.get_mut(&partition) {
                 Some(g) => g.propose(cmd, reply),
-                None => drop(reply.send(Err(not_hosted(partition)))),
+                None => drop(reply.send(Err(CallError::NotHosted(partition)))),
             },
             ShardMsg::Read {
                 partition,
@@ -811,7 +851,7 @@ impl Shard {
             } => match self.groups.get_mut(&partition) {
                 Some(g) if serializable => drop(reply.send(Ok(g.read_local(&key)))),
                 Some(g) => g.read(key, reply),
-                None => drop(reply.send(Err(not_hosted(partition)))),
+                None => drop(reply.send(Err(CallError::NotHosted(partition)))),
             },
             ShardMsg::Watch {
                 filter,
@@ -867,11 +907,19 @@ impl Shard {
             }
             ShardMsg::PartitionStatus { partition, reply } => {
                 let shard = self.index as u32;
-                let _ = reply.send(Ok(self.groups.get(&partition).map(|g| g.status(shard))));
+                let st = self
+                    .groups
+                    .get(&partition)
+                    .map(|g| partition_status(g.status(), shard));
+                let _ = reply.send(Ok(st));
             }
             ShardMsg::Status { reply } => {
                 let shard = self.index as u32;
-                let groups = self.groups.values().map(|g| g.status(shard)).collect();
+                let groups = self
+                    .groups
+                    .values()
+                    .map(|g| partition_status(g.status(), shard))
+                    .collect();
                 let _ = reply.send(Ok((groups, self.stats())));
             }
             ShardMsg::WithoutLeader { partitions, reply } => {
@@ -993,7 +1041,7 @@ impl Shard {
             self.turn().await;
         }
         for g in self.groups.values_mut() {
-            g.fail_all(Status::unavailable("node is shutting down"));
+            g.fail_all(CallError::Unavailable("node is shutting down".into()));
         }
         tracing::debug!(shard = self.index, "shard loop stopped");
     }
@@ -1026,4 +1074,33 @@ fn spawn_ticker(inbox: mpsc::UnboundedSender<ShardMsg>, period: Duration, shutdo
         }
     })
     .detach();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::Code;
+
+    #[test]
+    fn every_call_error_is_one_grpc_status() {
+        let table = [
+            (CallError::Unavailable("u".into()), Code::Unavailable, "u"),
+            (CallError::Busy("b".into()), Code::ResourceExhausted, "b"),
+            (CallError::Aborted("a"), Code::Aborted, "a"),
+            (
+                CallError::Rejected("r".into()),
+                Code::FailedPrecondition,
+                "r",
+            ),
+            (
+                CallError::NotHosted(7),
+                Code::NotFound,
+                "partition 7 is not hosted here",
+            ),
+        ];
+        for (e, code, message) in table {
+            let s = Status::from(e.clone());
+            assert_eq!((s.code, s.message.as_str()), (code, message), "{e:?}");
+        }
+    }
 }
