@@ -11,7 +11,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use multiraft::config::RaftConfig;
 use multiraft::internals::{Command, Op, SessionId, WriteId};
-use multiraft::internals::{Group, GroupInit, Outbox};
+use multiraft::internals::{GroupInit, KvStore, Outbox};
+
+/// A replica of the key-value store, as a shard hosts it.
+type Group = multiraft::internals::Group<KvStore>;
 
 fn main() {
     for batch in [1usize, 16, 256] {

@@ -22,11 +22,13 @@
 //! - `shard`: the per-core loop that owns partitions and drives raft; its
 //!   typed requests (`ShardMsg`), the ready cycle (`shard::turn`) and
 //!   snapshot transfer.
-//! - `raft`: one raft group per partition, its quiescence
-//!   (`raft::group::quiet`) and its `raft::Storage`.
-//! - `kv`: the replicated key-value state machine (with its session
-//!   table: every write applied at most once), its service, forwarding and
-//!   watches.
+//! - `raft`: one raft group per partition, generic over the state machine
+//!   it replicates (`raft::StateMachine`), its quiescence
+//!   (`raft::group::quiet`) and its `raft::Storage`. It knows nothing of
+//!   KV, gRPC or the admin API.
+//! - `kv`: the replicated key-value state machine (`kv::KvStore`, the
+//!   `raft::StateMachine`, with its session table: every write applied at
+//!   most once), its service, forwarding and watches.
 //! - `wal`: the per-shard write-ahead log (segments, recovery, purge,
 //!   snapshot files).
 //! - `transport`: peer links between nodes (raft messages, pings, forwarded
@@ -64,6 +66,7 @@ pub use node::{memlock_hint, Node};
 pub mod internals {
     pub use crate::grpc::codec::{encode, UnaryDecoder};
     pub use crate::kv::command::{Command, Op, SessionId, WriteId};
+    pub use crate::kv::KvStore;
     pub use crate::raft::{Group, GroupInit, Outbox};
     pub use crate::tls::{api_client, node_name};
 }

@@ -9,6 +9,7 @@
 
 pub mod command;
 pub mod forward;
+mod machine;
 pub mod service;
 pub mod session;
 pub mod watch;
@@ -20,23 +21,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use command::{Command, Op};
 use session::{Admission, Refusal, Sessions};
 
-/// State-machine bytes (a snapshot, a batch of commands) that do not
-/// decode: what is wrong and where.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct DecodeError(String);
-
-impl From<&str> for DecodeError {
-    fn from(s: &str) -> DecodeError {
-        DecodeError(s.to_string())
-    }
-}
-
-impl From<String> for DecodeError {
-    fn from(s: String) -> DecodeError {
-        DecodeError(s)
-    }
-}
+pub use crate::raft::DecodeError;
 
 /// What applying one command produced, returned to the caller that proposed it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -102,7 +102,7 @@ impl Write {
 }
 
 /// The response message of a write, encoded.
-fn write_response(method: &str, p: u32, w: WriteResult) -> Result<Bytes, Status> {
+fn write_response(method: &str, p: u32, w: WriteResult<Applied>) -> Result<Bytes, Status> {
     let index = w.index;
     let body = match (method, w.applied) {
         (KV_PUT, Applied::Put { previous }) => PutResponse {
@@ -269,7 +269,12 @@ impl Api {
 
     /// Proposes `cmd` on the local replica of `p` and waits for it to be
     /// applied (or for the deadline).
-    async fn write(&self, p: u32, cmd: Command, deadline: Instant) -> Result<WriteResult, Status> {
+    async fn write(
+        &self,
+        p: u32,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<WriteResult<Applied>, Status> {
         let shard = self.node.shard_of(p);
         if self.disk_full(shard) {
             return Err(Status::unavailable(format!(

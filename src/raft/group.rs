@@ -14,10 +14,8 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Snapshot};
 use raft::{RawNode, StateRole};
 
+use super::machine::{DecodeError, StateMachine};
 use crate::config::RaftConfig;
-use crate::kv::command::{self, Command, WriteId};
-use crate::kv::session::Refusal;
-use crate::kv::{Applied, KvStore, Outcome};
 
 use super::storage::GroupStorage;
 
@@ -41,10 +39,7 @@ pub const INIT_INDEX: u64 = 5;
 pub enum GroupError {
     /// The state machine's snapshot does not decode.
     #[error("partition {partition}: snapshot: {source}")]
-    Snapshot {
-        partition: u32,
-        source: crate::kv::DecodeError,
-    },
+    Snapshot { partition: u32, source: DecodeError },
     /// raft-rs refused the initial state.
     #[error("partition {partition}: {source}")]
     Raft { partition: u32, source: raft::Error },
@@ -91,10 +86,11 @@ pub struct GroupStatus {
 /// A caller waiting for a result.
 pub type Reply<T> = oneshot::Sender<Result<T, CallError>>;
 
-/// The answer to a write.
+/// The answer to a write: the state machine's, and the index it was
+/// applied at.
 #[derive(Debug)]
-pub struct WriteResult {
-    pub applied: Applied,
+pub struct WriteResult<O> {
+    pub applied: O,
     pub index: u64,
 }
 
@@ -105,11 +101,14 @@ pub struct ReadResult {
     pub index: u64,
 }
 
+/// Where a write of state machine `S` is answered.
+type WriteReply<S> = Reply<WriteResult<<S as StateMachine>::Output>>;
+
 /// A proposed write waiting to be applied. The command is kept so it can be
 /// proposed again under the same identity if raft may have dropped it.
-struct Pending {
-    cmd: Command,
-    reply: Reply<WriteResult>,
+struct Pending<S: StateMachine> {
+    cmd: S::Command,
+    reply: WriteReply<S>,
     /// Tick and term of the last proposal.
     proposed_tick: u64,
     proposed_term: u64,
@@ -128,15 +127,15 @@ struct ReadBatch {
     sent_tick: u64,
 }
 
-/// What a group hands to its shard during a turn.
-#[derive(Default)]
-pub struct Outbox {
+/// What a group hands to its shard during a turn (`E`: the state
+/// machine's events).
+pub struct Outbox<E> {
     /// (node, raft address) pairs learned from applied conf changes.
     pub learned: Vec<(u64, String)>,
     /// Whether to fill `events` (the shard's watch history is recording).
     pub watching: bool,
     /// Changes applied this turn, in order, for watches (`kv::watch`).
-    pub events: Vec<crate::kv::watch::Event>,
+    pub events: Vec<E>,
     /// Membership changes applied this turn: (partition, index, voters).
     pub conf_changes: Vec<(u32, u64, Vec<u64>)>,
     /// Snapshots sent this turn: (partition, to, index).
@@ -145,22 +144,35 @@ pub struct Outbox {
     pub snapshots_installed: Vec<(u32, u64)>,
 }
 
-pub struct Group {
+impl<E> Default for Outbox<E> {
+    fn default() -> Self {
+        Outbox {
+            learned: Vec::new(),
+            watching: false,
+            events: Vec::new(),
+            conf_changes: Vec::new(),
+            snapshots_sent: Vec::new(),
+            snapshots_installed: Vec::new(),
+        }
+    }
+}
+
+pub struct Group<S: StateMachine> {
     pub id: u32,
     raw: RawNode<GroupStorage>,
     storage: GroupStorage,
-    kv: KvStore,
+    sm: S,
     applied: u64,
     applied_term: u64,
     /// Conf state as of `applied`, stored in snapshots taken at `applied`.
     applied_conf: ConfState,
     snapshot_index: u64,
     /// Proposals of this turn, proposed together as one entry.
-    queued: Vec<(Command, Reply<WriteResult>)>,
+    queued: Vec<(S::Command, WriteReply<S>)>,
     /// Commands proposed again this turn (their callers stay in `waiting`).
-    reproposals: Vec<Command>,
+    reproposals: Vec<S::Command>,
     /// Proposed commands waiting to be applied, by write identity.
-    waiting: HashMap<WriteId, Pending>,
+    waiting: HashMap<S::Id, Pending<S>>,
     /// Linearizable reads of this turn, sent as one ReadIndex request.
     read_queue: Vec<ReadWaiter>,
     read_batches: HashMap<u64, ReadBatch>,
@@ -239,17 +251,17 @@ impl GroupInit {
     }
 }
 
-impl Group {
+impl<S: StateMachine> Group<S> {
     pub fn new(
         id: u32,
         node_id: u64,
         cfg: &RaftConfig,
         max_inflight: usize,
         init: GroupInit,
-    ) -> Result<Group, GroupError> {
-        let (kv, snap_index, snap_term, snap_conf) = match &init.snapshot {
+    ) -> Result<Group<S>, GroupError> {
+        let (sm, snap_index, snap_term, snap_conf) = match &init.snapshot {
             Some(s) => (
-                KvStore::restore(&s.data).map_err(|source| GroupError::Snapshot {
+                S::restore(&s.data).map_err(|source| GroupError::Snapshot {
                     partition: id,
                     source,
                 })?,
@@ -257,7 +269,7 @@ impl Group {
                 s.get_metadata().term,
                 s.get_metadata().get_conf_state().clone(),
             ),
-            None => (KvStore::default(), 0, 0, ConfState::default()),
+            None => (S::default(), 0, 0, ConfState::default()),
         };
         let storage = GroupStorage::new(
             init.hard_state,
@@ -287,7 +299,7 @@ impl Group {
             id,
             raw,
             storage,
-            kv,
+            sm,
             applied: snap_index,
             applied_term: snap_term,
             applied_conf: snap_conf,
@@ -491,7 +503,7 @@ impl Group {
 
     /// Queues a write for this turn's batch. Refused with RESOURCE_EXHAUSTED
     /// when too many writes of the partition are already in flight.
-    pub fn propose(&mut self, cmd: Command, reply: Reply<WriteResult>) {
+    pub fn propose(&mut self, cmd: S::Command, reply: WriteReply<S>) {
         self.wake();
         if reply.is_canceled() {
             // Its caller's deadline passed on the way here: not proposed.
@@ -559,7 +571,7 @@ impl Group {
     /// Serves a read from the local replica as it is now.
     pub fn read_local(&self, key: &[u8]) -> ReadResult {
         ReadResult {
-            value: self.kv.get(key).cloned(),
+            value: self.sm.get(key),
             index: self.applied,
         }
     }
@@ -596,9 +608,9 @@ impl Group {
         let has_writes = !self.queued.is_empty() || !self.reproposals.is_empty();
         if has_writes && self.raw.raft.leader_id != raft::INVALID_ID {
             let batch: Vec<_> = std::mem::take(&mut self.queued);
-            let mut cmds: Vec<Command> = std::mem::take(&mut self.reproposals);
+            let mut cmds: Vec<S::Command> = std::mem::take(&mut self.reproposals);
             cmds.extend(batch.iter().map(|(c, _)| c.clone()));
-            let data = command::encode_batch(&cmds);
+            let data = S::encode(&cmds);
             match self.raw.propose(Vec::new(), data.to_vec()) {
                 Ok(()) => {
                     let (tick, term) = (self.ticks, self.raw.raft.term);
@@ -612,7 +624,7 @@ impl Group {
                         // The same write again (a caller retried through
                         // this node): the newer caller waits, the older
                         // one is told to look elsewhere.
-                        if let Some(old) = self.waiting.insert(p.cmd.id, p) {
+                        if let Some(old) = self.waiting.insert(S::id(&p.cmd), p) {
                             let _ = old.reply.send(Err(CallError::Unavailable(
                                 "superseded by a retry of the same write".into(),
                             )));
@@ -670,13 +682,13 @@ impl Group {
 
     /// Installs a snapshot from the leader into the state machine.
     pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), GroupError> {
-        let kv = KvStore::restore(&snap.data).map_err(|source| GroupError::Snapshot {
+        let sm = S::restore(&snap.data).map_err(|source| GroupError::Snapshot {
             partition: self.id,
             source,
         })?;
         let meta = snap.get_metadata();
         self.storage.apply_snapshot(snap.clone());
-        self.kv = kv;
+        self.sm = sm;
         self.applied = meta.index;
         self.applied_term = meta.term;
         self.applied_conf = meta.get_conf_state().clone();
@@ -687,7 +699,7 @@ impl Group {
 
     /// Applies committed entries. Conf changes update raft's configuration
     /// and are returned so the shard can persist the new conf state.
-    pub fn apply(&mut self, entries: Vec<Entry>, out: &mut Outbox) -> Option<ConfState> {
+    pub fn apply(&mut self, entries: Vec<Entry>, out: &mut Outbox<S::Event>) -> Option<ConfState> {
         let mut new_conf = None;
         for e in entries {
             if e.index <= self.applied {
@@ -716,8 +728,8 @@ impl Group {
         new_conf
     }
 
-    fn apply_normal(&mut self, e: &Entry, out: &mut Outbox) {
-        let cmds = match command::decode_batch(&e.data) {
+    fn apply_normal(&mut self, e: &Entry, out: &mut Outbox<S::Event>) {
+        let cmds = match S::decode(&e.data) {
             Ok(c) => c,
             Err(err) => {
                 // CRC-checked data that does not decode is a bug, not input:
@@ -732,53 +744,17 @@ impl Group {
         };
         self.commands_applied += cmds.len() as u64;
         for cmd in cmds {
-            let id = cmd.id;
-            // Watch events only observe the outcome below: they are built
-            // after the session table decided (a duplicate or refused copy
-            // makes none) and change nothing that is applied or answered.
-            // Copied (key and value in one allocation), so that a watch
-            // event holds its own bytes and not the whole entry batch they
-            // are slices of; and only while the shard records them.
-            let event = out.watching.then(|| match &cmd.op {
-                command::Op::Put { value } | command::Op::Cas { value, .. } => {
-                    let mut both = bytes::BytesMut::with_capacity(cmd.key.len() + value.len());
-                    both.extend_from_slice(&cmd.key);
-                    both.extend_from_slice(value);
-                    let both = both.freeze();
-                    let k = cmd.key.len();
-                    (both.slice(..k), Some(both.slice(k..)))
-                }
-                command::Op::Delete => (Bytes::copy_from_slice(&cmd.key), None),
-            });
-            let result = match self.kv.apply(cmd, e.index) {
-                Outcome::Applied(applied) => {
-                    let changed = match &applied {
-                        Applied::Put { .. } => true,
-                        Applied::Delete { previous } => previous.is_some(),
-                        Applied::Cas { succeeded, .. } => *succeeded,
-                    };
-                    if let (true, Some((key, value))) = (changed, event) {
-                        out.events.push(crate::kv::watch::Event {
-                            partition: self.id,
-                            index: e.index,
-                            key,
-                            value,
-                        });
-                    }
-                    Ok(WriteResult {
-                        applied,
-                        index: e.index,
-                    })
-                }
-                Outcome::Duplicate { applied, index } => Ok(WriteResult { applied, index }),
-                Outcome::Refused(Refusal::Finished) => Err(CallError::Aborted(
-                    "this copy of the write came after its proposer had finished with it; this copy was not applied",
-                )),
-                Outcome::Refused(Refusal::Expired) => Err(CallError::Aborted(
-                    "the write's session belongs to an earlier run of its node; this copy was not applied",
-                )),
+            let id = S::id(&cmd);
+            let events = if out.watching {
+                Some(&mut out.events)
+            } else {
+                None
             };
-            if id.session.node == 0 {
+            let result = self
+                .sm
+                .apply(self.id, e.index, cmd, events)
+                .map(|(applied, index)| WriteResult { applied, index });
+            if !S::has_caller(&id) {
                 continue;
             }
             if let Some(p) = self.waiting.remove(&id) {
@@ -787,7 +763,7 @@ impl Group {
         }
     }
 
-    fn apply_conf_change(&mut self, e: &Entry, out: &mut Outbox) -> Option<ConfState> {
+    fn apply_conf_change(&mut self, e: &Entry, out: &mut Outbox<S::Event>) -> Option<ConfState> {
         let waiter = <[u8; 8]>::try_from(&e.context[..])
             .ok()
             .and_then(|c| self.conf_waiters.remove(&u64::from_le_bytes(c)));
@@ -851,7 +827,7 @@ impl Group {
             return None;
         }
         let mut snap = Snapshot {
-            data: self.kv.snapshot(),
+            data: self.sm.snapshot(),
             ..Default::default()
         };
         let meta = snap.mut_metadata();
@@ -892,10 +868,55 @@ impl Group {
 mod tests {
     use super::*;
 
+    /// A state machine that only counts: these tests are about the group.
+    #[derive(Default)]
+    struct Counter(u64);
+
+    impl StateMachine for Counter {
+        type Command = u64;
+        type Id = u64;
+        type Output = u64;
+        type Event = ();
+        fn id(cmd: &u64) -> u64 {
+            *cmd
+        }
+        fn has_caller(_: &u64) -> bool {
+            true
+        }
+        fn encode(cmds: &[u64]) -> Bytes {
+            cmds.iter().flat_map(|c| c.to_le_bytes()).collect()
+        }
+        fn decode(data: &Bytes) -> Result<Vec<u64>, DecodeError> {
+            Ok(data
+                .chunks(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect())
+        }
+        fn apply(
+            &mut self,
+            _: u32,
+            index: u64,
+            _: u64,
+            _: Option<&mut Vec<()>>,
+        ) -> Result<(u64, u64), CallError> {
+            self.0 += 1;
+            Ok((self.0, index))
+        }
+        fn get(&self, _: &[u8]) -> Option<Bytes> {
+            None
+        }
+        fn snapshot(&self) -> Bytes {
+            Bytes::copy_from_slice(&self.0.to_le_bytes())
+        }
+        fn restore(data: &Bytes) -> Result<Counter, DecodeError> {
+            Ok(Counter(Self::decode(data)?.first().copied().unwrap_or(0)))
+        }
+    }
+
     #[test]
     fn reads_in_flight_are_bounded() {
         let cfg = RaftConfig::default();
-        let mut g = Group::new(1, 1, &cfg, 4, GroupInit::bootstrap(vec![1])).unwrap();
+        let mut g = Group::<Counter>::new(1, 1, &cfg, 4, GroupInit::bootstrap(vec![1])).unwrap();
         let mut answers = Vec::new();
         for _ in 0..5 {
             let (tx, rx) = oneshot::channel();
@@ -924,7 +945,8 @@ mod tests {
     fn a_known_leader_outweighs_a_stale_leaderless_count() {
         use raft::eraftpb::{Message, MessageType};
         let cfg = RaftConfig::default();
-        let mut g = Group::new(1, 2, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+        let mut g =
+            Group::<Counter>::new(1, 2, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
         let alive = |_: u64| true;
         // Ticks short of an election timeout, repeated: no campaign, no
         // leader, and a leaderless count past two election timeouts.

@@ -30,7 +30,10 @@ use crate::kv::watch::{Ending, Event, Filter};
 use crate::node::meta::NodeMeta;
 use crate::proto::admin::PartitionStatus;
 use crate::proto::peer::PeerResponse;
-use crate::raft::{CallError, Group, GroupInit, ReadResult, Reply, WriteResult};
+use crate::raft::{CallError, GroupInit, ReadResult, Reply, WriteResult};
+
+/// A replica of a partition: a raft group replicating the key-value store.
+pub(crate) type Group = crate::raft::Group<crate::kv::KvStore>;
 use crate::shutdown::Shutdown;
 use crate::transport::PeerLinks;
 use crate::wal::Wal;
@@ -120,7 +123,7 @@ pub enum ShardMsg {
     Propose {
         partition: u32,
         cmd: Command,
-        reply: Reply<WriteResult>,
+        reply: Reply<WriteResult<crate::kv::Applied>>,
     },
     /// Read a key: linearizable (ReadIndex) or, with `serializable`, from
     /// this replica's state as it is.

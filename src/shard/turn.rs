@@ -24,6 +24,7 @@ use crate::proto::peer::{envelope, Envelope, RaftMessage};
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::kv::watch::Event;
 use crate::raft::Outbox;
 use crate::transport::PeerLinks;
 
@@ -142,7 +143,7 @@ impl Shard {
         &mut self,
         readies: Vec<(u32, raft::Ready)>,
         out_ctx: &SendCtx,
-        out: &mut Outbox,
+        out: &mut Outbox<Event>,
     ) {
         for (id, mut rd) in readies {
             let Some(g) = self.groups.get_mut(&id) else {
@@ -184,7 +185,7 @@ impl Shard {
     }
 
     /// Learned addresses and WAL purges, after the turn's work.
-    async fn housekeeping(&mut self, out: Outbox) {
+    async fn housekeeping(&mut self, out: Outbox<Event>) {
         for e in out.events {
             self.watch.publish(e);
         }
@@ -311,7 +312,7 @@ struct SendCtx {
     snapshots_sent: prometheus::IntCounter,
 }
 
-fn send_all(ctx: &SendCtx, partition: u32, msgs: Vec<Message>, out: &mut Outbox) {
+fn send_all(ctx: &SendCtx, partition: u32, msgs: Vec<Message>, out: &mut Outbox<Event>) {
     let links = &ctx.links;
     for m in msgs {
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {

@@ -5,7 +5,7 @@ use raft::eraftpb::Message;
 
 use super::Group;
 
-impl Group {
+impl<S: super::StateMachine> Group<S> {
     /// Steps a message that arrived on the peer connection of node `from`.
     /// Only members take part: a message is dropped (and logged with its
     /// sender) unless it comes from the node it names as sender, is

@@ -58,7 +58,7 @@ pub(super) struct Quiet {
     appended: Vec<u64>,
 }
 
-impl Group {
+impl<S: super::StateMachine> Group<S> {
     /// Whether the group has stopped ticking (see the module notes).
     pub fn is_quiescent(&self) -> bool {
         self.quiet.quiescent
