@@ -15,20 +15,22 @@
 //! - [`internals`]: the few internal parts the benches measure on their
 //!   own and the tests use to speak TLS to a raft port.
 //!
-//! Internal:
-//! - `node`: start-up, node metadata, the Node/Admin services, health,
-//!   reflection, cluster events and the per-shard request router
-//!   (`node::api`).
+//! Internal, each depending only on those after it among `node`, `shard`,
+//! `kv` and `raft` (no cycles: `raft` knows none of the others):
+//! - `node`: start-up and its errors, the Node/Admin/KV services, health,
+//!   reflection and the per-shard request router (`node::api`).
 //! - `shard`: the per-core loop that owns partitions and drives raft; its
-//!   typed requests (`ShardMsg`), the ready cycle (`shard::turn`) and
-//!   snapshot transfer.
+//!   typed requests (`ShardMsg`), the ready cycle (`shard::turn`), cluster
+//!   events and snapshot transfer.
+//! - `kv`: the replicated key-value state machine (`kv::KvStore`, the
+//!   `raft::StateMachine`, with its session table: every write applied at
+//!   most once), forwarding and watches.
 //! - `raft`: one raft group per partition, generic over the state machine
 //!   it replicates (`raft::StateMachine`), its quiescence
 //!   (`raft::group::quiet`) and its `raft::Storage`. It knows nothing of
 //!   KV, gRPC or the admin API.
-//! - `kv`: the replicated key-value state machine (`kv::KvStore`, the
-//!   `raft::StateMachine`, with its session table: every write applied at
-//!   most once), its service, forwarding and watches.
+//! - `meta`: the node's metadata on disk (identity, layout, hosted
+//!   partitions, address book).
 //! - `wal`: the per-shard write-ahead log (segments, recovery, purge,
 //!   snapshot files).
 //! - `transport`: peer links between nodes (raft messages, pings, forwarded
@@ -44,6 +46,7 @@ pub mod cli;
 pub mod config;
 mod grpc;
 mod kv;
+mod meta;
 mod metrics;
 mod net;
 mod node;

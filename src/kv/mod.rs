@@ -10,7 +10,6 @@
 pub mod command;
 pub mod forward;
 mod machine;
-pub mod service;
 pub mod session;
 pub mod watch;
 
@@ -82,7 +81,7 @@ impl KvStore {
     }
 
     /// Applies one command taken from the entry at `index`, at most once per
-    /// write identity (see [`session`]). Deterministic: every replica gets
+    /// write identity (see `kv::session`). Deterministic: every replica gets
     /// the same outcome.
     pub fn apply(&mut self, cmd: Command, index: u64) -> Outcome {
         if cmd.id.session.node == 0 {

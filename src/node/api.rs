@@ -15,7 +15,7 @@ use futures::future::LocalBoxFuture;
 use prost::Message;
 
 use crate::grpc::{Code, Handler, Kind, Request, Status, StreamCall};
-use crate::node::meta::NodeMeta;
+use crate::meta::NodeMeta;
 use crate::proto::admin::{PartitionStatus, StatusResponse};
 use crate::proto::peer::{
     envelope, AddVoterRequest, Envelope, PeerRequest, PeerResponse, RemoveVoterRequest,
@@ -222,7 +222,7 @@ impl Api {
                 ))
             }
         };
-        let (tx, mut rx) = futures::channel::mpsc::channel(super::events::QUEUE);
+        let (tx, mut rx) = futures::channel::mpsc::channel(crate::shard::events::QUEUE);
         let behind = Arc::new(AtomicBool::new(false));
         // Registered together with each partition's leader as of then, on
         // the shard's own thread: the watcher starts from that state and
@@ -238,7 +238,7 @@ impl Api {
         drop(tx);
         for leaders in registered {
             for (p, leader, term) in leaders {
-                let mut e = super::events::event(
+                let mut e = crate::shard::events::event(
                     crate::proto::admin::cluster_event::Type::LeaderChanged,
                     p,
                 );
@@ -256,7 +256,7 @@ impl Api {
         if behind.load(Ordering::Relaxed) {
             return Err(Status::resource_exhausted(format!(
                 "the watcher fell more than {} events behind; watch again (and read Status for the state now)",
-                super::events::QUEUE
+                crate::shard::events::QUEUE
             )));
         }
         Err(Status::unavailable("the node is shutting down"))

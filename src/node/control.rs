@@ -27,7 +27,7 @@ use crate::proto::peer::{
 use crate::raft::GroupInit;
 
 use super::api::{decode, with_deadline, Api, PEER_ADD_VOTER, PEER_CONF_QUERY, PEER_REMOVE_VOTER};
-use super::meta::{validate_layout, validate_partition, Members, NodeMeta};
+use crate::meta::{validate_layout, validate_partition, Members, NodeMeta};
 
 /// Poll period while waiting for a cluster condition.
 const POLL: Duration = Duration::from_millis(20);
@@ -442,7 +442,7 @@ impl Api {
                 "partition {pid} is not hosted here"
             )));
         }
-        if req.node_id == 0 || !super::meta::check_address(&req.raft_addr) {
+        if req.node_id == 0 || !crate::meta::check_address(&req.raft_addr) {
             return Err(Status::invalid_argument(
                 "AddVoter needs a node id and a host:port address",
             ));

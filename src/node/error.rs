@@ -28,9 +28,9 @@ pub enum StartError {
     /// The data directory was laid out for another node or shard count.
     #[error("{}", .0)]
     Mismatch(String),
-    /// The node metadata file does not parse.
-    #[error("{}: {reason}", path.display())]
-    Meta { path: PathBuf, reason: String },
+    /// The node metadata file could not be read or does not parse.
+    #[error("{0}")]
+    Meta(#[from] crate::meta::LoadError),
     /// A shard's write-ahead log could not be opened or replayed.
     #[error("shard {shard}: {source}")]
     Wal {

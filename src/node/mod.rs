@@ -10,9 +10,8 @@
 pub mod api;
 pub mod control;
 mod error;
-pub mod events;
 pub mod health;
-pub mod meta;
+mod kv_service;
 pub mod reflection;
 
 use std::rc::Rc;
@@ -27,9 +26,9 @@ use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::transport::PeerLinks;
 use crate::wal::{Wal, WalConfig};
 
+use crate::meta::NodeMeta;
 use api::Api;
 pub use error::StartError;
-use meta::NodeMeta;
 
 /// A started node; dropping it does not stop it, call [`Node::stop`].
 pub struct Node {

@@ -8,6 +8,7 @@
 //! locks on this path; the only shared structure is [`NodeShared`], which
 //! is read-only except for the control plane (Bootstrap/Join/Leave).
 
+pub mod events;
 pub mod snapshot;
 mod turn;
 
@@ -27,7 +28,7 @@ use crate::config::NodeConfig;
 use crate::grpc::Status;
 use crate::kv::command::Command;
 use crate::kv::watch::{Ending, Event, Filter};
-use crate::node::meta::NodeMeta;
+use crate::meta::NodeMeta;
 use crate::proto::admin::PartitionStatus;
 use crate::proto::peer::PeerResponse;
 use crate::raft::{CallError, GroupInit, ReadResult, Reply, WriteResult};
@@ -404,7 +405,7 @@ pub struct Shard {
     /// Recent changes and the watchers of this shard's partitions.
     watch: crate::kv::watch::Hub,
     /// Watchers of cluster events (`Admin/Watch`).
-    events: crate::node::events::Events,
+    events: events::Events,
     /// Ticks since start (for the leader-balancing rounds).
     ticks: u64,
     /// Groups the next turn visits: those that were ticked or got a
@@ -743,7 +744,7 @@ impl Shard {
                 self.ready.insert(partition);
                 self.awake.insert(partition);
                 tracing::info!(partition, shard = self.index, "replica created");
-                self.events.publish(crate::node::events::event(
+                self.events.publish(events::event(
                     crate::proto::admin::cluster_event::Type::PartitionAdded,
                     partition,
                 ));
@@ -763,7 +764,7 @@ impl Shard {
             tracing::info!(partition, shard = self.index, "replica removed");
         }
         self.watch.removed(partition);
-        self.events.publish(crate::node::events::event(
+        self.events.publish(events::event(
             crate::proto::admin::cluster_event::Type::PartitionRemoved,
             partition,
         ));
@@ -994,7 +995,7 @@ impl Shard {
             ready.insert(*p);
             if let Some((leader, term)) = g.take_new_leader() {
                 if events.watched() {
-                    let mut e = crate::node::events::event(Type::LeaderChanged, *p);
+                    let mut e = events::event(Type::LeaderChanged, *p);
                     e.node_id = leader;
                     e.term = term;
                     events.publish(e);

@@ -190,7 +190,7 @@ impl Shard {
             self.watch.publish(e);
         }
         if self.events.watched() {
-            use crate::node::events::event;
+            use super::events::event;
             use crate::proto::admin::cluster_event::Type;
             for (p, index, voters) in out.conf_changes {
                 let mut e = event(Type::MembershipChanged, p);

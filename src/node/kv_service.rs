@@ -13,10 +13,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use prost::Message;
 
+use super::api::{decode, with_deadline, Api, KV_CAS, KV_DELETE, KV_GET, KV_PUT, PEER_PROPOSE};
 use crate::grpc::{Request, Status};
-use crate::node::api::{
-    decode, with_deadline, Api, KV_CAS, KV_DELETE, KV_GET, KV_PUT, PEER_PROPOSE,
-};
 use crate::proto::kv::{
     CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse, GetRequest,
     GetResponse, PutRequest, PutResponse,
@@ -25,9 +23,9 @@ use crate::proto::peer::ProposeRequest;
 use crate::raft::{ReadResult, Reply, WriteResult};
 use crate::shard::ShardMsg;
 
-use super::command::{Command, Op, WriteId};
-use super::forward::{self, Plan};
-use super::Applied;
+use crate::kv::command::{Command, Op, WriteId};
+use crate::kv::forward::{self, Plan};
+use crate::kv::Applied;
 
 /// Where a call on a partition goes.
 enum Route {
@@ -378,7 +376,7 @@ impl Api {
             )));
         }
         let id = WriteId {
-            session: super::command::SessionId {
+            session: crate::kv::command::SessionId {
                 node: pr.session_node,
                 epoch: pr.session_epoch,
             },
@@ -434,7 +432,7 @@ impl Api {
     /// partition and streams its events until the client goes away or the
     /// shard ends the watch (see `kv::watch` for the reasons).
     pub async fn kv_watch(&self, mut call: crate::grpc::StreamCall) -> Result<(), Status> {
-        use super::watch::{Ending, Filter, WATCHER_QUEUE};
+        use crate::kv::watch::{Ending, Filter, WATCHER_QUEUE};
         use crate::proto::kv::{watch_event, WatchEvent, WatchRequest};
         use futures::StreamExt;
 

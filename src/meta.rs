@@ -48,26 +48,35 @@ impl NodeMeta {
     }
 }
 
+/// Why the stored metadata could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
 impl NodeMeta {
     pub fn path(data_dir: &Path) -> PathBuf {
         data_dir.join("node.json")
     }
 
     /// Loads the metadata, or `None` for a fresh data directory.
-    pub fn load(data_dir: &Path) -> Result<Option<NodeMeta>, super::StartError> {
+    pub fn load(data_dir: &Path) -> Result<Option<NodeMeta>, LoadError> {
         let path = Self::path(data_dir);
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
                 .map(Some)
-                .map_err(|e| super::StartError::Meta {
-                    reason: e.to_string(),
-                    path,
-                }),
+                .map_err(|e| LoadError::Parse { path, source: e }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(super::StartError::Io {
-                what: format!("read {}", path.display()),
-                source: e,
-            }),
+            Err(e) => Err(LoadError::Read { path, source: e }),
         }
     }
 
