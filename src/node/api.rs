@@ -1,6 +1,8 @@
-//! The per-shard gRPC application: decodes requests, routes them, encodes
-//! answers. One `Api` per shard serves both the public gRPC frontend and
-//! calls forwarded from other nodes over the peer links.
+//! The per-shard gRPC application: decodes requests, routes them to their
+//! service (`NodeService`, `KvService`, `AdminService`, `PeerService`),
+//! encodes answers. One `Api` per shard serves both the public gRPC
+//! frontend and calls forwarded from other nodes over the peer links. The
+//! method paths below are the one table the server and the CLI share.
 
 use crate::shard::ShardMsg;
 use std::cell::{Cell, RefCell};
@@ -59,7 +61,8 @@ pub struct ApiInner {
     pub shutdown: crate::shutdown::Shutdown,
 }
 
-/// Cheap handle to one shard's application.
+/// Cheap handle to one shard's application: the state every service of
+/// the shard shares, and the routing of calls to them.
 #[derive(Clone)]
 pub struct Api(pub Rc<ApiInner>);
 
@@ -69,6 +72,41 @@ impl std::ops::Deref for Api {
         &self.0
     }
 }
+
+/// The services a shard serves, each a view of its [`Api`] with the
+/// methods of one gRPC service.
+macro_rules! service {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub struct $name(pub Api);
+
+        impl std::ops::Deref for $name {
+            type Target = Api;
+            fn deref(&self) -> &Api {
+                &self.0
+            }
+        }
+    };
+}
+
+service!(
+    /// `atomix.multiraft.v1.Node`: Bootstrap, Join, Leave (`control.rs`).
+    NodeService
+);
+service!(
+    /// `multiraft.kv.v1.KV`: Put, Get, Delete, CompareAndSwap, Watch, and
+    /// proposals forwarded by peers (`kv_service.rs`).
+    KvService
+);
+service!(
+    /// `multiraft.admin.v1.Admin`: Status and the cluster-event Watch.
+    AdminService
+);
+service!(
+    /// The steps of Join and Leave that nodes ask of each other over the
+    /// peer port: AddVoter, RemoveVoter, ConfQuery (`control.rs`).
+    PeerService
+);
 
 impl Api {
     pub fn new(
@@ -131,28 +169,32 @@ impl Api {
             refused_peer_call(from, &why);
             return Err(Status::permission_denied(why));
         }
+        let (node, kv) = (NodeService(self.clone()), KvService(self.clone()));
+        let peer_service = PeerService(self.clone());
         match req.method.as_str() {
-            NODE_BOOTSTRAP => reply(self.bootstrap(decode(&req.body)?, deadline).await),
-            NODE_JOIN => reply(self.join(decode(&req.body)?, deadline).await),
-            NODE_LEAVE => reply(self.leave(decode(&req.body)?, deadline).await),
+            NODE_BOOTSTRAP => reply(node.bootstrap(decode(&req.body)?, deadline).await),
+            NODE_JOIN => reply(node.join(decode(&req.body)?, deadline).await),
+            NODE_LEAVE => reply(node.leave(decode(&req.body)?, deadline).await),
             ADMIN_STATUS => {
                 let _: crate::proto::admin::StatusRequest = decode(&req.body)?;
-                reply(self.status().await)
+                reply(AdminService(self.clone()).status().await)
             }
-            KV_PUT | KV_DELETE | KV_CAS => self.kv_write(&req).await,
-            KV_GET => self.kv_get(&req, from_peer).await,
-            PEER_PROPOSE if from_peer => self.kv_propose(&req).await,
+            KV_PUT | KV_DELETE | KV_CAS => kv.write_call(&req).await,
+            KV_GET => kv.get_call(&req, from_peer).await,
+            PEER_PROPOSE if from_peer => kv.propose_call(&req).await,
             PEER_ADD_VOTER if from_peer => {
                 let r: AddVoterRequest = decode(&req.body)?;
                 self.check_membership_caller(peer, r.partition_id, r.node_id)?;
-                reply(self.add_voter(r, deadline).await)
+                reply(peer_service.add_voter(r, deadline).await)
             }
             PEER_REMOVE_VOTER if from_peer => {
                 let r: RemoveVoterRequest = decode(&req.body)?;
                 self.check_membership_caller(peer, r.partition_id, r.node_id)?;
-                reply(self.remove_voter(r, deadline).await)
+                reply(peer_service.remove_voter(r, deadline).await)
             }
-            PEER_CONF_QUERY if from_peer => reply(self.conf_query(decode(&req.body)?).await),
+            PEER_CONF_QUERY if from_peer => {
+                reply(peer_service.conf_query(decode(&req.body)?).await)
+            }
             super::health::CHECK => super::health::check(self, &req.body),
             m => Err(Status::unimplemented(format!("unknown method {m}"))),
         }
@@ -187,7 +229,9 @@ impl Api {
             "node {caller} may not change the membership of partition {partition}"
         )))
     }
+}
 
+impl AdminService {
     /// Every partition hosted on this node.
     pub async fn status(&self) -> Result<StatusResponse, Status> {
         let per_shard = self
@@ -261,7 +305,9 @@ impl Api {
         }
         Err(Status::unavailable("the node is shutting down"))
     }
+}
 
+impl Api {
     /// Status of one local partition, if hosted.
     pub async fn partition_status(
         &self,
@@ -445,12 +491,12 @@ impl Handler for Api {
         match call.method.as_str() {
             health::WATCH => Box::pin(health::watch(self.clone(), call)),
             KV_WATCH => {
-                let api = self.clone();
-                Box::pin(async move { api.kv_watch(call).await })
+                let kv = KvService(self.clone());
+                Box::pin(async move { kv.watch(call).await })
             }
             ADMIN_WATCH => {
-                let api = self.clone();
-                Box::pin(async move { api.cluster_watch(call).await })
+                let admin = AdminService(self.clone());
+                Box::pin(async move { admin.cluster_watch(call).await })
             }
             reflection::V1 | reflection::V1ALPHA => Box::pin(reflection::serve(call)),
             m => {

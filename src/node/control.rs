@@ -26,7 +26,10 @@ use crate::proto::peer::{
 };
 use crate::raft::GroupInit;
 
-use super::api::{decode, with_deadline, Api, PEER_ADD_VOTER, PEER_CONF_QUERY, PEER_REMOVE_VOTER};
+use super::api::{
+    decode, with_deadline, Api, NodeService, PeerService, PEER_ADD_VOTER, PEER_CONF_QUERY,
+    PEER_REMOVE_VOTER,
+};
 use crate::meta::{validate_layout, validate_partition, Members, NodeMeta};
 
 /// Poll period while waiting for a cluster condition.
@@ -34,7 +37,7 @@ const POLL: Duration = Duration::from_millis(20);
 /// Per-attempt timeout of a call to another member.
 const PEER_ATTEMPT: Duration = Duration::from_secs(2);
 
-impl Api {
+impl NodeService {
     pub async fn bootstrap(
         &self,
         req: BootstrapRequest,
@@ -379,7 +382,9 @@ impl Api {
         }
         Ok(false)
     }
+}
 
+impl PeerService {
     /// Internal: a member is asked to remove a node from a partition (the
     /// node itself, leaving with no configuration of its own).
     pub async fn remove_voter(
@@ -395,39 +400,6 @@ impl Api {
         self.change_membership(pid, node, ConfChangeType::RemoveNode, Vec::new(), deadline)
             .await?;
         Ok(RemoveVoterResponse {})
-    }
-
-    /// Proposes adding (`AddNode`, with the raft address as context) or
-    /// removing `node` in partition `pid` on the local replica, unless the
-    /// configuration already says so, and waits for it to apply here.
-    async fn change_membership(
-        &self,
-        pid: u32,
-        node: u64,
-        change: ConfChangeType,
-        context: Vec<u8>,
-        deadline: Option<Instant>,
-    ) -> Result<(), Status> {
-        let rx = self
-            .node
-            .request(self.node.shard_of(pid), |reply| {
-                ShardMsg::ChangeMembership {
-                    partition: pid,
-                    node,
-                    change,
-                    context,
-                    reply,
-                }
-            })
-            .await?;
-        match with_deadline(super::api::answer_by(deadline), rx).await {
-            Some(Ok(Ok(_))) => Ok(()),
-            Some(Ok(Err(e))) => Err(e.into()),
-            Some(Err(_)) => Err(Status::unavailable("partition stopped")),
-            None => Err(Status::deadline_exceeded(format!(
-                "{change:?} of node {node} in partition {pid} did not commit before the deadline"
-            ))),
-        }
     }
 
     /// Internal: a joining node asks a member to add it as a voter.
@@ -468,6 +440,42 @@ impl Api {
             None => Err(Status::not_found(format!(
                 "partition {} is not hosted here",
                 req.partition_id
+            ))),
+        }
+    }
+}
+
+/// Steps shared by the Node and peer services.
+impl Api {
+    /// Proposes adding (`AddNode`, with the raft address as context) or
+    /// removing `node` in partition `pid` on the local replica, unless the
+    /// configuration already says so, and waits for it to apply here.
+    async fn change_membership(
+        &self,
+        pid: u32,
+        node: u64,
+        change: ConfChangeType,
+        context: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<(), Status> {
+        let rx = self
+            .node
+            .request(self.node.shard_of(pid), |reply| {
+                ShardMsg::ChangeMembership {
+                    partition: pid,
+                    node,
+                    change,
+                    context,
+                    reply,
+                }
+            })
+            .await?;
+        match with_deadline(super::api::answer_by(deadline), rx).await {
+            Some(Ok(Ok(_))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e.into()),
+            Some(Err(_)) => Err(Status::unavailable("partition stopped")),
+            None => Err(Status::deadline_exceeded(format!(
+                "{change:?} of node {node} in partition {pid} did not commit before the deadline"
             ))),
         }
     }

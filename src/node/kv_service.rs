@@ -13,7 +13,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use prost::Message;
 
-use super::api::{decode, with_deadline, Api, KV_CAS, KV_DELETE, KV_GET, KV_PUT, PEER_PROPOSE};
+use super::api::{
+    decode, with_deadline, KvService, KV_CAS, KV_DELETE, KV_GET, KV_PUT, PEER_PROPOSE,
+};
 use crate::grpc::{Request, Status};
 use crate::proto::kv::{
     CompareAndSwapRequest, CompareAndSwapResponse, DeleteRequest, DeleteResponse, GetRequest,
@@ -68,7 +70,7 @@ impl Write {
         }
     }
 
-    fn validate(&self, api: &Api) -> Result<(), Status> {
+    fn validate(&self, api: &KvService) -> Result<(), Status> {
         api.check_key(self.key())?;
         match self {
             Write::Put(r) => api.check_value("value", &r.value),
@@ -138,7 +140,7 @@ fn deadline_of(req: &Request) -> Instant {
     crate::node::api::answer_by(req.deadline)
 }
 
-impl Api {
+impl KvService {
     fn disk_full(&self, shard: usize) -> bool {
         self.node.disk_full[shard].load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -202,7 +204,7 @@ impl Api {
         is_write: bool,
     ) -> Result<Bytes, Status> {
         struct Via<'a> {
-            api: &'a Api,
+            api: &'a super::api::Api,
             method: &'static str,
             body: Bytes,
         }
@@ -327,7 +329,7 @@ impl Api {
     }
 
     /// Put, Delete and CompareAndSwap from a client.
-    pub async fn kv_write(&self, req: &Request) -> Result<Bytes, Status> {
+    pub async fn write_call(&self, req: &Request) -> Result<Bytes, Status> {
         let w = Write::decode(&req.method, &req.body)?;
         w.validate(self)?;
         let route = self.route(w.partition_id(), w.key())?;
@@ -364,7 +366,7 @@ impl Api {
 
     /// A write forwarded by a node that does not host its partition,
     /// proposed here under the identity that node gave it.
-    pub async fn kv_propose(&self, req: &Request) -> Result<Bytes, Status> {
+    pub async fn propose_call(&self, req: &Request) -> Result<Bytes, Status> {
         let pr: ProposeRequest = decode(&req.body)?;
         let w = Write::decode(&pr.method, &pr.body)?;
         w.validate(self)?;
@@ -393,7 +395,7 @@ impl Api {
 
     /// Get. A call forwarded from another node (`from_peer`) is served
     /// here or refused, never forwarded again.
-    pub async fn kv_get(&self, req: &Request, from_peer: bool) -> Result<Bytes, Status> {
+    pub async fn get_call(&self, req: &Request, from_peer: bool) -> Result<Bytes, Status> {
         let r: GetRequest = decode(&req.body)?;
         self.check_key(&r.key)?;
         let deadline = deadline_of(req);
@@ -427,11 +429,11 @@ impl Api {
     }
 }
 
-impl Api {
+impl KvService {
     /// `KV/Watch`: registers a watcher on the shard that owns the
     /// partition and streams its events until the client goes away or the
     /// shard ends the watch (see `kv::watch` for the reasons).
-    pub async fn kv_watch(&self, mut call: crate::grpc::StreamCall) -> Result<(), Status> {
+    pub async fn watch(&self, mut call: crate::grpc::StreamCall) -> Result<(), Status> {
         use crate::kv::watch::{Ending, Filter, WATCHER_QUEUE};
         use crate::proto::kv::{watch_event, WatchEvent, WatchRequest};
         use futures::StreamExt;
