@@ -1,4 +1,7 @@
-//! gRPC status codes and the one place errors become them.
+//! gRPC status codes and the status every call ends with. Errors of the
+//! layers below become statuses at the service edge: a group's
+//! `raft::CallError` through its one `From` mapping (in `shard`), the
+//! control and KV services' own refusals where they decide them.
 
 use std::fmt;
 
