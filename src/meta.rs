@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::grpc::Status;
 use crate::proto::node::PartitionConfig;
 
 /// Members of one partition: node id -> raft address.
@@ -128,23 +127,29 @@ pub const MAX_LAYOUT_PARTITIONS: usize = 65_536;
 /// voters; each member is a peer every replica talks to).
 pub const MAX_MEMBERS: usize = 64;
 
+/// A Bootstrap layout or a partition config that cannot be used: which
+/// field and why (the caller's mistake: INVALID_ARGUMENT).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct LayoutError(String);
+
 /// Validates one partition config; `field` names it in messages
 /// (e.g. `partitions[2]`).
-pub fn validate_partition(p: &PartitionConfig, field: &str) -> Result<Members, Status> {
+pub fn validate_partition(p: &PartitionConfig, field: &str) -> Result<Members, LayoutError> {
     if p.members.len() > MAX_MEMBERS {
-        return Err(Status::invalid_argument(format!(
+        return Err(LayoutError(format!(
             "{field}.members lists {} nodes; the limit is {MAX_MEMBERS} (partition {})",
             p.members.len(),
             p.partition_id
         )));
     }
     if p.partition_id == 0 {
-        return Err(Status::invalid_argument(format!(
+        return Err(LayoutError(format!(
             "{field}.partition_id must be non-zero"
         )));
     }
     if p.members.is_empty() {
-        return Err(Status::invalid_argument(format!(
+        return Err(LayoutError(format!(
             "{field}.members must not be empty (partition {})",
             p.partition_id
         )));
@@ -152,13 +157,13 @@ pub fn validate_partition(p: &PartitionConfig, field: &str) -> Result<Members, S
     let mut out = Members::new();
     for (id, addr) in &p.members {
         if *id == 0 {
-            return Err(Status::invalid_argument(format!(
+            return Err(LayoutError(format!(
                 "{field}.members: member id must be non-zero (partition {})",
                 p.partition_id
             )));
         }
         if !check_address(addr) {
-            return Err(Status::invalid_argument(format!(
+            return Err(LayoutError(format!(
                 "{field}.members[{id}]: address {addr:?} is not host:port (partition {})",
                 p.partition_id
             )));
@@ -169,12 +174,14 @@ pub fn validate_partition(p: &PartitionConfig, field: &str) -> Result<Members, S
 }
 
 /// Validates a Bootstrap layout.
-pub fn validate_layout(partitions: &[PartitionConfig]) -> Result<BTreeMap<u32, Members>, Status> {
+pub fn validate_layout(
+    partitions: &[PartitionConfig],
+) -> Result<BTreeMap<u32, Members>, LayoutError> {
     if partitions.is_empty() {
-        return Err(Status::invalid_argument("partitions must not be empty"));
+        return Err(LayoutError("partitions must not be empty".into()));
     }
     if partitions.len() > MAX_LAYOUT_PARTITIONS {
-        return Err(Status::invalid_argument(format!(
+        return Err(LayoutError(format!(
             "partitions lists {} partitions; the limit is {MAX_LAYOUT_PARTITIONS}",
             partitions.len()
         )));
@@ -183,7 +190,7 @@ pub fn validate_layout(partitions: &[PartitionConfig]) -> Result<BTreeMap<u32, M
     for (i, p) in partitions.iter().enumerate() {
         let members = validate_partition(p, &format!("partitions[{i}]"))?;
         if layout.insert(p.partition_id, members).is_some() {
-            return Err(Status::invalid_argument(format!(
+            return Err(LayoutError(format!(
                 "partitions[{i}].partition_id {} is a duplicate",
                 p.partition_id
             )));
@@ -236,8 +243,7 @@ mod tests {
         ];
         for (layout, want) in cases {
             let err = validate_layout(&layout).unwrap_err();
-            assert_eq!(err.code, crate::grpc::Code::InvalidArgument);
-            assert!(err.message.contains(want), "{} !~ {want}", err.message);
+            assert!(err.to_string().contains(want), "{err} !~ {want}");
         }
     }
 

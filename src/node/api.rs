@@ -520,8 +520,9 @@ pub fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
     })
 }
 
-fn reply<M: Message>(r: Result<M, Status>) -> Result<Bytes, Status> {
+fn reply<M: Message, E: Into<Status>>(r: Result<M, E>) -> Result<Bytes, Status> {
     r.map(|m| Bytes::from(m.encode_to_vec()))
+        .map_err(Into::into)
 }
 
 /// Awaits `fut` for at most `timeout`; `None` when it ran out.

@@ -30,6 +30,7 @@ use super::api::{
     decode, with_deadline, Api, NodeService, PeerService, PEER_ADD_VOTER, PEER_CONF_QUERY,
     PEER_REMOVE_VOTER,
 };
+use super::error::ControlError;
 use crate::meta::{validate_layout, validate_partition, Members, NodeMeta};
 
 /// Poll period while waiting for a cluster condition.
@@ -42,7 +43,7 @@ impl NodeService {
         &self,
         req: BootstrapRequest,
         deadline: Option<Instant>,
-    ) -> Result<BootstrapResponse, Status> {
+    ) -> Result<BootstrapResponse, ControlError> {
         let layout = validate_layout(&req.partitions)?;
         let addresses = address_book(&layout)?;
         let me = self.node.node_id();
@@ -57,7 +58,7 @@ impl NodeService {
             match current {
                 Some(existing) if existing == layout => {}
                 Some(existing) => {
-                    return Err(Status::failed_precondition(format!(
+                    return Err(ControlError::LayoutConflict(format!(
                         "node {me} is already bootstrapped with a different layout ({} partitions: {}); \
                          the requested one has {} partitions: {}",
                         existing.len(),
@@ -113,7 +114,7 @@ impl NodeService {
                     .concat();
                 let done = still.is_empty();
                 *lacking.borrow_mut() = std::sync::Arc::new(still);
-                Ok(done)
+                Ok::<_, Status>(done)
             },
         )
         .await?;
@@ -124,14 +125,14 @@ impl NodeService {
         &self,
         req: JoinRequest,
         deadline: Option<Instant>,
-    ) -> Result<JoinResponse, Status> {
+    ) -> Result<JoinResponse, ControlError> {
         let p = req
             .partition
-            .ok_or_else(|| Status::invalid_argument("partition is required"))?;
+            .ok_or_else(|| ControlError::Invalid("partition is required".into()))?;
         let members = validate_partition(&p, "partition")?;
         let me = self.node.node_id();
         let Some(my_addr) = members.get(&me).cloned() else {
-            return Err(Status::invalid_argument(format!(
+            return Err(ControlError::Invalid(format!(
                 "partition.members must include this node (id {me}) (partition {})",
                 p.partition_id
             )));
@@ -141,9 +142,7 @@ impl NodeService {
             let _guard = self.node.control.lock().await;
             let meta = self.node.meta().clone();
             if !meta.bootstrapped() {
-                return Err(Status::failed_precondition(
-                    "node is not bootstrapped; call Bootstrap first",
-                ));
+                return Err(ControlError::NotBootstrapped);
             }
             if !meta.hosted.contains(&pid) {
                 self.update_meta(|meta| {
@@ -207,8 +206,8 @@ impl NodeService {
                 }
             }
             if Instant::now() >= until {
-                return Err(Status::deadline_exceeded(
-                    "timed out waiting for this replica to become a voter and catch up",
+                return Err(ControlError::TimedOut(
+                    "timed out waiting for this replica to become a voter and catch up".into(),
                 ));
             }
             glommio::timer::sleep(POLL.min(until.saturating_duration_since(Instant::now()))).await;
@@ -220,23 +219,24 @@ impl NodeService {
         &self,
         req: LeaveRequest,
         deadline: Option<Instant>,
-    ) -> Result<LeaveResponse, Status> {
+    ) -> Result<LeaveResponse, ControlError> {
         let pid = req.partition_id;
         if pid == 0 {
-            return Err(Status::invalid_argument("partition_id must be non-zero"));
+            return Err(ControlError::Invalid(
+                "partition_id must be non-zero".into(),
+            ));
         }
         let me = self.node.node_id();
         {
             let meta = self.node.meta();
             if !meta.bootstrapped() {
-                return Err(Status::failed_precondition(
-                    "node is not bootstrapped; call Bootstrap first",
-                ));
+                return Err(ControlError::NotBootstrapped);
             }
             if !meta.hosted.contains(&pid) {
-                return Err(Status::not_found(format!(
-                    "partition {pid} is not hosted on node {me}"
-                )));
+                return Err(ControlError::NotHosted {
+                    partition: pid,
+                    node: Some(me),
+                });
             }
         }
         // The wait runs without the control lock: a Leave that cannot
@@ -273,7 +273,7 @@ impl NodeService {
     }
 
     /// One step of Leave: true once this node is no longer a voter.
-    async fn leave_step(&self, pid: u32, propose: bool) -> Result<bool, Status> {
+    async fn leave_step(&self, pid: u32, propose: bool) -> Result<bool, ControlError> {
         let me = self.node.node_id();
         let Some(st) = self.partition_status(pid).await? else {
             return Ok(true);
@@ -288,9 +288,10 @@ impl NodeService {
         }
         let others: Vec<u64> = st.voters.iter().copied().filter(|v| *v != me).collect();
         if others.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "node {me} is the last voter of partition {pid}; it cannot leave"
-            )));
+            return Err(ControlError::LastVoter {
+                node: me,
+                partition: pid,
+            });
         }
         // Members stop talking to a removed node, so it may never learn that
         // its removal committed: ask them.
@@ -340,7 +341,7 @@ impl NodeService {
     /// Leave for a replica with no configuration of its own (its Join never
     /// completed): done if the members do not count it as a voter;
     /// otherwise one of them is asked to remove it.
-    async fn leave_unconfigured(&self, pid: u32, propose: bool) -> Result<bool, Status> {
+    async fn leave_unconfigured(&self, pid: u32, propose: bool) -> Result<bool, ControlError> {
         let me = self.node.node_id();
         let members: Vec<u64> = self
             .meta()
@@ -391,11 +392,11 @@ impl PeerService {
         &self,
         req: RemoveVoterRequest,
         deadline: Option<Instant>,
-    ) -> Result<RemoveVoterResponse, Status> {
+    ) -> Result<RemoveVoterResponse, ControlError> {
         let pid = req.partition_id;
         let node = req.node_id;
         if node == 0 {
-            return Err(Status::invalid_argument("RemoveVoter needs a node id"));
+            return Err(ControlError::Invalid("RemoveVoter needs a node id".into()));
         }
         self.change_membership(pid, node, ConfChangeType::RemoveNode, Vec::new(), deadline)
             .await?;
@@ -407,16 +408,17 @@ impl PeerService {
         &self,
         req: AddVoterRequest,
         deadline: Option<Instant>,
-    ) -> Result<AddVoterResponse, Status> {
+    ) -> Result<AddVoterResponse, ControlError> {
         let pid = req.partition_id;
         if !self.node.meta().hosted.contains(&pid) {
-            return Err(Status::not_found(format!(
-                "partition {pid} is not hosted here"
-            )));
+            return Err(ControlError::NotHosted {
+                partition: pid,
+                node: None,
+            });
         }
         if req.node_id == 0 || !crate::meta::check_address(&req.raft_addr) {
-            return Err(Status::invalid_argument(
-                "AddVoter needs a node id and a host:port address",
+            return Err(ControlError::Invalid(
+                "AddVoter needs a node id and a host:port address".into(),
             ));
         }
         // Learn the address at once: if this node leads, it must reach the
@@ -430,17 +432,20 @@ impl PeerService {
     }
 
     /// Internal: the voters of a partition as this member sees them.
-    pub async fn conf_query(&self, req: ConfQueryRequest) -> Result<ConfQueryResponse, Status> {
+    pub async fn conf_query(
+        &self,
+        req: ConfQueryRequest,
+    ) -> Result<ConfQueryResponse, ControlError> {
         match self.partition_status(req.partition_id).await? {
             Some(st) => Ok(ConfQueryResponse {
                 voters: st.voters,
                 applied_index: st.applied_index,
                 commit_index: st.commit_index,
             }),
-            None => Err(Status::not_found(format!(
-                "partition {} is not hosted here",
-                req.partition_id
-            ))),
+            None => Err(ControlError::NotHosted {
+                partition: req.partition_id,
+                node: None,
+            }),
         }
     }
 }
@@ -457,7 +462,7 @@ impl Api {
         change: ConfChangeType,
         context: Vec<u8>,
         deadline: Option<Instant>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), ControlError> {
         let rx = self
             .node
             .request(self.node.shard_of(pid), |reply| {
@@ -472,24 +477,25 @@ impl Api {
             .await?;
         match with_deadline(super::api::answer_by(deadline), rx).await {
             Some(Ok(Ok(_))) => Ok(()),
-            Some(Ok(Err(e))) => Err(e.into()),
-            Some(Err(_)) => Err(Status::unavailable("partition stopped")),
-            None => Err(Status::deadline_exceeded(format!(
+            Some(Ok(Err(e))) => Err(Status::from(e).into()),
+            Some(Err(_)) => Err(ControlError::Stopped),
+            None => Err(ControlError::TimedOut(format!(
                 "{change:?} of node {node} in partition {pid} did not commit before the deadline"
             ))),
         }
     }
 
     /// Polls `cond` every [`POLL`] until it holds or the deadline passes.
-    async fn wait_for<F, Fut>(
+    async fn wait_for<F, Fut, E>(
         &self,
         deadline: Option<Instant>,
         what: &str,
         mut cond: F,
-    ) -> Result<(), Status>
+    ) -> Result<(), ControlError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<bool, Status>>,
+        Fut: std::future::Future<Output = Result<bool, E>>,
+        ControlError: From<E>,
     {
         let until = super::api::answer_by(deadline);
         loop {
@@ -498,7 +504,7 @@ impl Api {
                 return Ok(());
             }
             if Instant::now() >= until {
-                return Err(Status::deadline_exceeded(format!(
+                return Err(ControlError::TimedOut(format!(
                     "timed out waiting for {what}"
                 )));
             }
@@ -506,22 +512,20 @@ impl Api {
         }
     }
 
-    fn update_meta(&self, f: impl FnOnce(&mut NodeMeta)) -> Result<(), Status> {
-        self.node
-            .update_meta(f)
-            .map_err(|e| Status::internal(format!("storing node metadata: {e}")))
+    fn update_meta(&self, f: impl FnOnce(&mut NodeMeta)) -> Result<(), ControlError> {
+        self.node.update_meta(f).map_err(ControlError::Storage)
     }
 }
 
 /// One address per node across the layout; a node listed with two
 /// different addresses is a mistake in the request.
-fn address_book(layout: &BTreeMap<u32, Members>) -> Result<BTreeMap<u64, String>, Status> {
+fn address_book(layout: &BTreeMap<u32, Members>) -> Result<BTreeMap<u64, String>, ControlError> {
     let mut book = BTreeMap::new();
     for (p, members) in layout {
         for (n, a) in members {
             if let Some(prev) = book.insert(*n, a.clone()) {
                 if &prev != a {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(ControlError::Invalid(format!(
                         "partitions: member {n} has two addresses ({prev:?} and {a:?}, partition {p})"
                     )));
                 }
