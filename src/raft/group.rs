@@ -23,7 +23,7 @@ mod inbound;
 mod quiet;
 
 #[cfg(test)]
-use quiet::QUIESCE_CTX;
+use quiet::quiesce_ctx;
 
 /// Index (and term) of the snapshot every bootstrapped group starts from.
 ///
@@ -968,7 +968,7 @@ mod tests {
         m.term = g.term() + 1;
         m.commit = g.raw.raft.raft_log.last_index();
         g.step_from(1, m.clone());
-        m.context = QUIESCE_CTX.to_vec().into();
+        m.context = quiesce_ctx(0).into();
         g.step_from(1, m);
         assert_eq!(g.leader(), 1);
         assert!(g.is_quiescent());

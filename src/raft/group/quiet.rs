@@ -8,14 +8,16 @@
 //!    transfer, everything committed and applied, and every follower it
 //!    can hear from caught up to its last index.
 //! 2. It sends each such follower a *quiesce heartbeat*: an ordinary raft
-//!    heartbeat (term, commit) whose context is [`QUIESCE_CTX`].
+//!    heartbeat (term, commit) whose context is `Q` and the number of this
+//!    attempt ([`quiesce_ctx`]).
 //! 3. A follower agrees if that leader is its leader in that term, its log
 //!    ends exactly at the commit index carried, and it has nothing of its
 //!    own in flight; it stops ticking and lets raft answer the heartbeat
 //!    with the same context. Otherwise it strips the context before
 //!    stepping, so its answer does not count as agreement.
-//! 4. Once every follower it can hear from has agreed in this term, the
-//!    leader stops ticking too.
+//! 4. Once every follower it can hear from has agreed in this attempt, the
+//!    leader stops ticking too. A wake, or the leader ceasing to be idle,
+//!    ends an attempt: agreements given before then do not count.
 //!
 //! Any proposal, read, membership change or leadership transfer wakes a
 //! group, and so does any raft message except heartbeats that bring no
@@ -39,9 +41,22 @@ use raft::StateRole;
 
 use super::Group;
 
-/// Context of a quiesce heartbeat. ReadIndex contexts are 8 bytes, so
-/// this one-byte context never matches a pending read.
-pub const QUIESCE_CTX: &[u8] = b"Q";
+/// First byte of a quiesce heartbeat's context, followed by the leader's
+/// attempt number (8 bytes, little endian): 9 bytes in all, so it never
+/// matches a ReadIndex context (8 bytes).
+pub const QUIESCE_CTX: u8 = b'Q';
+
+/// The context of a quiesce heartbeat of attempt `attempt`.
+pub fn quiesce_ctx(attempt: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(9);
+    c.push(QUIESCE_CTX);
+    c.extend_from_slice(&attempt.to_le_bytes());
+    c
+}
+
+fn is_quiesce_ctx(ctx: &[u8]) -> bool {
+    ctx.len() == 9 && ctx[0] == QUIESCE_CTX
+}
 
 /// A group's quiescence state.
 #[derive(Default)]
@@ -49,9 +64,11 @@ pub(super) struct Quiet {
     pub quiescent: bool,
     /// Consecutive ticks this leader was idle.
     idle_ticks: u64,
-    /// Followers that agreed to go quiet, and the term they agreed in.
+    /// Followers that agreed to go quiet in the current attempt. An
+    /// attempt ends when the group wakes or stops being idle; answers to an
+    /// earlier one (late, or from before a wake) do not count.
     agreed: Vec<u64>,
-    agreed_term: u64,
+    attempt: u64,
     /// Quiesce heartbeats to send this turn.
     outgoing: Vec<Message>,
     /// Followers sent an append since the last batch of heartbeats.
@@ -72,6 +89,7 @@ impl<S: super::StateMachine> Group<S> {
         self.quiet.quiescent = false;
         self.quiet.idle_ticks = 0;
         self.quiet.agreed.clear();
+        self.quiet.attempt += 1;
     }
 
     /// Quiesce heartbeats to send (taken by the shard's turn, after the
@@ -149,6 +167,9 @@ impl<S: super::StateMachine> Group<S> {
                 .iter()
                 .all(|(id, p)| *id == me || p.matched == last || !alive(*id));
         if !idle {
+            if self.quiet.idle_ticks > 0 || !self.quiet.agreed.is_empty() {
+                self.quiet.attempt += 1;
+            }
             self.quiet.idle_ticks = 0;
             self.quiet.agreed.clear();
             return;
@@ -156,10 +177,6 @@ impl<S: super::StateMachine> Group<S> {
         self.quiet.idle_ticks += 1;
         if self.quiet.idle_ticks < self.election_ticks {
             return;
-        }
-        if self.quiet.agreed_term != r.term {
-            self.quiet.agreed.clear();
-            self.quiet.agreed_term = r.term;
         }
         let mut missing = Vec::new();
         for (id, _) in r.prs().iter() {
@@ -184,7 +201,7 @@ impl<S: super::StateMachine> Group<S> {
             m.from = me;
             m.term = r.term;
             m.commit = last;
-            m.context = QUIESCE_CTX.to_vec().into();
+            m.context = quiesce_ctx(self.quiet.attempt).into();
             self.quiet.outgoing.push(m);
         }
     }
@@ -198,7 +215,7 @@ impl<S: super::StateMachine> Group<S> {
             MessageType::MsgHeartbeat => {
                 let from_leader =
                     msg.term == r.term && msg.from == r.leader_id && r.state == StateRole::Follower;
-                if msg.context.as_ref() == QUIESCE_CTX {
+                if is_quiesce_ctx(&msg.context) {
                     if from_leader
                         && r.raft_log.last_index() == msg.commit
                         && msg.commit >= r.raft_log.committed
@@ -215,10 +232,9 @@ impl<S: super::StateMachine> Group<S> {
                 }
             }
             MessageType::MsgHeartbeatResponse => {
-                if msg.context.as_ref() == QUIESCE_CTX
+                if msg.context.as_ref() == quiesce_ctx(self.quiet.attempt).as_slice()
                     && msg.term == r.term
                     && r.state == StateRole::Leader
-                    && self.quiet.agreed_term == r.term
                     && !self.quiet.agreed.contains(&msg.from)
                 {
                     self.quiet.agreed.push(msg.from);
