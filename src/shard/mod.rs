@@ -9,29 +9,30 @@
 //! is read-only except for the control plane (Bootstrap/Join/Leave).
 
 pub mod events;
+mod request;
 pub mod snapshot;
+mod tick;
 mod turn;
+
+use request::partition_status;
+pub use request::{Answer, ShardMsg};
 
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
 use protobuf::Message as _;
 
-use raft::eraftpb::{ConfChangeType, ConfState};
+use raft::eraftpb::ConfChangeType;
 
 use crate::config::NodeConfig;
 use crate::grpc::Status;
-use crate::kv::command::Command;
-use crate::kv::watch::{Ending, Event, Filter};
 use crate::meta::NodeMeta;
-use crate::proto::admin::PartitionStatus;
 use crate::proto::peer::PeerResponse;
-use crate::raft::{CallError, GroupInit, ReadResult, Reply, WriteResult};
+use crate::raft::{CallError, GroupInit};
 
 /// A replica of a partition: a raft group replicating the key-value store.
 pub(crate) type Group = crate::raft::Group<crate::kv::KvStore>;
@@ -41,184 +42,6 @@ use crate::wal::Wal;
 
 /// A callback run on the shard once the turn's WAL sync has completed.
 type AfterSync = Box<dyn FnOnce(&mut Shard)>;
-
-/// A replica's state as the admin API reports it.
-fn partition_status(g: crate::raft::GroupStatus, shard: u32) -> PartitionStatus {
-    use crate::proto::admin::Role;
-    let role = match g.role {
-        raft::StateRole::Follower => Role::Follower,
-        raft::StateRole::Candidate => Role::Candidate,
-        raft::StateRole::PreCandidate => Role::PreCandidate,
-        raft::StateRole::Leader => Role::Leader,
-    };
-    PartitionStatus {
-        partition_id: g.partition,
-        shard,
-        role: role as i32,
-        leader_id: g.leader,
-        term: g.term,
-        commit_index: g.commit,
-        applied_index: g.applied,
-        voters: g.voters,
-        snapshot_index: g.snapshot_index,
-        quiescent: g.quiescent,
-    }
-}
-
-/// How a shard answers a request that is not a group's call.
-pub type Answer<T> = oneshot::Sender<Result<T, Status>>;
-
-/// A group's call failure as the gRPC status a client gets.
-impl From<CallError> for Status {
-    fn from(e: CallError) -> Status {
-        let message = e.to_string();
-        match e {
-            CallError::Unavailable(_) => Status::unavailable(message),
-            CallError::Busy(_) => Status::resource_exhausted(message),
-            CallError::Aborted(_) => Status::aborted(message),
-            CallError::Rejected(_) => Status::failed_precondition(message),
-            CallError::NotHosted(_) => Status::not_found(message),
-        }
-    }
-}
-
-/// Everything a shard serves: what reaches its inbox. Requests that
-/// concern one partition name it, and answer through their `reply` (a
-/// partition not hosted here answers NOT_FOUND, except where noted).
-pub enum ShardMsg {
-    // --- From peers ---
-    /// A raft message for one of this shard's partitions (raft-rs
-    /// encoding), from the peer connection of node `from`.
-    Raft {
-        partition: u32,
-        from: u64,
-        data: Bytes,
-    },
-    /// A raft message already decoded (a reassembled snapshot).
-    RaftMsg {
-        partition: u32,
-        from: u64,
-        msg: Box<raft::eraftpb::Message>,
-    },
-    /// The answer to a call this shard forwarded to another node.
-    PeerResponse(PeerResponse),
-    /// How sending a snapshot of `partition` to `to` ended (raft-rs
-    /// `report_snapshot`).
-    SnapshotReport {
-        partition: u32,
-        to: u64,
-        status: raft::SnapshotStatus,
-    },
-    /// `node`'s raft address, for this shard's peer links.
-    PeerAddress { node: u64, addr: String },
-    /// A peer connection another shard's listener accepted for this one:
-    /// `(from node, socket, bytes already read)`.
-    AdoptPeer {
-        from: u64,
-        fd: std::os::fd::OwnedFd,
-        buffered: Vec<u8>,
-    },
-
-    // --- Data path ---
-    /// Propose a write; answered once it is applied here (or refused).
-    Propose {
-        partition: u32,
-        cmd: Command,
-        reply: Reply<WriteResult<crate::kv::Applied>>,
-    },
-    /// Read a key: linearizable (ReadIndex) or, with `serializable`, from
-    /// this replica's state as it is.
-    Read {
-        partition: u32,
-        key: Bytes,
-        serializable: bool,
-        reply: Reply<ReadResult>,
-    },
-    /// Register a key watcher (see `kv::watch`).
-    Watch {
-        filter: Filter,
-        start_index: u64,
-        tx: futures::channel::mpsc::Sender<Event>,
-        ending: Arc<Ending>,
-        reply: Answer<()>,
-    },
-    /// Register a cluster-event watcher; answered with the leaders known
-    /// now, from which its events continue.
-    WatchCluster {
-        tx: futures::channel::mpsc::Sender<crate::proto::admin::ClusterEvent>,
-        behind: Arc<std::sync::atomic::AtomicBool>,
-        reply: Answer<Vec<(u32, u64, u64)>>,
-    },
-
-    // --- Control ---
-    /// Create a replica; answered once its initial state is durable (at
-    /// once if it exists).
-    CreateGroup {
-        partition: u32,
-        init: GroupInit,
-        reply: Answer<()>,
-    },
-    /// Remove a replica and its state; answered once that is durable.
-    RemoveGroup { partition: u32, reply: Answer<()> },
-    /// Add (`AddNode`) or remove (`RemoveNode`) a voter, unless the
-    /// configuration already says so. Answered at once with a receiver
-    /// that is answered when the change applies here.
-    ChangeMembership {
-        partition: u32,
-        node: u64,
-        change: ConfChangeType,
-        context: Vec<u8>,
-        reply: Answer<oneshot::Receiver<Result<ConfState, CallError>>>,
-    },
-    /// Ask the leader of `partition` here to hand leadership to `to`
-    /// (nothing if it is not hosted or does not lead).
-    TransferLeader { partition: u32, to: u64 },
-
-    // --- Queries ---
-    /// One partition's status, `None` if it is not hosted here.
-    PartitionStatus {
-        partition: u32,
-        reply: Answer<Option<PartitionStatus>>,
-    },
-    /// Every hosted partition's status and the shard's counters.
-    Status {
-        reply: Answer<(Vec<PartitionStatus>, crate::proto::admin::ShardStatus)>,
-    },
-    /// Those of `partitions` that this shard owns and that have no
-    /// replica or know no leader (the Bootstrap wait).
-    WithoutLeader {
-        partitions: Arc<Vec<u32>>,
-        reply: Answer<Vec<u32>>,
-    },
-    /// Hosted partitions that know no leader (`/ready`).
-    Leaderless { reply: Answer<Vec<u32>> },
-    /// The shard's state for a metrics scrape.
-    Metrics {
-        reply: Answer<crate::metrics::ShardState>,
-    },
-
-    // --- The loop's own ---
-    /// Time for a raft tick.
-    Tick,
-    /// Stop the loop.
-    Stop,
-}
-
-impl ShardMsg {
-    /// The partition whose group this message gives work to, if any.
-    fn partition(&self) -> Option<u32> {
-        match self {
-            ShardMsg::Raft { partition, .. }
-            | ShardMsg::RaftMsg { partition, .. }
-            | ShardMsg::SnapshotReport { partition, .. }
-            | ShardMsg::Propose { partition, .. }
-            | ShardMsg::Read { partition, .. }
-            | ShardMsg::ChangeMembership { partition, .. }
-            | ShardMsg::TransferLeader { partition, .. } => Some(*partition),
-            _ => None,
-        }
-    }
-}
 
 /// Most messages waiting in one shard's inbox before calls and peers'
 /// raft messages for it are refused (a shard drains up to 16,384 per turn,
@@ -420,11 +243,6 @@ pub struct Shard {
     any_silent: bool,
 }
 
-/// Ticks between leader-balancing rounds (3 s at the default 100 ms).
-const BALANCE_TICKS: u64 = 30;
-/// Most leaderships one shard hands over in a round.
-const BALANCE_STEP: usize = 64;
-
 /// A shard's own label children of the metrics it counts as events.
 pub(crate) struct ShardMetrics {
     pub sync_seconds: prometheus::Histogram,
@@ -579,87 +397,6 @@ impl Shard {
             leaders: self.groups.values().filter(|g| g.is_leader()).count() as i64,
             quiescent: self.groups.values().filter(|g| g.is_quiescent()).count() as i64,
             disk_full: self.node.disk_full[self.index].load(std::sync::atomic::Ordering::Relaxed),
-        }
-    }
-
-    /// One leader-balancing round. Every node counts, among this shard's
-    /// partitions, how many each voter leads (every node sees about the
-    /// same counts: each hosts the partitions it counts). A node leading
-    /// more than its share hands leaderships to voters below theirs, each
-    /// to one that is caught up, in steps: at most [`BALANCE_STEP`] a round
-    /// per shard, and each node above its share fills only its part of a
-    /// voter's deficit, so that the givers together do not overshoot. A
-    /// transfer needs a difference of two, so the counts settle. After
-    /// Bootstrap the first elections pile leaders up; after a node returns
-    /// it leads nothing; both even out this way.
-    fn balance_leaders(&mut self) {
-        let me = self.node.node_id();
-        let mut leads: HashMap<u64, usize> = HashMap::new();
-        let mut led: usize = 0;
-        for g in self.groups.values() {
-            for v in g.voters() {
-                leads.entry(v).or_insert(0);
-            }
-            if g.leader() != raft::INVALID_ID {
-                *leads.entry(g.leader()).or_insert(0) += 1;
-                led += 1;
-            }
-        }
-        if leads.is_empty() {
-            return;
-        }
-        let share = led.div_ceil(leads.len());
-        let mut mine = leads.get(&me).copied().unwrap_or(0);
-        if mine <= share {
-            return;
-        }
-        let givers = leads.values().filter(|n| **n > share).count().max(1);
-        // What this node may give each voter this round.
-        let mut room: HashMap<u64, usize> = leads
-            .iter()
-            .filter(|(_, n)| **n < share)
-            .map(|(v, n)| (*v, (share - n).div_ceil(givers)))
-            .collect();
-        let mut moved = 0;
-        for (p, g) in self.groups.iter_mut() {
-            if moved == BALANCE_STEP || mine <= share {
-                break;
-            }
-            let target = g
-                .transfer_targets()
-                .into_iter()
-                .filter(|v| room.get(v).is_some_and(|r| *r > 0))
-                .min_by_key(|v| (leads.get(v).copied().unwrap_or(0), *v));
-            let Some(to) = target else { continue };
-            let theirs = leads.get(&to).copied().unwrap_or(0);
-            if mine < theirs + 2 {
-                continue;
-            }
-            tracing::debug!(
-                partition = *p,
-                to,
-                leads_here = mine,
-                leads_there = theirs,
-                "balancing leaders: handing leadership over"
-            );
-            g.transfer_leader(to);
-            self.ready.insert(*p);
-            self.awake.insert(*p);
-            mine -= 1;
-            *leads.entry(to).or_insert(0) += 1;
-            if let Some(r) = room.get_mut(&to) {
-                *r -= 1;
-            }
-            moved += 1;
-        }
-        if moved > 0 {
-            tracing::info!(
-                shard = self.index,
-                moved,
-                leads_here = mine,
-                share,
-                "balancing leaders: handed leaderships over"
-            );
         }
     }
 
@@ -941,70 +678,6 @@ impl Shard {
         true
     }
 
-    /// A tick: pings every known peer node, wakes quiescent followers
-    /// whose leader's node has been silent for an election timeout, and
-    /// ticks every group that is awake. Quiescent groups cost one check.
-    fn tick(&mut self) {
-        self.ticks += 1;
-        if self.ticks.is_multiple_of(BALANCE_TICKS) {
-            self.balance_leaders();
-            self.watch.maybe_stop_recording(std::time::Instant::now());
-        }
-        let me = self.node.node_id();
-        for n in self.links.nodes() {
-            if n != me {
-                let body = Some(crate::proto::peer::envelope::Body::Ping(Default::default()));
-                self.links.send(n, crate::proto::peer::Envelope { body });
-            }
-        }
-        let heard = self
-            .node
-            .alive_within(self.node.config.raft.election_timeout);
-        let alive = |n: u64| n == me || heard.contains(&n);
-        // Quiescent followers of a silent node wake. Scanned when a node is
-        // silent (a dead node's followers are woken the first tick; those
-        // that quiesce again under a live leader are not), not every tick.
-        let silent = self.links.nodes().into_iter().any(|n| !alive(n));
-        if silent && (!self.any_silent || self.ticks.is_multiple_of(10)) {
-            for (p, g) in self.groups.iter_mut() {
-                let leader = g.leader();
-                if g.is_quiescent() && leader != me && !alive(leader) {
-                    tracing::debug!(
-                        partition = *p,
-                        leader,
-                        "no ping from the leader's node for an election timeout: waking"
-                    );
-                    g.wake();
-                    self.awake.insert(*p);
-                }
-            }
-        }
-        self.any_silent = silent;
-        use crate::proto::admin::cluster_event::Type;
-        let groups = &mut self.groups;
-        let ready = &mut self.ready;
-        let events = &mut self.events;
-        self.awake.retain(|p| {
-            let Some(g) = groups.get_mut(p) else {
-                return false;
-            };
-            if g.is_quiescent() {
-                return false;
-            }
-            g.tick(&alive);
-            ready.insert(*p);
-            if let Some((leader, term)) = g.take_new_leader() {
-                if events.watched() {
-                    let mut e = events::event(Type::LeaderChanged, *p);
-                    e.node_id = leader;
-                    e.term = term;
-                    events.publish(e);
-                }
-            }
-            true
-        });
-    }
-
     /// The shard loop. Each turn:
     /// 1. waits for the first message, then drains the inbox (bounded), so
     ///    everything that arrived meanwhile is handled together;
@@ -1078,33 +751,4 @@ fn spawn_ticker(inbox: mpsc::UnboundedSender<ShardMsg>, period: Duration, shutdo
         }
     })
     .detach();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::grpc::Code;
-
-    #[test]
-    fn every_call_error_is_one_grpc_status() {
-        let table = [
-            (CallError::Unavailable("u".into()), Code::Unavailable, "u"),
-            (CallError::Busy("b".into()), Code::ResourceExhausted, "b"),
-            (CallError::Aborted("a"), Code::Aborted, "a"),
-            (
-                CallError::Rejected("r".into()),
-                Code::FailedPrecondition,
-                "r",
-            ),
-            (
-                CallError::NotHosted(7),
-                Code::NotFound,
-                "partition 7 is not hosted here",
-            ),
-        ];
-        for (e, code, message) in table {
-            let s = Status::from(e.clone());
-            assert_eq!((s.code, s.message.as_str()), (code, message), "{e:?}");
-        }
-    }
 }

@@ -1,0 +1,114 @@
+//! Unit tests of a group on its own, with a counting state machine.
+
+use super::*;
+
+/// A state machine that only counts: these tests are about the group.
+#[derive(Default)]
+struct Counter(u64);
+
+impl StateMachine for Counter {
+    type Command = u64;
+    type Id = u64;
+    type Output = u64;
+    type Event = ();
+    fn id(cmd: &u64) -> u64 {
+        *cmd
+    }
+    fn has_caller(_: &u64) -> bool {
+        true
+    }
+    fn encode(cmds: &[u64]) -> Bytes {
+        cmds.iter().flat_map(|c| c.to_le_bytes()).collect()
+    }
+    fn decode(data: &Bytes) -> Result<Vec<u64>, DecodeError> {
+        Ok(data
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect())
+    }
+    fn apply(
+        &mut self,
+        _: u32,
+        index: u64,
+        _: u64,
+        _: Option<&mut Vec<()>>,
+    ) -> Result<(u64, u64), CallError> {
+        self.0 += 1;
+        Ok((self.0, index))
+    }
+    fn get(&self, _: &[u8]) -> Option<Bytes> {
+        None
+    }
+    fn snapshot(&self) -> Bytes {
+        Bytes::copy_from_slice(&self.0.to_le_bytes())
+    }
+    fn restore(data: &Bytes) -> Result<Counter, DecodeError> {
+        Ok(Counter(Self::decode(data)?.first().copied().unwrap_or(0)))
+    }
+}
+
+#[test]
+fn reads_in_flight_are_bounded() {
+    let cfg = RaftConfig::default();
+    let mut g = Group::<Counter>::new(1, 1, &cfg, 4, GroupInit::bootstrap(vec![1])).unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let (tx, rx) = oneshot::channel();
+        g.read(Bytes::from_static(b"k"), tx);
+        answers.push(rx);
+    }
+    // Four wait for their ReadIndex; the fifth is refused at once.
+    let fifth = answers.pop().unwrap().try_recv().unwrap();
+    let err = fifth.expect("an answer").unwrap_err();
+    assert!(
+        matches!(&err, CallError::Busy(m) if m.contains("4 linearizable reads")),
+        "{err:?}"
+    );
+    for mut rx in answers {
+        assert!(
+            rx.try_recv().unwrap().is_none(),
+            "a queued read was answered"
+        );
+    }
+}
+
+/// A follower that had no leader for long, then hears from one and
+/// goes quiet before it ticks again, serves calls: the leaderless count
+/// it kept by ticks is stale once a leader is known.
+#[test]
+fn a_known_leader_outweighs_a_stale_leaderless_count() {
+    use raft::eraftpb::{Message, MessageType};
+    let cfg = RaftConfig::default();
+    let mut g = Group::<Counter>::new(1, 2, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+    let alive = |_: u64| true;
+    // Ticks short of an election timeout, repeated: no campaign, no
+    // leader, and a leaderless count past two election timeouts.
+    for _ in 0..3 * g.election_ticks {
+        g.tick(&alive);
+        g.raw.raft.election_elapsed = 0;
+    }
+    let (tx, mut rx) = oneshot::channel();
+    g.read(Bytes::from_static(b"k"), tx);
+    assert!(
+        matches!(rx.try_recv(), Ok(Some(Err(CallError::Unavailable(_))))),
+        "no leader: refused at once"
+    );
+    // Node 1 leads, in a later term, and asks it to go quiet.
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgHeartbeat);
+    m.from = 1;
+    m.to = 2;
+    m.term = g.term() + 1;
+    m.commit = g.raw.raft.raft_log.last_index();
+    g.step_from(1, m.clone());
+    m.context = quiesce_ctx(0).into();
+    g.step_from(1, m);
+    assert_eq!(g.leader(), 1);
+    assert!(g.is_quiescent());
+    let (tx, mut rx) = oneshot::channel();
+    g.read(Bytes::from_static(b"k"), tx);
+    assert!(
+        matches!(rx.try_recv(), Ok(None)),
+        "with a leader known the read waits for its ReadIndex"
+    );
+}
