@@ -17,11 +17,14 @@
 //!
 //! Internal, each depending only on those after it among `node`, `shard`,
 //! `kv` and `raft` (no cycles: `raft` knows none of the others):
-//! - `node`: start-up and its errors, the Node/Admin/KV services, health,
-//!   reflection and the per-shard request router (`node::api`).
+//! - `node`: start-up and its errors, node-wide shared state
+//!   (`node::NodeShared`: configuration, metadata, peer liveness), the
+//!   Node/Admin/KV services, health, reflection and the per-shard request
+//!   router (`node::api`).
 //! - `shard`: the per-core loop that owns partitions and drives raft; its
-//!   typed requests (`ShardMsg`), the ready cycle (`shard::turn`), cluster
-//!   events and snapshot transfer.
+//!   typed requests (`ShardMsg`), every shard's inbox (`shard::Shards`),
+//!   what it needs of the node (`shard::Host`), the ready cycle
+//!   (`shard::turn`), cluster events and snapshot transfer.
 //! - `kv`: the replicated key-value state machine (`kv::KvStore`, the
 //!   `raft::StateMachine`, with its session table: every write applied at
 //!   most once), forwarding and watches.

@@ -16,13 +16,13 @@ use futures::channel::oneshot;
 use futures::future::LocalBoxFuture;
 use prost::Message;
 
+use super::NodeShared;
 use crate::grpc::{Code, Handler, Kind, Request, Status, StreamCall};
 use crate::meta::NodeMeta;
 use crate::proto::admin::{PartitionStatus, StatusResponse};
 use crate::proto::peer::{
     envelope, AddVoterRequest, Envelope, PeerRequest, PeerResponse, RemoveVoterRequest,
 };
-use crate::shard::NodeShared;
 use crate::transport::PeerLinks;
 
 pub const NODE_BOOTSTRAP: &str = "/atomix.multiraft.v1.Node/Bootstrap";
@@ -236,6 +236,7 @@ impl AdminService {
     pub async fn status(&self) -> Result<StatusResponse, Status> {
         let per_shard = self
             .node
+            .shards
             .request_all(|reply| ShardMsg::Status { reply })
             .await?;
         let (groups, shard_stats): (Vec<_>, Vec<_>) = per_shard.into_iter().unzip();
@@ -245,7 +246,7 @@ impl AdminService {
         Ok(StatusResponse {
             node_id: self.node.node_id(),
             bootstrapped: meta.bootstrapped(),
-            shards: self.node.inboxes.len() as u32,
+            shards: self.node.shards.count() as u32,
             partitions,
             api_addr: self.node.config.api_addr.to_string(),
             raft_addr: self.node.config.raft_addr.to_string(),
@@ -273,6 +274,7 @@ impl AdminService {
         // every later event follows it.
         let registered = self
             .node
+            .shards
             .request_all(|reply| ShardMsg::WatchCluster {
                 tx: tx.clone(),
                 behind: behind.clone(),
@@ -314,7 +316,8 @@ impl Api {
         partition: u32,
     ) -> Result<Option<PartitionStatus>, Status> {
         self.node
-            .request(self.node.shard_of(partition), |reply| {
+            .shards
+            .request(self.node.shards.shard_of(partition), |reply| {
                 ShardMsg::PartitionStatus { partition, reply }
             })
             .await

@@ -76,12 +76,13 @@ impl NodeService {
                         meta.addresses.remove(&me);
                     })?;
                     for (node, addr) in addresses {
-                        self.node.broadcast_address(node, addr);
+                        self.node.shards.broadcast_address(node, addr);
                     }
                     let creates = hosted.iter().map(|(p, voters)| {
                         let (p, voters) = (*p, voters.clone());
                         self.node
-                            .request(self.node.shard_of(p), move |reply| ShardMsg::CreateGroup {
+                            .shards
+                            .request(self.node.shards.shard_of(p), move |reply| ShardMsg::CreateGroup {
                                 partition: p,
                                 init: GroupInit::bootstrap(voters),
                                 reply,
@@ -106,6 +107,7 @@ impl NodeService {
                 let ids = lacking.borrow().clone();
                 let still = self
                     .node
+                    .shards
                     .request_all(|reply| ShardMsg::WithoutLeader {
                         partitions: ids.clone(),
                         reply,
@@ -156,14 +158,17 @@ impl NodeService {
                 })?;
                 for (n, a) in &members {
                     if *n != me {
-                        self.node.broadcast_address(*n, a.clone());
+                        self.node.shards.broadcast_address(*n, a.clone());
                     }
                 }
                 self.node
-                    .request(self.node.shard_of(pid), |reply| ShardMsg::CreateGroup {
-                        partition: pid,
-                        init: GroupInit::joining(),
-                        reply,
+                    .shards
+                    .request(self.node.shards.shard_of(pid), |reply| {
+                        ShardMsg::CreateGroup {
+                            partition: pid,
+                            init: GroupInit::joining(),
+                            reply,
+                        }
                     })
                     .await?;
                 tracing::info!(partition = pid, "joining partition");
@@ -263,9 +268,12 @@ impl NodeService {
             }
         })?;
         self.node
-            .request(self.node.shard_of(pid), |reply| ShardMsg::RemoveGroup {
-                partition: pid,
-                reply,
+            .shards
+            .request(self.node.shards.shard_of(pid), |reply| {
+                ShardMsg::RemoveGroup {
+                    partition: pid,
+                    reply,
+                }
             })
             .await?;
         tracing::info!(partition = pid, "left partition");
@@ -315,8 +323,8 @@ impl NodeService {
             // A leader removing itself would stop leading mid-change; hand
             // leadership to another voter first.
             let to = others[0];
-            self.node.send_bounded(
-                self.node.shard_of(pid),
+            self.node.shards.send_bounded(
+                self.node.shards.shard_of(pid),
                 ShardMsg::TransferLeader { partition: pid, to },
             )?;
             return Ok(false);
@@ -325,7 +333,8 @@ impl NodeService {
         // ConfQuery covers the case where it never hears of it.
         let _ = self
             .node
-            .request(self.node.shard_of(pid), |reply| {
+            .shards
+            .request(self.node.shards.shard_of(pid), |reply| {
                 ShardMsg::ChangeMembership {
                     partition: pid,
                     node: me,
@@ -424,6 +433,7 @@ impl PeerService {
         // Learn the address at once: if this node leads, it must reach the
         // new voter as soon as the change applies.
         self.node
+            .shards
             .broadcast_address(req.node_id, req.raft_addr.clone());
         let addr = req.raft_addr.into_bytes();
         self.change_membership(pid, req.node_id, ConfChangeType::AddNode, addr, deadline)
@@ -465,7 +475,8 @@ impl Api {
     ) -> Result<(), ControlError> {
         let rx = self
             .node
-            .request(self.node.shard_of(pid), |reply| {
+            .shards
+            .request(self.node.shards.shard_of(pid), |reply| {
                 ShardMsg::ChangeMembership {
                     partition: pid,
                     node,

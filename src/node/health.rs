@@ -3,7 +3,6 @@
 //! is full (writes are refused then). `Watch` sends the status at once and
 //! then every change, and ends after the last one at shutdown.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,7 +32,7 @@ fn status_of(api: &Api, service: &str) -> Option<ServingStatus> {
     if !SERVICES.contains(&service) {
         return None;
     }
-    let disk_full = api.node.disk_full.iter().any(|f| f.load(Ordering::Relaxed));
+    let disk_full = api.node.shards.any_disk_full();
     let writes_matter = matches!(service, "" | "multiraft.kv.v1.KV");
     Some(if api.shutdown.is_set() || (disk_full && writes_matter) {
         ServingStatus::NotServing

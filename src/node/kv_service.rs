@@ -142,7 +142,7 @@ fn deadline_of(req: &Request) -> Instant {
 
 impl KvService {
     fn disk_full(&self, shard: usize) -> bool {
-        self.node.disk_full[shard].load(std::sync::atomic::Ordering::Relaxed)
+        self.node.shards.is_disk_full(shard)
     }
 
     fn check_key(&self, key: &[u8]) -> Result<(), Status> {
@@ -259,7 +259,9 @@ impl KvService {
             return Err(late());
         }
         let (tx, rx) = futures::channel::oneshot::channel();
-        self.node.send(self.node.shard_of(p), make(tx))?;
+        self.node
+            .shards
+            .send(self.node.shards.shard_of(p), make(tx))?;
         match with_deadline(deadline, rx).await {
             Some(Ok(r)) => r.map_err(Status::from),
             Some(Err(_)) => Err(Status::unavailable(format!("partition {p} stopped"))),
@@ -275,7 +277,7 @@ impl KvService {
         cmd: Command,
         deadline: Instant,
     ) -> Result<WriteResult<Applied>, Status> {
-        let shard = self.node.shard_of(p);
+        let shard = self.node.shards.shard_of(p);
         if self.disk_full(shard) {
             return Err(Status::unavailable(format!(
                 "partition {p}: this node's disk is full (no space left for the write-ahead log); \
@@ -467,7 +469,8 @@ impl KvService {
         };
         let start = req.start_index;
         self.node
-            .request(self.node.shard_of(p), |reply| ShardMsg::Watch {
+            .shards
+            .request(self.node.shards.shard_of(p), |reply| ShardMsg::Watch {
                 filter,
                 start_index: start,
                 tx,

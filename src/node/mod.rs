@@ -13,15 +13,16 @@ mod error;
 pub mod health;
 mod kv_service;
 pub mod reflection;
+mod shared;
+
+pub use shared::NodeShared;
 
 use std::rc::Rc;
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
-
-use futures::channel::mpsc;
+use std::sync::{mpsc as std_mpsc, Arc};
 
 use crate::config::NodeConfig;
 use crate::proto::peer::envelope;
-use crate::shard::{NodeShared, Shard, ShardMsg};
+use crate::shard::{Shard, ShardMsg, Shards};
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::transport::PeerLinks;
 use crate::wal::{Wal, WalConfig};
@@ -109,18 +110,8 @@ impl Node {
         tracing::info!(incarnation = meta.incarnation, "starting");
 
         let n = config.shards;
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded()).unzip();
-        let node = Arc::new(NodeShared {
-            config: config.clone(),
-            inboxes: senders,
-            inbox_len: (0..n).map(|_| Default::default()).collect(),
-            meta: Mutex::new(meta),
-            control: futures::lock::Mutex::new(()),
-            meta_version: Default::default(),
-            disk_full: (0..n).map(|_| Default::default()).collect(),
-            stopping: Default::default(),
-            heard: Default::default(),
-        });
+        let (shards, receivers) = Shards::new(n);
+        let node = Arc::new(NodeShared::new(config.clone(), shards, meta));
         let cpus = std::thread::available_parallelism()
             .map(|c| c.get())
             .unwrap_or(1);
@@ -276,8 +267,8 @@ async fn shard_start(
     let sink = Rc::new(
         move |from: u64, env: crate::proto::peer::Envelope| match env.body {
             Some(envelope::Body::Raft(m)) => {
-                let _ = sink_node.send_bounded(
-                    sink_node.shard_of(m.partition_id),
+                let _ = sink_node.shards.send_bounded(
+                    sink_node.shards.shard_of(m.partition_id),
                     ShardMsg::Raft {
                         partition: m.partition_id,
                         from,
@@ -288,8 +279,8 @@ async fn shard_start(
             Some(envelope::Body::Request(r)) => sink_api.serve_peer_request(from, r),
             Some(envelope::Body::SnapshotChunk(c)) => {
                 if let Some((partition, msg)) = reassembly.on_chunk(from, c) {
-                    let _ = sink_node.send_bounded(
-                        sink_node.shard_of(partition),
+                    let _ = sink_node.shards.send_bounded(
+                        sink_node.shards.shard_of(partition),
                         ShardMsg::RaftMsg {
                             partition,
                             from,
@@ -300,8 +291,8 @@ async fn shard_start(
             }
             Some(envelope::Body::Response(r)) => {
                 let s = r.origin_shard as usize;
-                if s < sink_node.inboxes.len() {
-                    let _ = sink_node.send(s, ShardMsg::PeerResponse(r));
+                if s < sink_node.shards.count() {
+                    let _ = sink_node.shards.send(s, ShardMsg::PeerResponse(r));
                 }
             }
             Some(envelope::Body::Ping(_)) => sink_node.heard_from(from),
@@ -337,10 +328,11 @@ async fn shard_start(
     let handoff_node = node.clone();
     let handoff: crate::transport::Handoff = Rc::new(move |from, to_shard, fd, buffered| {
         let to = to_shard as usize;
-        if to == k || to >= handoff_node.inboxes.len() {
+        if to == k || to >= handoff_node.shards.count() {
             return false;
         }
         handoff_node
+            .shards
             .send(to, ShardMsg::AdoptPeer { from, fd, buffered })
             .is_ok()
     });
@@ -381,8 +373,12 @@ struct MetricsSource(Arc<NodeShared>);
 
 impl crate::metrics::Source for MetricsSource {
     fn shards(&self) -> Result<Vec<crate::metrics::ShardState>, NotServing> {
-        futures::executor::block_on(self.0.request_all(|reply| ShardMsg::Metrics { reply }))
-            .map_err(|s| NotServing(s.message))
+        futures::executor::block_on(
+            self.0
+                .shards
+                .request_all(|reply| ShardMsg::Metrics { reply }),
+        )
+        .map_err(|s| NotServing(s.message))
     }
 
     fn health(&self) -> Result<(), NotServing> {
@@ -394,16 +390,19 @@ impl crate::metrics::Source for MetricsSource {
 
     fn ready(&self) -> Result<(), NotServing> {
         self.health()?;
-        let full: Vec<usize> = (0..self.0.disk_full.len())
-            .filter(|&k| self.0.disk_full[k].load(std::sync::atomic::Ordering::Relaxed))
+        let full: Vec<usize> = (0..self.0.shards.count())
+            .filter(|&k| self.0.shards.is_disk_full(k))
             .collect();
         if !full.is_empty() {
             return Err(NotServing(format!("the disk of shard(s) {full:?} is full")));
         }
-        let leaderless: Vec<u32> =
-            futures::executor::block_on(self.0.request_all(|reply| ShardMsg::Leaderless { reply }))
-                .map_err(|s| NotServing(s.message))?
-                .concat();
+        let leaderless: Vec<u32> = futures::executor::block_on(
+            self.0
+                .shards
+                .request_all(|reply| ShardMsg::Leaderless { reply }),
+        )
+        .map_err(|s| NotServing(s.message))?
+        .concat();
         if !leaderless.is_empty() {
             return Err(NotServing(format!(
                 "partitions without a leader: {leaderless:?}"

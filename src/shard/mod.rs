@@ -5,21 +5,24 @@
 //! ([`Shard::run`]). Everything else reaches it by message: the gRPC
 //! frontends and peer listeners of every core send [`ShardMsg`]s into the
 //! shard's inbox, and callers wait on a oneshot for the answer. There are no
-//! locks on this path; the only shared structure is [`NodeShared`], which
-//! is read-only except for the control plane (Bootstrap/Join/Leave).
+//! locks on this path. What a shard sees of the node is its [`Host`]: the
+//! configuration, every shard's inbox ([`Shards`]), peer liveness, and one
+//! write (a learned peer address).
 
 pub mod events;
 mod request;
+mod router;
 pub mod snapshot;
 mod tick;
 mod turn;
 
 use request::partition_status;
 pub use request::{Answer, ShardMsg};
+pub use router::Shards;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::{mpsc, oneshot};
@@ -43,161 +46,26 @@ use crate::wal::Wal;
 /// A callback run on the shard once the turn's WAL sync has completed.
 type AfterSync = Box<dyn FnOnce(&mut Shard)>;
 
-/// Most messages waiting in one shard's inbox before calls and peers'
-/// raft messages for it are refused (a shard drains up to 16,384 per turn,
-/// so this is several turns behind).
-pub const MAX_INBOX: usize = 65_536;
-
-/// Whether `msg` counts toward [`MAX_INBOX`]: ticks and the stop signal
-/// come from the shard's own timer and are never refused.
-fn counted(msg: &ShardMsg) -> bool {
-    !matches!(msg, ShardMsg::Tick | ShardMsg::Stop)
-}
-
-/// Node-wide state every shard can see.
-pub struct NodeShared {
-    pub config: NodeConfig,
-    /// Inbox of every shard, by shard index.
-    pub inboxes: Vec<mpsc::UnboundedSender<ShardMsg>>,
-    /// Messages waiting in each inbox (ticks excepted), for [`MAX_INBOX`].
-    pub inbox_len: Vec<std::sync::atomic::AtomicUsize>,
-    /// Control-plane metadata. Locked briefly by Bootstrap/Join/Leave and
-    /// by calls that need the layout, and when a shard learns a peer's
-    /// address from an applied conf change (rare); never per message.
-    pub meta: Mutex<NodeMeta>,
-    /// Serialises Bootstrap, Join and Leave across cores.
-    pub control: futures::lock::Mutex<()>,
-    /// Bumped on every change of `meta`, so that shards can keep a private
-    /// copy for the data path and check it with one atomic load instead of
-    /// taking the lock on every call.
-    pub meta_version: std::sync::atomic::AtomicU64,
-    /// Per shard: its WAL hit ENOSPC and waits for space. Writes to the
-    /// shard's partitions are refused at once while it is set.
-    pub disk_full: Vec<std::sync::atomic::AtomicBool>,
-    /// Set when the node starts to stop (health and `/health` report it).
-    pub stopping: std::sync::atomic::AtomicBool,
-    /// When each peer node's last ping arrived (node-level liveness for
-    /// quiescent groups; see `raft::group::quiet`).
-    pub heard: Mutex<HashMap<u64, std::time::Instant>>,
-}
-
-impl NodeShared {
-    /// A ping from `node` arrived.
-    pub fn heard_from(&self, node: u64) {
-        let now = std::time::Instant::now();
-        self.heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node, now);
-    }
-
-    /// The peer nodes heard from within `within`.
-    fn alive_within(&self, within: Duration) -> std::collections::HashSet<u64> {
-        let now = std::time::Instant::now();
-        self.heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, t)| now.duration_since(**t) < within)
-            .map(|(n, _)| *n)
-            .collect()
-    }
-
-    pub fn node_id(&self) -> u64 {
-        self.config.node_id
-    }
-
-    /// The shard that owns `partition` on this node. The placement is a
-    /// pure function of the id, so every core agrees without coordination.
-    pub fn shard_of(&self, partition: u32) -> usize {
-        partition as usize % self.inboxes.len()
-    }
-
-    /// Changes the metadata atomically: applies `f` to a copy, stores the
-    /// copy durably, then publishes it; all under the lock, so concurrent
-    /// updates from the control plane and from shards never lose each
-    /// other's changes. On a storage error nothing changes.
-    pub fn update_meta<T>(&self, f: impl FnOnce(&mut NodeMeta) -> T) -> std::io::Result<T> {
-        let mut guard = self.meta();
-        let mut next = guard.clone();
-        let out = f(&mut next);
-        if next != *guard {
-            next.store(&self.config.data_dir)?;
-            *guard = next;
-            self.meta_version
-                .fetch_add(1, std::sync::atomic::Ordering::Release);
-        }
-        Ok(out)
-    }
-
-    pub fn meta(&self) -> std::sync::MutexGuard<'_, NodeMeta> {
-        // A poisoned lock means a panic in a control-plane section that
-        // only replaces whole values; the data is still consistent.
-        self.meta.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Sends `msg` to shard `shard`. Fails only when the node is stopping.
-    pub fn send(&self, shard: usize, msg: ShardMsg) -> Result<(), Status> {
-        if counted(&msg) {
-            self.inbox_len[shard].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        self.inboxes[shard]
-            .unbounded_send(msg)
-            .map_err(|_| Status::unavailable("node is shutting down"))
-    }
-
-    /// [`NodeShared::send`] for work that may be refused when the shard
-    /// is behind: past [`MAX_INBOX`] waiting messages it fails with
-    /// RESOURCE_EXHAUSTED (a raft message refused so is retransmitted by
-    /// raft; a client call reports the status).
-    pub fn send_bounded(&self, shard: usize, msg: ShardMsg) -> Result<(), Status> {
-        let waiting = self.inbox_len[shard].load(std::sync::atomic::Ordering::Relaxed);
-        if waiting >= MAX_INBOX {
-            return Err(Status::resource_exhausted(format!(
-                "shard {shard} is behind: {waiting} messages wait in its inbox; retry later"
-            )));
-        }
-        self.send(shard, msg)
-    }
-
-    /// Sends the request `make` builds around a reply to shard `shard`
-    /// and waits for the answer.
-    pub async fn request<T: Send + 'static>(
-        &self,
-        shard: usize,
-        make: impl FnOnce(Answer<T>) -> ShardMsg,
-    ) -> Result<T, Status> {
-        let (tx, rx) = oneshot::channel();
-        self.send_bounded(shard, make(tx))?;
-        rx.await.unwrap_or_else(|_| {
-            Err(Status::unavailable(
-                "request dropped: node is shutting down",
-            ))
-        })
-    }
-
-    /// [`NodeShared::request`] to every shard; the answers in shard order.
-    pub async fn request_all<T: Send + 'static>(
-        &self,
-        make: impl Fn(Answer<T>) -> ShardMsg,
-    ) -> Result<Vec<T>, Status> {
-        let all = (0..self.inboxes.len()).map(|k| self.request(k, &make));
-        futures::future::try_join_all(all).await
-    }
-
-    /// Tells every shard's peer links about a node's raft address.
-    pub fn broadcast_address(&self, node: u64, addr: String) {
-        for k in 0..self.inboxes.len() {
-            let addr = addr.clone();
-            let _ = self.send(k, ShardMsg::PeerAddress { node, addr });
-        }
-    }
+/// What a shard needs of the node around it, and all it sees of
+/// node-wide state. The node's shared state (`node::NodeShared`) is the one
+/// implementation; keeping it behind this trait is what lets `shard` know
+/// nothing of `node`.
+pub trait Host: Send + Sync {
+    fn config(&self) -> &NodeConfig;
+    /// Every shard's inbox.
+    fn shards(&self) -> &Shards;
+    /// The peer nodes whose ping arrived within `within` (node-level
+    /// liveness for quiescent groups; see `raft::group::quiet`).
+    fn alive_within(&self, within: Duration) -> HashSet<u64>;
+    /// Stores a peer node's raft address, learned from an applied conf
+    /// change, in the node's metadata. `Ok(true)` if it was new.
+    fn store_address(&self, node: u64, addr: &str) -> std::io::Result<bool>;
 }
 
 /// One core's share of the node.
 pub struct Shard {
     index: usize,
-    node: Arc<NodeShared>,
+    node: Arc<dyn Host>,
     groups: BTreeMap<u32, Group>,
     wal: Wal,
     links: Rc<PeerLinks>,
@@ -275,7 +143,7 @@ pub type PeerPending = Rc<std::cell::RefCell<HashMap<u64, oneshot::Sender<PeerRe
 pub type AdoptPeer = Rc<dyn Fn(u64, std::os::fd::OwnedFd, Vec<u8>)>;
 
 impl Shard {
-    pub fn new(index: usize, node: Arc<NodeShared>, wal: Wal, links: Rc<PeerLinks>) -> Shard {
+    pub fn new(index: usize, node: Arc<dyn Host>, wal: Wal, links: Rc<PeerLinks>) -> Shard {
         Shard {
             index,
             node,
@@ -305,7 +173,7 @@ impl Shard {
     }
 
     fn node_id(&self) -> u64 {
-        self.node.node_id()
+        self.node.config().node_id
     }
 
     /// Builds this shard's replicas from what its WAL recovered,
@@ -318,11 +186,11 @@ impl Shard {
         recovered: crate::wal::Recovered,
         meta: &NodeMeta,
     ) -> Result<(), crate::raft::GroupError> {
-        let cfg = &self.node.config;
+        let cfg = self.node.config();
         let mut removed = Vec::new();
         for (gid, gs) in recovered.groups {
             let p = gid as u32;
-            if !meta.hosted.contains(&p) || self.node.shard_of(p) != self.index {
+            if !meta.hosted.contains(&p) || self.node.shards().shard_of(p) != self.index {
                 removed.push(p);
                 continue;
             }
@@ -348,12 +216,14 @@ impl Shard {
             );
             self.remove_group(p, |_| {});
         }
-        let me = self.node.node_id();
+        let me = self.node_id();
         let mine: Vec<u32> = meta
             .hosted
             .iter()
             .copied()
-            .filter(|p| self.node.shard_of(*p) == self.index && !self.groups.contains_key(p))
+            .filter(|p| {
+                self.node.shards().shard_of(*p) == self.index && !self.groups.contains_key(p)
+            })
             .collect();
         for p in mine {
             let bootstrapped = meta
@@ -396,7 +266,7 @@ impl Shard {
             partitions: self.groups.len() as i64,
             leaders: self.groups.values().filter(|g| g.is_leader()).count() as i64,
             quiescent: self.groups.values().filter(|g| g.is_quiescent()).count() as i64,
-            disk_full: self.node.disk_full[self.index].load(std::sync::atomic::Ordering::Relaxed),
+            disk_full: self.node.shards().is_disk_full(self.index),
         }
     }
 
@@ -416,7 +286,7 @@ impl Shard {
         partitions
             .iter()
             .copied()
-            .filter(|p| self.node.shard_of(*p) == self.index)
+            .filter(|p| self.node.shards().shard_of(*p) == self.index)
             .filter(|p| {
                 self.groups
                     .get(p)
@@ -468,7 +338,7 @@ impl Shard {
             self.wal.save_snapshot(partition as u64, s);
         }
         self.wal_dirty = true;
-        let cfg = &self.node.config;
+        let cfg = self.node.config();
         match Group::new(
             partition,
             cfg.node_id,
@@ -684,21 +554,17 @@ impl Shard {
     /// 2. runs the ready cycle over every group (see `turn.rs`): one WAL
     ///    append and one fdatasync for all of them.
     pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<ShardMsg>, shutdown: Shutdown) {
-        let tick = self.node.config.raft.heartbeat_period;
-        spawn_ticker(
-            self.node.inboxes[self.index].clone(),
-            tick,
-            shutdown.clone(),
-        );
+        let tick = self.node.config().raft.heartbeat_period;
+        spawn_ticker(self.node.shards().inbox(self.index), tick, shutdown.clone());
         let node = self.node.clone();
-        let waiting = &node.inbox_len[self.index];
+        let waiting = node.shards().waiting(self.index);
         // Taken messages are subtracted once per drain, not one by one:
         // the counter is shared with the sending cores.
         'outer: loop {
             let Some(first) = inbox.next().await else {
                 break;
             };
-            let mut taken = usize::from(counted(&first));
+            let mut taken = usize::from(router::counted(&first));
             if !self.handle(first) {
                 break;
             }
@@ -706,7 +572,7 @@ impl Shard {
             for _ in 0..16_384 {
                 match inbox.try_recv() {
                     Ok(m) => {
-                        taken += usize::from(counted(&m));
+                        taken += usize::from(router::counted(&m));
                         if !self.handle(m) {
                             break 'outer;
                         }

@@ -26,7 +26,7 @@ use raft::SnapshotStatus;
 use crate::proto::peer::{envelope, Envelope, SnapshotChunk};
 use crate::transport::PeerLinks;
 
-use super::{NodeShared, ShardMsg};
+use super::{Host, ShardMsg};
 
 /// Data bytes per chunk.
 pub const CHUNK: usize = 1 << 20;
@@ -48,7 +48,7 @@ pub fn needs_chunks(m: &Message) -> bool {
 /// task, then reports the outcome to raft on shard `shard`.
 pub fn send_chunked(
     links: Rc<PeerLinks>,
-    node: Arc<NodeShared>,
+    node: Arc<dyn Host>,
     shard: usize,
     partition: u32,
     mut msg: Message,
@@ -106,7 +106,7 @@ pub fn send_chunked(
             );
             glommio::yield_if_needed().await;
         }
-        let _ = node.send(
+        let _ = node.shards().send(
             shard,
             ShardMsg::SnapshotReport {
                 partition,

@@ -21,7 +21,7 @@ impl Shard {
             self.balance_leaders();
             self.watch.maybe_stop_recording(std::time::Instant::now());
         }
-        let me = self.node.node_id();
+        let me = self.node_id();
         let peers = self.links.nodes();
         for &n in &peers {
             if n != me {
@@ -31,7 +31,7 @@ impl Shard {
         }
         let heard = self
             .node
-            .alive_within(self.node.config.raft.election_timeout);
+            .alive_within(self.node.config().raft.election_timeout);
         let alive = |n: u64| n == me || heard.contains(&n);
         // Quiescent followers of a silent node wake. Scanned when a node is
         // silent (a dead node's followers are woken the first tick; those
@@ -88,7 +88,7 @@ impl Shard {
     /// Bootstrap the first elections pile leaders up; after a node returns
     /// it leads nothing; both even out this way.
     fn balance_leaders(&mut self) {
-        let me = self.node.node_id();
+        let me = self.node_id();
         let mut leads: HashMap<u64, usize> = HashMap::new();
         let mut led: usize = 0;
         for g in self.groups.values() {

@@ -14,7 +14,6 @@
 //!    append responses: "followers answer only after their own sync"),
 //!    advance raft, apply what became committed, take snapshots.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
@@ -28,7 +27,7 @@ use crate::kv::watch::Event;
 use crate::raft::Outbox;
 use crate::transport::PeerLinks;
 
-use super::{NodeShared, Shard};
+use super::{Host, Shard};
 
 /// Backoff between retries of a sync that found the disk full.
 const RETRY_MIN: Duration = Duration::from_millis(50);
@@ -243,7 +242,7 @@ impl Shard {
     /// anything that may not be on disk. A full disk is different: nothing
     /// was lost, the records stay buffered, and the sync is retried with
     /// backoff on later turns; meanwhile writes to this shard's partitions
-    /// are refused with UNAVAILABLE (see `NodeShared::disk_full`).
+    /// are refused with UNAVAILABLE (see `Shards::is_disk_full`).
     async fn sync(&mut self) -> bool {
         if self.wal_dirty {
             let started = Instant::now();
@@ -262,7 +261,7 @@ impl Shard {
                 Err(e) => fatal_storage_error(self.index, &e),
             }
         }
-        if self.node.disk_full[self.index].swap(false, Ordering::Relaxed) {
+        if self.node.shards().set_disk_full(self.index, false) {
             tracing::info!(shard = self.index, "disk space is back; writes resume");
         }
         self.retry_at = None;
@@ -274,7 +273,7 @@ impl Shard {
     }
 
     fn no_space(&mut self, e: &crate::wal::WalError) -> bool {
-        if !self.node.disk_full[self.index].swap(true, Ordering::Relaxed) {
+        if !self.node.shards().set_disk_full(self.index, true) {
             tracing::warn!(
                 shard = self.index,
                 "{e}; writes to this shard are refused until space returns"
@@ -291,15 +290,13 @@ impl Shard {
         if node == self.node_id() {
             return;
         }
-        let changed = self
-            .node
-            .update_meta(|m| m.addresses.insert(node, addr.clone()).as_ref() != Some(&addr));
+        let changed = self.node.store_address(node, &addr);
         match changed {
             Ok(false) => return,
             Ok(true) => {}
             Err(e) => tracing::warn!("storing node metadata: {e}"),
         }
-        self.node.broadcast_address(node, addr);
+        self.node.shards().broadcast_address(node, addr);
     }
 }
 
@@ -307,7 +304,7 @@ impl Shard {
 /// loop can borrow both.
 struct SendCtx {
     links: Rc<PeerLinks>,
-    node: Arc<NodeShared>,
+    node: Arc<dyn Host>,
     shard: usize,
     snapshots_sent: prometheus::IntCounter,
 }
