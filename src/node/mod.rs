@@ -296,6 +296,18 @@ async fn shard_start(
                 }
             }
             Some(envelope::Body::Ping(_)) => sink_node.heard_from(from),
+            Some(envelope::Body::Heartbeats(h)) => {
+                let shards = &sink_node.shards;
+                let mut by_shard: Vec<Vec<_>> = vec![Vec::new(); shards.count()];
+                for b in h.beats {
+                    by_shard[shards.shard_of(b.partition_id)].push(b);
+                }
+                for (k, beats) in by_shard.into_iter().enumerate() {
+                    if !beats.is_empty() {
+                        let _ = shards.send_bounded(k, ShardMsg::Beats { from, beats });
+                    }
+                }
+            }
             None => tracing::debug!(from, "empty peer envelope dropped"),
         },
     );

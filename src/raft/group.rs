@@ -20,6 +20,7 @@ use crate::config::RaftConfig;
 use super::storage::GroupStorage;
 
 mod inbound;
+mod notice;
 mod quiet;
 
 #[cfg(test)]
@@ -204,6 +205,10 @@ pub struct Group<S: StateMachine> {
     retain_entries: u64,
     /// Whether the group ticks (see `quiet.rs`).
     quiet: quiet::Quiet,
+    /// Commit notices (see `notice.rs`): the lowest commit index last
+    /// noticed to a follower, and what each follower was last told.
+    noticed: u64,
+    notified: Vec<(u64, u64)>,
 }
 
 /// Everything a group is built from (fresh or recovered).
@@ -288,6 +293,9 @@ impl<S: StateMachine> Group<S> {
             max_inflight_msgs: 256,
             check_quorum: true,
             pre_vote: true,
+            // Followers learn commits from coalesced notices instead
+            // (`notice.rs`).
+            skip_bcast_commit: true,
             ..Default::default()
         };
         let raw = RawNode::new(&config, storage.clone(), &super::logger::group_logger(id))
@@ -327,6 +335,8 @@ impl<S: StateMachine> Group<S> {
             snapshot_threshold: cfg.snapshot_entry_threshold,
             retain_entries: cfg.compaction_retain_entries,
             quiet: Default::default(),
+            noticed: 0,
+            notified: Vec::new(),
         })
     }
 

@@ -9,6 +9,7 @@
 //! configuration, every shard's inbox ([`Shards`]), peer liveness, and one
 //! write (a learned peer address).
 
+mod beats;
 pub mod events;
 mod request;
 mod router;
@@ -385,14 +386,20 @@ impl Shard {
         let touched = msg.partition();
         let go_on = self.serve(msg);
         if let Some(p) = touched {
-            if let Some(g) = self.groups.get(&p) {
-                self.ready.insert(p);
-                if !g.is_quiescent() {
-                    self.awake.insert(p);
-                }
-            }
+            self.touch(p);
         }
         go_on
+    }
+
+    /// Group `p` got something to do: the next turn visits it, and ticks
+    /// visit it while it is awake.
+    fn touch(&mut self, p: u32) {
+        if let Some(g) = self.groups.get(&p) {
+            self.ready.insert(p);
+            if !g.is_quiescent() {
+                self.awake.insert(p);
+            }
+        }
     }
 
     /// [`Shard::handle`] without the bookkeeping of which groups have work.
@@ -424,6 +431,20 @@ impl Shard {
                     "snapshot for a partition not hosted here dropped"
                 ),
             },
+            ShardMsg::Beats { from, beats } => {
+                let me = self.node_id();
+                for b in &beats {
+                    let p = b.partition_id;
+                    let Some(g) = self.groups.get_mut(&p) else {
+                        continue;
+                    };
+                    match beats::to_message(from, me, b) {
+                        Some(m) => g.step_from(from, m),
+                        None => tracing::debug!(p, kind = b.kind, "unknown beat dropped"),
+                    }
+                    self.touch(p);
+                }
+            }
             ShardMsg::PeerResponse(r) => {
                 if let Some(tx) = self.peer_pending.borrow_mut().remove(&r.id) {
                     let _ = tx.send(r);

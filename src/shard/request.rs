@@ -72,6 +72,13 @@ pub enum ShardMsg {
         from: u64,
         msg: Box<raft::eraftpb::Message>,
     },
+    /// Coalesced heartbeats, their answers and commit notices from the
+    /// peer connection of node `from`: those for this shard's partitions
+    /// (see `beats.rs`).
+    Beats {
+        from: u64,
+        beats: Vec<crate::proto::peer::Beat>,
+    },
     /// The answer to a call this shard forwarded to another node.
     PeerResponse(PeerResponse),
     /// How sending a snapshot of `partition` to `to` ended (raft-rs

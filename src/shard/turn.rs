@@ -27,6 +27,7 @@ use crate::kv::watch::Event;
 use crate::raft::Outbox;
 use crate::transport::PeerLinks;
 
+use super::beats::Beats;
 use super::{Host, Shard};
 
 /// Backoff between retries of a sync that found the disk full.
@@ -43,11 +44,12 @@ impl Shard {
             watching: self.watch.recording(),
             ..Outbox::default()
         };
-        let out_ctx = SendCtx {
+        let mut out_ctx = SendCtx {
             links: self.links.clone(),
             node: self.node.clone(),
             shard: self.index,
             snapshots_sent: self.metrics.snapshots_sent.clone(),
+            beats: Beats::default(),
         };
 
         // A turn whose sync found the disk full is finished first. Until
@@ -59,7 +61,7 @@ impl Shard {
                 return;
             }
             let readies = std::mem::take(&mut self.stalled);
-            self.after_persist(readies, &out_ctx, &mut out);
+            self.after_persist(readies, &mut out_ctx, &mut out);
             self.housekeeping(out).await;
             return;
         }
@@ -73,10 +75,11 @@ impl Shard {
                 continue;
             };
             g.flush();
+            notices(g, *id, &mut out_ctx.beats);
             if !g.raw().has_ready() {
                 // Its quiesce heartbeats, if any (no Ready: no other
                 // messages to keep them behind).
-                send_all(&out_ctx, *id, g.take_quiet_messages(), &mut out);
+                send_all(&mut out_ctx, *id, g.take_quiet_messages(), &mut out);
                 if g.wants_turn() {
                     self.ready.insert(*id);
                 }
@@ -85,10 +88,10 @@ impl Shard {
             let mut rd = g.raw().ready();
             let mut msgs = rd.take_messages();
             g.prune_heartbeats(&mut msgs);
-            send_all(&out_ctx, *id, msgs, &mut out);
+            send_all(&mut out_ctx, *id, msgs, &mut out);
             // After the Ready's own heartbeats, so a follower sees the
             // leader's plain heartbeat before its quiesce heartbeat.
-            send_all(&out_ctx, *id, g.take_quiet_messages(), &mut out);
+            send_all(&mut out_ctx, *id, g.take_quiet_messages(), &mut out);
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
                 self.metrics.snapshots_received.inc();
@@ -128,12 +131,16 @@ impl Shard {
             readies.push((*id, rd));
         }
 
+        // The beats of the Readies, sent before the sync like the rest of
+        // their messages.
+        out_ctx.beats.flush(&out_ctx.links);
+
         // 5.
         if !self.sync().await {
             self.stalled = readies;
             return;
         }
-        self.after_persist(readies, &out_ctx, &mut out);
+        self.after_persist(readies, &mut out_ctx, &mut out);
         self.housekeeping(out).await;
     }
 
@@ -141,7 +148,7 @@ impl Shard {
     fn after_persist(
         &mut self,
         readies: Vec<(u32, raft::Ready)>,
-        out_ctx: &SendCtx,
+        out_ctx: &mut SendCtx,
         out: &mut Outbox<Event>,
     ) {
         for (id, mut rd) in readies {
@@ -160,6 +167,9 @@ impl Shard {
             let mut msgs = light.take_messages();
             g.prune_heartbeats(&mut msgs);
             send_all(out_ctx, id, msgs, out);
+            // The leader's own sync may have been the last acknowledgement
+            // a commit needed.
+            notices(g, id, &mut out_ctx.beats);
             if let Some(cs) = g.apply(light.take_committed_entries(), out) {
                 self.wal.set_conf_state(id as u64, &cs);
                 self.wal_dirty = true;
@@ -181,6 +191,7 @@ impl Shard {
                 self.wal_dirty = true;
             }
         }
+        out_ctx.beats.flush(&out_ctx.links);
     }
 
     /// Learned addresses and WAL purges, after the turn's work.
@@ -307,11 +318,21 @@ struct SendCtx {
     node: Arc<dyn Host>,
     shard: usize,
     snapshots_sent: prometheus::IntCounter,
+    /// Heartbeats, their answers and commit notices of this turn.
+    beats: Beats,
 }
 
-fn send_all(ctx: &SendCtx, partition: u32, msgs: Vec<Message>, out: &mut Outbox<Event>) {
+/// Queues the commit notices group `g` (of `partition`) owes.
+fn notices(g: &mut super::Group, partition: u32, beats: &mut Beats) {
+    g.commit_notices(|to, term, commit| beats.commit(to, partition, term, commit));
+}
+
+fn send_all(ctx: &mut SendCtx, partition: u32, msgs: Vec<Message>, out: &mut Outbox<Event>) {
     let links = &ctx.links;
     for m in msgs {
+        if ctx.beats.take(partition, &m) {
+            continue;
+        }
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
             ctx.snapshots_sent.inc();
             out.snapshots_sent

@@ -1,0 +1,177 @@
+//! Coalesced heartbeats: the small raft messages of many groups, one
+//! envelope per peer node per turn.
+//!
+//! Three kinds of raft message carry nothing but a partition, a term and a
+//! commit index, and a busy or many-partition node sends a great many of
+//! them. A shard gathers them over a turn, per peer node, as [`Beat`]s, and
+//! sends each peer one `Heartbeats` envelope ([`Beats::flush`]); the
+//! receiving node hands each of its shards its part, which steps every beat
+//! into its group as the raft message it stands for ([`to_message`]):
+//! - a leader's plain heartbeat (`MsgHeartbeat` without context), and
+//! - a follower's answer to one (`MsgHeartbeatResponse` without context),
+//!   both exactly as raft-rs made them;
+//! - a *commit notice*: when a leader's commit index moves, it tells each
+//!   follower `min(its acknowledged index, commit)` in a heartbeat whose
+//!   context is [`COMMIT_CTX`] (`raft::Group::commit_notices`). It replaces
+//!   raft-rs's broadcast of an empty append to every follower on every
+//!   commit (`skip_bcast_commit`), which with many partitions each carrying
+//!   a little load doubled the messages per write. Raft answers it like any
+//!   heartbeat; the answer, with the same context, is dropped here: the
+//!   notice wants none.
+//!
+//! Heartbeats with any other context (ReadIndex rounds, quiesce requests)
+//! and every other message travel one by one as before.
+//!
+//! Why this changes nothing raft relies on: a beat is stepped as the very
+//! message it replaces, through the same membership checks
+//! (`Group::step_from`), so terms, votes and the read protocol are raft's.
+//! A commit notice is a raft heartbeat: sent by a leader in its term, with
+//! the commit index raft-rs itself puts in heartbeats (never past what that
+//! follower acknowledged having, so every entry it commits there is the
+//! leader's). A lost or late beat is a lost or late heartbeat; raft
+//! tolerates both, and the next append or heartbeat carries the commit
+//! index again.
+
+use std::collections::BTreeMap;
+
+use raft::eraftpb::{Message, MessageType};
+
+use crate::proto::peer::{beat::Kind, envelope, Beat, Envelope, Heartbeats};
+use crate::transport::PeerLinks;
+
+/// The context of a commit notice (one byte: never a ReadIndex context,
+/// 8 bytes, or a quiesce context, 9).
+pub const COMMIT_CTX: &[u8] = b"C";
+
+/// The beats of one turn, by peer node.
+#[derive(Default)]
+pub struct Beats {
+    to: BTreeMap<u64, Vec<Beat>>,
+}
+
+impl Beats {
+    /// Takes `m` (of `partition`) if it travels as a beat; false if it
+    /// must be sent on its own. The answer to a commit notice is taken
+    /// and dropped.
+    pub fn take(&mut self, partition: u32, m: &Message) -> bool {
+        let kind = match (m.get_msg_type(), m.context.as_ref()) {
+            (MessageType::MsgHeartbeat, []) => Kind::Heartbeat,
+            (MessageType::MsgHeartbeatResponse, []) => Kind::Response,
+            (MessageType::MsgHeartbeat, COMMIT_CTX) => Kind::Commit,
+            (MessageType::MsgHeartbeatResponse, COMMIT_CTX) => return true,
+            _ => return false,
+        };
+        self.push(m.to, partition, kind, m.term, m.commit);
+        true
+    }
+
+    /// Queues a commit notice for `to`.
+    pub fn commit(&mut self, to: u64, partition: u32, term: u64, commit: u64) {
+        self.push(to, partition, Kind::Commit, term, commit);
+    }
+
+    fn push(&mut self, to: u64, partition: u32, kind: Kind, term: u64, commit: u64) {
+        self.to.entry(to).or_default().push(Beat {
+            partition_id: partition,
+            kind: kind as i32,
+            term,
+            commit,
+        });
+    }
+
+    /// Sends each peer its beats, in one envelope.
+    pub fn flush(&mut self, links: &PeerLinks) {
+        for (to, beats) in std::mem::take(&mut self.to) {
+            let body = Some(envelope::Body::Heartbeats(Heartbeats { beats }));
+            links.send(to, Envelope { body });
+        }
+    }
+}
+
+/// The raft message `beat` stands for, from node `from` to node `to`;
+/// `None` for a kind this build does not know.
+pub fn to_message(from: u64, to: u64, beat: &Beat) -> Option<Message> {
+    let mut m = Message::default();
+    match Kind::try_from(beat.kind).ok()? {
+        Kind::Heartbeat => m.set_msg_type(MessageType::MsgHeartbeat),
+        Kind::Response => m.set_msg_type(MessageType::MsgHeartbeatResponse),
+        Kind::Commit => {
+            m.set_msg_type(MessageType::MsgHeartbeat);
+            m.context = COMMIT_CTX.to_vec().into();
+        }
+    }
+    m.from = from;
+    m.to = to;
+    m.term = beat.term;
+    m.commit = beat.commit;
+    Some(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(t: MessageType, ctx: &[u8]) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(t);
+        m.from = 1;
+        m.to = 2;
+        m.term = 7;
+        m.commit = 40;
+        m.context = ctx.to_vec().into();
+        m
+    }
+
+    #[test]
+    fn heartbeats_answers_and_notices_round_trip() {
+        for (t, ctx) in [
+            (MessageType::MsgHeartbeat, &b""[..]),
+            (MessageType::MsgHeartbeatResponse, b""),
+            (MessageType::MsgHeartbeat, COMMIT_CTX),
+        ] {
+            let mut beats = Beats::default();
+            let m = msg(t, ctx);
+            assert!(beats.take(5, &m));
+            let b = &beats.to[&2][0];
+            assert_eq!(b.partition_id, 5);
+            assert_eq!(to_message(1, 2, b), Some(m));
+        }
+    }
+
+    #[test]
+    fn messages_with_other_contexts_travel_alone() {
+        let mut beats = Beats::default();
+        let read_index = 9u64.to_le_bytes();
+        let mut quiesce = vec![b'Q'];
+        quiesce.extend(3u64.to_le_bytes());
+        for m in [
+            msg(MessageType::MsgHeartbeat, &read_index),
+            msg(MessageType::MsgHeartbeatResponse, &read_index),
+            msg(MessageType::MsgHeartbeat, &quiesce),
+            msg(MessageType::MsgHeartbeatResponse, &quiesce),
+            msg(MessageType::MsgAppend, b""),
+            msg(MessageType::MsgAppendResponse, b""),
+        ] {
+            assert!(!beats.take(5, &m), "{m:?}");
+        }
+        assert!(beats.to.is_empty());
+    }
+
+    #[test]
+    fn the_answer_to_a_commit_notice_is_dropped() {
+        let mut beats = Beats::default();
+        assert!(beats.take(5, &msg(MessageType::MsgHeartbeatResponse, COMMIT_CTX)));
+        assert!(beats.to.is_empty());
+    }
+
+    #[test]
+    fn an_unknown_kind_is_no_message() {
+        let b = Beat {
+            partition_id: 1,
+            kind: 99,
+            term: 1,
+            commit: 1,
+        };
+        assert_eq!(to_message(1, 2, &b), None);
+    }
+}
