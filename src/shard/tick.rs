@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{events, Shard};
+use super::{events, Marks, Shard};
 
 /// Ticks between leader-balancing rounds (3 s at the default 100 ms).
 const BALANCE_TICKS: u64 = 30;
@@ -56,7 +56,8 @@ impl Shard {
         let groups = &mut self.groups;
         let ready = &mut self.ready;
         let events = &mut self.events;
-        self.awake.retain(|p| {
+        let mut awake = self.awake.take();
+        awake.retain(|p| {
             let Some(g) = groups.get_mut(p) else {
                 return false;
             };
@@ -75,6 +76,7 @@ impl Shard {
             }
             true
         });
+        self.awake = Marks(awake);
     }
 
     /// One leader-balancing round. Every node counts, among this shard's

@@ -69,7 +69,7 @@ impl Shard {
         let mut readies = Vec::new();
 
         // 1-4, for the groups with something to do (`Shard::ready`).
-        let ids = std::mem::take(&mut self.ready);
+        let ids = self.ready.take();
         for id in &ids {
             let Some(g) = self.groups.get_mut(id) else {
                 continue;
