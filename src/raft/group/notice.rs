@@ -46,6 +46,7 @@ impl<S: StateMachine> Group<S> {
                     *c = commit;
                     notice(*id, r.term, commit);
                 }
+                None if commit == 0 => {}
                 None => {
                     self.notified.push((*id, commit));
                     notice(*id, r.term, commit);

@@ -112,3 +112,96 @@ fn a_known_leader_outweighs_a_stale_leaderless_count() {
         "with a leader known the read waits for its ReadIndex"
     );
 }
+
+/// Makes `g` (node 1 of voters 1, 2, 3) leader, with its log durable.
+fn lead(g: &mut Group<Counter>) {
+    use raft::eraftpb::{Message, MessageType};
+    g.raw.campaign().unwrap();
+    persist(g);
+    let mut vote = Message::default();
+    vote.set_msg_type(MessageType::MsgRequestPreVoteResponse);
+    vote.from = 2;
+    vote.to = 1;
+    vote.term = g.term() + 1;
+    g.step_from(2, vote.clone());
+    persist(g);
+    vote.set_msg_type(MessageType::MsgRequestVoteResponse);
+    vote.term = g.term();
+    g.step_from(2, vote);
+    persist(g);
+    assert!(g.is_leader());
+}
+
+/// Takes the group's Ready and makes it durable (in memory).
+fn persist(g: &mut Group<Counter>) {
+    if !g.raw.has_ready() {
+        return;
+    }
+    let rd = g.raw.ready();
+    g.storage.append(rd.entries());
+    if let Some(hs) = rd.hs() {
+        g.storage.set_hard_state(hs.clone());
+    }
+    let mut light = g.raw.advance(rd);
+    if let Some(c) = light.commit_index() {
+        g.storage.set_commit(c);
+    }
+    let _ = light.take_committed_entries();
+    g.raw.advance_apply();
+}
+
+fn ack(g: &mut Group<Counter>, from: u64, index: u64) {
+    use raft::eraftpb::{Message, MessageType};
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgAppendResponse);
+    m.from = from;
+    m.to = 1;
+    m.term = g.term();
+    m.index = index;
+    g.step_from(from, m);
+    persist(g);
+}
+
+#[test]
+fn commit_notices_never_pass_what_a_follower_acknowledged() {
+    let cfg = RaftConfig::default();
+    let mut g = Group::<Counter>::new(1, 1, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+    lead(&mut g);
+    let notices = |g: &mut Group<Counter>| {
+        let mut out = Vec::new();
+        g.commit_notices(|to, term, commit| out.push((to, term, commit)));
+        out
+    };
+    let term = g.term();
+    let last = g.raw.raft.raft_log.last_index();
+    // Node 2 acknowledges the leader's first entry: committed, and only
+    // node 2 is told (node 3 acknowledged nothing).
+    ack(&mut g, 2, last);
+    assert_eq!(g.raw.raft.raft_log.committed, last);
+    assert_eq!(notices(&mut g), vec![(2, term, last)]);
+    assert_eq!(notices(&mut g), vec![], "told once");
+    // A write that node 3 has acknowledged only partly: node 3 hears of
+    // the commit only up to what it has.
+    let (tx, _rx) = oneshot::channel();
+    g.propose(7, tx);
+    g.flush();
+    persist(&mut g);
+    let next = g.raw.raft.raft_log.last_index();
+    ack(&mut g, 3, last);
+    ack(&mut g, 2, next);
+    assert_eq!(g.raw.raft.raft_log.committed, next);
+    assert_eq!(notices(&mut g), vec![(2, term, next), (3, term, last)]);
+    // Node 3 catches up: now it is told the rest.
+    ack(&mut g, 3, next);
+    assert_eq!(notices(&mut g), vec![(3, term, next)]);
+    assert_eq!(notices(&mut g), vec![]);
+}
+
+#[test]
+fn followers_send_no_commit_notices() {
+    let cfg = RaftConfig::default();
+    let mut g = Group::<Counter>::new(1, 2, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+    let mut n = 0;
+    g.commit_notices(|_, _, _| n += 1);
+    assert_eq!(n, 0);
+}
