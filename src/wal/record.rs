@@ -189,6 +189,26 @@ pub(crate) fn find_valid_after(buf: &[u8], from: usize, limit: usize) -> Option<
     None
 }
 
+/// One past the last non-zero byte of `buf` (0 if all zero): where data
+/// ends in a pre-zeroed segment. Compares eight bytes at a time, from the
+/// end: recovery runs it over whole segments, mostly zeroes, and a byte
+/// at a time it took longer than reading them.
+pub(crate) fn nonzero_end(buf: &[u8]) -> usize {
+    let words = buf.len() / 8;
+    let tail = &buf[words * 8..];
+    if let Some(p) = tail.iter().rposition(|&b| b != 0) {
+        return words * 8 + p + 1;
+    }
+    let word = |i: usize| u64::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    match (0..words).rev().find(|&i| word(i) != 0) {
+        Some(i) => {
+            let w = &buf[i * 8..i * 8 + 8];
+            i * 8 + w.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1)
+        }
+        None => 0,
+    }
+}
+
 /// Error of a payload that passed its checksum but does not parse.
 /// Why a record's payload does not parse (a message naming the field).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -563,6 +583,24 @@ mod tests {
         let mut bad = buf.clone();
         bad[0..4].copy_from_slice(&0u32.to_le_bytes());
         assert!(matches!(decode_at(&bad, 0), Decoded::Bad(_)));
+    }
+
+    #[test]
+    fn nonzero_end_is_one_past_the_last_nonzero_byte() {
+        let naive = |b: &[u8]| b.iter().rposition(|&x| x != 0).map_or(0, |p| p + 1);
+        for len in 0..40 {
+            let mut buf = vec![0u8; len];
+            assert_eq!(nonzero_end(&buf), 0);
+            for at in 0..len {
+                buf.iter_mut().for_each(|b| *b = 0);
+                buf[at] = 1;
+                assert_eq!(nonzero_end(&buf), at + 1, "len {len}, at {at}");
+                if at > 0 {
+                    buf[0] = 0xff;
+                    assert_eq!(nonzero_end(&buf), naive(&buf));
+                }
+            }
+        }
     }
 
     #[test]

@@ -291,7 +291,7 @@ fn scan_segment<'a>(
         }
     };
     // Valid data can only start before the last non-zero byte.
-    let dirty_end = content.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+    let dirty_end = record::nonzero_end(content);
     if dirty_end > off {
         if let Some(later) = record::find_valid_after(content, off, dirty_end) {
             return Err(corrupt(

@@ -173,11 +173,7 @@ impl ActiveSegment {
         let align = file.alignment() as usize;
         let start = valid_end / align * align;
         let tail = content[start..valid_end].to_vec();
-        let dirty_end = content
-            .iter()
-            .rposition(|&b| b != 0)
-            .map_or(0, |p| p + 1)
-            .max(valid_end);
+        let dirty_end = super::record::nonzero_end(content).max(valid_end);
         if dirty_end > valid_end {
             let mut fill = tail.clone();
             fill.resize(dirty_end - start, 0);
