@@ -38,6 +38,9 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// whenever the log moved to a new segment).
 const PURGE_EVERY_TURNS: u64 = 1024;
 
+/// Turns to the next purge after one that asked groups to snapshot.
+const PURGE_AGAIN_TURNS: u64 = 16;
+
 impl Shard {
     pub(super) async fn turn(&mut self) {
         let mut out = Outbox {
@@ -83,6 +86,8 @@ impl Shard {
                 if g.wants_turn() {
                     self.ready.insert(*id);
                 }
+                // A snapshot asked for by a purge, of an idle group.
+                self.wal_dirty |= save_snapshot_if_due(&mut self.wal, g, *id);
                 continue;
             }
             let mut rd = g.raw().ready();
@@ -178,18 +183,7 @@ impl Shard {
             if g.wants_turn() || g.raw().has_ready() {
                 self.ready.insert(id);
             }
-            if let Some((snap, compact_to)) = g.maybe_snapshot() {
-                tracing::debug!(
-                    partition = id,
-                    index = snap.get_metadata().index,
-                    "snapshot taken"
-                );
-                // The compaction is buffered after the snapshot that covers
-                // it, so it never reaches the disk without it.
-                self.wal.save_snapshot(id as u64, &snap);
-                self.wal.compact(id as u64, compact_to);
-                self.wal_dirty = true;
-            }
+            self.wal_dirty |= save_snapshot_if_due(&mut self.wal, g, id);
         }
         out_ctx.beats.flush(&out_ctx.links);
     }
@@ -231,13 +225,20 @@ impl Shard {
             self.segments_seen = rolled;
             match self.wal.purge().await {
                 // An idle group never reaches its snapshot threshold, yet
-                // its old entries keep whole segments alive: snapshot it.
-                Ok(Some(group)) => {
-                    if let Some(g) = self.groups.get(&(group as u32)) {
-                        g.storage().want_snapshot();
+                // its old entries keep whole segments alive: snapshot them.
+                // They are visited next turn even if quiescent (a snapshot
+                // does not wake them), and the next purge comes soon.
+                Ok(pinning) if !pinning.is_empty() => {
+                    for group in pinning {
+                        let p = group as u32;
+                        if let Some(g) = self.groups.get(&p) {
+                            g.storage().want_snapshot();
+                            self.ready.insert(p);
+                        }
                     }
+                    self.turns_since_purge = PURGE_EVERY_TURNS - PURGE_AGAIN_TURNS;
                 }
-                Ok(None) => {}
+                Ok(_) => {}
                 Err(e) if self.wal.is_poisoned() => fatal_storage_error(self.index, &e),
                 Err(e) => tracing::warn!(shard = self.index, "WAL purge: {e}"),
             }
@@ -320,6 +321,24 @@ struct SendCtx {
     snapshots_sent: prometheus::IntCounter,
     /// Heartbeats, their answers and commit notices of this turn.
     beats: Beats,
+}
+
+/// Takes a snapshot of group `g` (of `partition`) if it is due or was
+/// asked for, and buffers it and the compaction it allows; true if it did.
+fn save_snapshot_if_due(wal: &mut crate::wal::Wal, g: &mut super::Group, partition: u32) -> bool {
+    let Some((snap, compact_to)) = g.maybe_snapshot() else {
+        return false;
+    };
+    tracing::debug!(
+        partition,
+        index = snap.get_metadata().index,
+        "snapshot taken"
+    );
+    // The compaction is buffered after the snapshot that covers it, so it
+    // never reaches the disk without it.
+    wal.save_snapshot(partition as u64, &snap);
+    wal.compact(partition as u64, compact_to);
+    true
 }
 
 /// Queues the commit notices group `g` (of `partition`) owes.

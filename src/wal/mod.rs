@@ -464,15 +464,15 @@ impl Wal {
         Ok(())
     }
 
-    /// Deletes segments no group needs any more. Returns the group that
-    /// holds the oldest remaining segment, if one keeps segments alive, so
-    /// the caller can have it snapshot and compact.
+    /// Deletes segments no group needs any more. Returns the groups that
+    /// keep segments alive (oldest first, at most `purge::MAX_PINNING`), so
+    /// the caller can have them snapshot and compact.
     ///
     /// Plans only from durable state: everything buffered is synced first,
     /// so a compaction or snapshot that justifies deleting a segment is on
     /// disk before the segment goes. (Planning from buffered records would
     /// let a crash leave a log whose entries no longer reach its floor.)
-    pub async fn purge(&mut self) -> Result<Option<u64>, WalError> {
+    pub async fn purge(&mut self) -> Result<Vec<u64>, WalError> {
         self.sync().await?;
         // The active segment always stays; so does the one before it until
         // the active one's checkpoint is durable.
@@ -482,12 +482,13 @@ impl Wal {
             self.active.seq.saturating_sub(1)
         };
         let plan = purge::plan(self.first_seq, limit, &self.groups);
-        if let Some((group, seq)) = plan.pinned_by {
+        if let Some(&(group, seq)) = plan.pinned_by.first() {
             info!(
                 group,
                 segment = seq,
+                groups = plan.pinned_by.len(),
                 segments_kept = limit.saturating_sub(seq),
-                "raft group pins old log segments; compact it to let them go"
+                "raft groups pin old log segments; compact them to let them go"
             );
         }
         if plan.keep_from > self.first_seq {
@@ -510,7 +511,7 @@ impl Wal {
             }
         }
         self.refresh_stats();
-        Ok(plan.pinned_by.map(|(group, _)| group))
+        Ok(plan.pinned_by.into_iter().map(|(group, _)| group).collect())
     }
 
     /// True once a failed write or fsync made the log refuse further syncs.

@@ -14,33 +14,37 @@ use super::io::{glommio_err, sync_dir};
 use super::segment::segment_name;
 use super::WalError;
 
+/// Most groups a purge names as holding segments back: each is asked to
+/// snapshot, and a snapshot may mean a file and a fsync, so a shard of
+/// thousands of idle groups (all of whose first entries share the first
+/// segment) lets them go a few hundred per purge.
+pub(crate) const MAX_PINNING: usize = 256;
+
 /// Outcome of planning a purge.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Plan {
     /// Segments `first..keep_from` can be deleted.
     pub keep_from: u64,
-    /// The group holding back the purge, with the segment it needs, when it
-    /// prevents deleting at least one segment.
-    pub pinned_by: Option<(u64, u64)>,
+    /// The groups holding back the purge, each with the oldest segment it
+    /// needs, oldest first (at most [`MAX_PINNING`]): those that prevent
+    /// deleting at least one segment.
+    pub pinned_by: Vec<(u64, u64)>,
 }
 
 /// Plans a purge of segments `first..limit`: `limit` is the oldest segment
 /// that must stay regardless of entries (the active one, or the one before
 /// it while the active one's checkpoint is not durable yet).
 pub(crate) fn plan(first: u64, limit: u64, groups: &BTreeMap<u64, GroupMeta>) -> Plan {
-    let oldest_needed = groups
+    let mut pinned: Vec<(u64, u64)> = groups
         .iter()
         .filter_map(|(&g, m)| m.runs.first_segment().map(|seq| (seq, g)))
-        .min();
-    match oldest_needed {
-        Some((seq, g)) if seq < limit => Plan {
-            keep_from: seq.max(first),
-            pinned_by: Some((g, seq)),
-        },
-        _ => Plan {
-            keep_from: limit.max(first),
-            pinned_by: None,
-        },
+        .filter(|&(seq, _)| seq < limit)
+        .collect();
+    pinned.sort_unstable();
+    pinned.truncate(MAX_PINNING);
+    Plan {
+        keep_from: pinned.first().map_or(limit, |&(seq, _)| seq).max(first),
+        pinned_by: pinned.into_iter().map(|(seq, g)| (g, seq)).collect(),
     }
 }
 
@@ -83,7 +87,7 @@ mod tests {
             plan(1, 5, &groups),
             Plan {
                 keep_from: 2,
-                pinned_by: Some((1, 2))
+                pinned_by: vec![(1, 2), (2, 3)]
             }
         );
         groups.get_mut(&1).unwrap().on_compact(10);
@@ -91,7 +95,7 @@ mod tests {
             plan(1, 5, &groups),
             Plan {
                 keep_from: 3,
-                pinned_by: Some((2, 3))
+                pinned_by: vec![(2, 3), (1, 4)]
             }
         );
         groups.get_mut(&2).unwrap().on_compact(10);
@@ -99,7 +103,7 @@ mod tests {
             plan(1, 5, &groups),
             Plan {
                 keep_from: 4,
-                pinned_by: Some((1, 4))
+                pinned_by: vec![(1, 4)]
             }
         );
     }
@@ -113,9 +117,25 @@ mod tests {
             plan(1, 5, &groups),
             Plan {
                 keep_from: 5,
-                pinned_by: None
+                pinned_by: vec![]
             }
         );
         assert_eq!(plan(7, 5, &groups).keep_from, 7);
+    }
+
+    #[test]
+    fn every_group_on_an_old_segment_is_named_oldest_first_up_to_a_bound() {
+        // Thousands of idle groups whose only entries share segment 1 (as
+        // after a Bootstrap): naming one per purge would keep segment 1
+        // for thousands of purges.
+        let mut groups = BTreeMap::new();
+        for g in 0..1000 {
+            groups.insert(g, group(&[(2, 2, 1 + g % 2)]));
+        }
+        let p = plan(1, 3, &groups);
+        assert_eq!(p.keep_from, 1);
+        assert_eq!(p.pinned_by.len(), MAX_PINNING);
+        assert!(p.pinned_by.iter().all(|&(_, seq)| seq == 1));
+        assert!(p.pinned_by.windows(2).all(|w| w[0] < w[1]));
     }
 }
