@@ -4,8 +4,10 @@
 //! restart from the same data dir (no acknowledged write lost, the node
 //! catches up); a restart of the whole cluster without a new Bootstrap
 //! (layout and data recovered); a flipped byte in the middle of a WAL
-//! segment (the node refuses to start, naming the file and offset); and a
-//! node joined after log compaction catching up from a snapshot.
+//! segment (the node refuses to start, naming the file and offset); a
+//! node joined after log compaction catching up from a snapshot; and old
+//! segments let go although hundreds of idle partitions have entries in
+//! them.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -367,4 +369,61 @@ async fn node_joined_after_compaction_catches_up_from_snapshot() {
     cluster.node_mut(id4).restart().await;
     cluster.wait_caught_up(1, Duration::from_secs(15)).await;
     assert_all_readable(cluster.node(id4), &acked, true).await;
+}
+
+/// Many idle partitions each keep an entry in the first segment (their
+/// leader's first entry). The log must still let old segments go while one
+/// busy partition fills new ones: idle groups are asked to snapshot, and do
+/// so although nothing else happens to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_partitions_do_not_keep_old_segments() {
+    let config = concat!(
+        r#"{"heartbeatPeriod":"0.05s","electionTimeout":"0.5s","#,
+        r#""snapshotEntryThreshold":"8","compactionRetainEntries":"2"}"#
+    );
+    let args = |_| vec!["--wal-segment-mib".to_string(), "1".to_string()];
+    let mut cluster = Cluster::start_with(1, 1, Some(config), args).await;
+    let layout = cluster.layout(1..=300);
+    cluster.bootstrap(&layout).await;
+
+    // About 4 MiB into 1 MiB segments, all on partition 1.
+    let mut kv = cluster.node(1).kv().await;
+    let value = vec![0x5au8; 64 << 10];
+    for i in 0..64u32 {
+        put(&mut kv, 1, format!("big-{i}").as_bytes(), &value).await;
+    }
+    let data_dir = cluster.node(1).data_dir.clone();
+    wait_for(
+        Duration::from_secs(30),
+        "old WAL segments purged",
+        async || {
+            let segments = wal_segments(&data_dir);
+            // The active segment, and the one before it until the active
+            // one's checkpoint is durable.
+            if segments.len() <= 2 {
+                Ok(())
+            } else {
+                Err(format!("{} segments: {segments:?}", segments.len()))
+            }
+        },
+    )
+    .await;
+    for i in [0u32, 31, 63] {
+        assert_eq!(
+            get(&mut kv, 1, format!("big-{i}").as_bytes(), true)
+                .await
+                .as_deref(),
+            Some(value.as_slice()),
+            "big-{i}"
+        );
+    }
+    // And the state survives a restart from what is left.
+    cluster.node_mut(1).kill9();
+    cluster.node_mut(1).restart().await;
+    let mut kv = cluster.node(1).kv().await;
+    cluster.wait_leader(300, Duration::from_secs(15)).await;
+    assert_eq!(
+        get(&mut kv, 1, b"big-63", true).await.as_deref(),
+        Some(value.as_slice())
+    );
 }
