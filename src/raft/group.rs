@@ -345,6 +345,12 @@ impl<S: StateMachine> Group<S> {
         self.applied
     }
 
+    /// Whether a snapshot now would cover entries the last one did not
+    /// (and so could let the log drop them).
+    pub fn has_applied_since_snapshot(&self) -> bool {
+        self.applied > self.snapshot_index
+    }
+
     pub fn raw(&mut self) -> &mut RawNode<GroupStorage> {
         &mut self.raw
     }

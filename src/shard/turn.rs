@@ -227,18 +227,26 @@ impl Shard {
                 // An idle group never reaches its snapshot threshold, yet
                 // its old entries keep whole segments alive: snapshot them.
                 // They are visited next turn even if quiescent (a snapshot
-                // does not wake them), and the next purge comes soon.
-                Ok(pinning) if !pinning.is_empty() => {
+                // does not wake them), and the next purge comes soon if one
+                // will snapshot. (A group pinned by entries it has not
+                // applied, say a cut-off leader's, cannot: then purges keep
+                // their usual pace.)
+                Ok(pinning) => {
+                    let mut asked = false;
                     for group in pinning {
                         let p = group as u32;
                         if let Some(g) = self.groups.get(&p) {
-                            g.storage().want_snapshot();
-                            self.ready.insert(p);
+                            if g.has_applied_since_snapshot() {
+                                g.storage().want_snapshot();
+                                self.ready.insert(p);
+                                asked = true;
+                            }
                         }
                     }
-                    self.turns_since_purge = PURGE_EVERY_TURNS - PURGE_AGAIN_TURNS;
+                    if asked {
+                        self.turns_since_purge = PURGE_EVERY_TURNS - PURGE_AGAIN_TURNS;
+                    }
                 }
-                Ok(_) => {}
                 Err(e) if self.wal.is_poisoned() => fatal_storage_error(self.index, &e),
                 Err(e) => tracing::warn!(shard = self.index, "WAL purge: {e}"),
             }

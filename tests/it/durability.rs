@@ -408,22 +408,20 @@ async fn idle_partitions_do_not_keep_old_segments() {
         },
     )
     .await;
+    // Compared by length and content without printing 64 KiB on failure.
+    let intact = |got: Option<Vec<u8>>| got.is_some_and(|v| v == value);
     for i in [0u32, 31, 63] {
-        assert_eq!(
-            get(&mut kv, 1, format!("big-{i}").as_bytes(), true)
-                .await
-                .as_deref(),
-            Some(value.as_slice()),
-            "big-{i}"
-        );
+        let got = get(&mut kv, 1, format!("big-{i}").as_bytes(), false).await;
+        assert!(intact(got), "big-{i} before the restart");
     }
-    // And the state survives a restart from what is left.
+    // And the state survives a restart from what is left (linearizable
+    // reads: they wait for the replayed log to be applied).
     cluster.node_mut(1).kill9();
     cluster.node_mut(1).restart().await;
     let mut kv = cluster.node(1).kv().await;
-    cluster.wait_leader(300, Duration::from_secs(15)).await;
-    assert_eq!(
-        get(&mut kv, 1, b"big-63", true).await.as_deref(),
-        Some(value.as_slice())
-    );
+    cluster.wait_leader(1, Duration::from_secs(15)).await;
+    for i in 0..64u32 {
+        let got = get(&mut kv, 1, format!("big-{i}").as_bytes(), false).await;
+        assert!(intact(got), "big-{i} after the restart");
+    }
 }
