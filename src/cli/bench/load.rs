@@ -11,9 +11,15 @@ pub(super) struct RunResult {
     pub(super) puts: u64,
     pub(super) gets: u64,
     pub(super) errors_by_status: BTreeMap<String, u64>,
+    /// The first failures of all workers (at most [`FIRST_ERRORS`]).
+    pub(super) first_errors: Vec<String>,
     pub(super) histogram: Histogram<u64>,
     pub(super) verify: VerifyResult,
 }
+
+/// Failures a run reports word for word, so that an error count comes with
+/// the server's explanation.
+pub(super) const FIRST_ERRORS: usize = 5;
 
 #[derive(Default)]
 pub(super) struct VerifyResult {
@@ -59,6 +65,8 @@ pub(super) struct WorkerResult {
     pub(super) puts: u64,
     pub(super) gets: u64,
     pub(super) errors: HashMap<&'static str, u64>,
+    /// The first few failures, as `CODE: message`.
+    pub(super) first_errors: Vec<String>,
     pub(super) sample: HashMap<u64, KeyState>,
 }
 
@@ -190,6 +198,7 @@ pub(super) async fn load_and_verify(
     let mut histogram = new_histogram();
     let (mut ok, mut ok_in_window, mut puts, mut gets) = (0, 0, 0, 0);
     let mut errors_by_status = BTreeMap::new();
+    let mut first_errors = Vec::new();
     for r in &results {
         histogram
             .add(&r.histogram)
@@ -200,6 +209,11 @@ pub(super) async fn load_and_verify(
         gets += r.gets;
         for (name, n) in &r.errors {
             *errors_by_status.entry(name.to_string()).or_insert(0) += n;
+        }
+        for e in &r.first_errors {
+            if first_errors.len() < FIRST_ERRORS {
+                first_errors.push(e.clone());
+            }
         }
     }
 
@@ -218,6 +232,7 @@ pub(super) async fn load_and_verify(
         puts,
         gets,
         errors_by_status,
+        first_errors,
         histogram,
         verify,
     })
@@ -239,6 +254,7 @@ pub(super) async fn worker(
         puts: 0,
         gets: 0,
         errors: HashMap::new(),
+        first_errors: Vec::new(),
         sample: HashMap::new(),
     };
     // This worker writes keys id, id + workers, id + 2 * workers, ...
@@ -310,6 +326,10 @@ pub(super) async fn worker(
             }
             Err(s) => {
                 *r.errors.entry(s.code.name()).or_insert(0) += 1;
+                if r.first_errors.len() < FIRST_ERRORS {
+                    r.first_errors
+                        .push(format!("{}: {}", s.code.name(), s.message));
+                }
                 shared.errors.fetch_add(1, Ordering::Relaxed);
                 // Why: a call on a dead connection fails at once; without a
                 // pause the worker would spin, flood the error counts and

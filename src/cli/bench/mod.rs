@@ -270,6 +270,8 @@ pub struct Report {
     pub errors: u64,
     /// Failed calls by gRPC status code name.
     pub errors_by_status: BTreeMap<String, u64>,
+    /// The first few failures, as `CODE: message`.
+    pub first_errors: Vec<String>,
     /// Load time: from the first call to the end of the last one, including
     /// the calls still in flight when the duration ended.
     pub elapsed_s: f64,
@@ -421,6 +423,7 @@ pub async fn run_bench(opts: BenchOpts) -> Result<Report, String> {
         gets: run.gets,
         errors,
         errors_by_status: run.errors_by_status,
+        first_errors: run.first_errors,
         elapsed_s: elapsed,
         latency_us: latency,
         verified: run.verify.failures == 0,
@@ -501,6 +504,9 @@ pub fn format_report(r: &Report) -> String {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         out.push_str(&format!("errors      {}\n", list.join(", ")));
+        for e in &r.first_errors {
+            out.push_str(&format!("            {e}\n"));
+        }
     }
     if r.verified {
         out.push_str(&format!("verify      verified {} keys", r.verify_checked));
