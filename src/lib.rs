@@ -24,13 +24,15 @@
 //! - `shard`: the per-core loop that owns partitions and drives raft; its
 //!   typed requests (`ShardMsg`), every shard's inbox (`shard::Shards`),
 //!   what it needs of the node (`shard::Host`), the ready cycle
-//!   (`shard::turn`), cluster events and snapshot transfer.
+//!   (`shard::turn`), heartbeats coalesced per peer node (`shard::beats`),
+//!   cluster events and snapshot transfer.
 //! - `kv`: the replicated key-value state machine (`kv::KvStore`, the
 //!   `raft::StateMachine`, with its session table: every write applied at
 //!   most once), forwarding and watches.
 //! - `raft`: one raft group per partition, generic over the state machine
 //!   it replicates (`raft::StateMachine`), its quiescence
-//!   (`raft::group::quiet`) and its `raft::Storage`. It knows nothing of
+//!   (`raft::group::quiet`), its commit notices (`raft::group::notice`)
+//!   and its `raft::Storage`. It knows nothing of
 //!   KV, gRPC or the admin API.
 //! - `meta`: the node's metadata on disk (identity, layout, hosted
 //!   partitions, address book).
