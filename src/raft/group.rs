@@ -10,8 +10,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use futures::channel::oneshot;
-use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Snapshot};
+use raft::eraftpb::{ConfChange, ConfState, Entry, HardState, Snapshot};
 use raft::{RawNode, StateRole};
 
 use super::machine::{DecodeError, StateMachine};
@@ -19,9 +18,11 @@ use crate::config::RaftConfig;
 
 use super::storage::GroupStorage;
 
+mod apply;
 mod inbound;
 mod notice;
 mod quiet;
+mod reads;
 
 #[cfg(test)]
 use quiet::quiesce_ctx;
@@ -540,35 +541,6 @@ impl<S: StateMachine> Group<S> {
         self.queued.push((cmd, reply));
     }
 
-    /// Queues a linearizable read for this turn's ReadIndex request.
-    pub fn read(&mut self, key: Bytes, reply: Reply<ReadResult>) {
-        self.wake();
-        if self.cannot_reach_quorum() {
-            let _ = reply.send(Err(self.no_quorum_status("retry")));
-            return;
-        }
-        if self.reads_in_flight() >= self.max_inflight {
-            let _ = reply.send(Err(CallError::Busy(format!(
-                "partition {}: {} linearizable reads in flight; retry later",
-                self.id, self.max_inflight
-            ))));
-            return;
-        }
-        self.read_queue.push(ReadWaiter { key, reply });
-    }
-
-    /// Linearizable reads queued, waiting for their ReadIndex or for apply.
-    /// (A handful of batches at a time: one per turn in flight.)
-    fn reads_in_flight(&self) -> usize {
-        self.read_queue.len()
-            + self
-                .read_batches
-                .values()
-                .map(|b| b.reads.len())
-                .sum::<usize>()
-            + self.ready_reads.iter().map(|(_, r)| r.len()).sum::<usize>()
-    }
-
     /// The (leader, term) the last tick saw change, once.
     pub fn take_new_leader(&mut self) -> Option<(u64, u64)> {
         self.new_leader.take()
@@ -582,14 +554,6 @@ impl<S: StateMachine> Group<S> {
     /// The leader this replica knows of (`raft::INVALID_ID`: none).
     pub fn leader(&self) -> u64 {
         self.raw.raft.leader_id
-    }
-
-    /// Serves a read from the local replica as it is now.
-    pub fn read_local(&self, key: &[u8]) -> ReadResult {
-        ReadResult {
-            value: self.sm.get(key),
-            index: self.applied,
-        }
     }
 
     /// Proposes a membership change; `reply` is answered once it is applied
@@ -666,195 +630,6 @@ impl<S: StateMachine> Group<S> {
                 },
             );
         }
-    }
-
-    /// Matches ReadIndex answers to their batches.
-    pub fn on_read_states(&mut self, states: Vec<raft::ReadState>) {
-        for rs in states {
-            let Ok(ctx) = <[u8; 8]>::try_from(&rs.request_ctx[..]) else {
-                continue;
-            };
-            if let Some(b) = self.read_batches.remove(&u64::from_le_bytes(ctx)) {
-                self.ready_reads.push((rs.index, b.reads));
-            }
-        }
-        self.serve_reads();
-    }
-
-    fn serve_reads(&mut self) {
-        let applied = self.applied;
-        let mut i = 0;
-        while i < self.ready_reads.len() {
-            if self.ready_reads[i].0 <= applied {
-                let (_, reads) = self.ready_reads.swap_remove(i);
-                for r in reads {
-                    let _ = r.reply.send(Ok(self.read_local(&r.key)));
-                }
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    /// Installs a snapshot from the leader into the state machine.
-    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), GroupError> {
-        let sm = S::restore(&snap.data).map_err(|source| GroupError::Snapshot {
-            partition: self.id,
-            source,
-        })?;
-        let meta = snap.get_metadata();
-        self.storage.apply_snapshot(snap.clone());
-        self.sm = sm;
-        self.applied = meta.index;
-        self.applied_term = meta.term;
-        self.applied_conf = meta.get_conf_state().clone();
-        self.snapshot_index = meta.index;
-        self.serve_reads();
-        Ok(())
-    }
-
-    /// Applies committed entries. Conf changes update raft's configuration
-    /// and are returned so the shard can persist the new conf state.
-    pub fn apply(&mut self, entries: Vec<Entry>, out: &mut Outbox<S::Event>) -> Option<ConfState> {
-        let mut new_conf = None;
-        for e in entries {
-            if e.index <= self.applied {
-                continue;
-            }
-            match e.get_entry_type() {
-                EntryType::EntryNormal if !e.data.is_empty() => self.apply_normal(&e, out),
-                EntryType::EntryNormal => {}
-                EntryType::EntryConfChange => {
-                    if let Some(cs) = self.apply_conf_change(&e, out) {
-                        new_conf = Some(cs);
-                    }
-                }
-                EntryType::EntryConfChangeV2 => {
-                    tracing::warn!(
-                        partition = self.id,
-                        index = e.index,
-                        "ignoring ConfChangeV2 entry"
-                    );
-                }
-            }
-            self.applied = e.index;
-            self.applied_term = e.term;
-        }
-        self.serve_reads();
-        new_conf
-    }
-
-    fn apply_normal(&mut self, e: &Entry, out: &mut Outbox<S::Event>) {
-        let cmds = match S::decode(&e.data) {
-            Ok(c) => c,
-            Err(err) => {
-                // CRC-checked data that does not decode is a bug, not input:
-                // skipping it on every replica keeps them identical.
-                tracing::error!(
-                    partition = self.id,
-                    index = e.index,
-                    "undecodable entry skipped: {err}"
-                );
-                return;
-            }
-        };
-        self.commands_applied += cmds.len() as u64;
-        for cmd in cmds {
-            let id = S::id(&cmd);
-            let events = if out.watching {
-                Some(&mut out.events)
-            } else {
-                None
-            };
-            let result = self
-                .sm
-                .apply(self.id, e.index, cmd, events)
-                .map(|(applied, index)| WriteResult { applied, index });
-            if !S::has_caller(&id) {
-                continue;
-            }
-            if let Some(p) = self.waiting.remove(&id) {
-                let _ = p.reply.send(result);
-            }
-        }
-    }
-
-    fn apply_conf_change(&mut self, e: &Entry, out: &mut Outbox<S::Event>) -> Option<ConfState> {
-        let waiter = <[u8; 8]>::try_from(&e.context[..])
-            .ok()
-            .and_then(|c| self.conf_waiters.remove(&u64::from_le_bytes(c)));
-        let cc = match ConfChange::parse_from_bytes(&e.data) {
-            Ok(cc) => cc,
-            Err(err) => {
-                tracing::error!(
-                    partition = self.id,
-                    index = e.index,
-                    "undecodable conf change: {err}"
-                );
-                return None;
-            }
-        };
-        if cc.get_change_type() == ConfChangeType::AddNode && !cc.context.is_empty() {
-            if let Ok(addr) = std::str::from_utf8(&cc.context) {
-                out.learned.push((cc.node_id, addr.to_string()));
-            }
-        }
-        match self.raw.apply_conf_change(&cc) {
-            Ok(cs) => {
-                tracing::info!(
-                    partition = self.id,
-                    index = e.index,
-                    "membership change {:?} node {} applied; voters now {:?}",
-                    cc.get_change_type(),
-                    cc.node_id,
-                    cs.voters
-                );
-                self.storage.set_conf_state(cs.clone());
-                self.applied_conf = cs.clone();
-                out.conf_changes.push((self.id, e.index, cs.voters.clone()));
-                if let Some(w) = waiter {
-                    let _ = w.send(Ok(cs.clone()));
-                }
-                Some(cs)
-            }
-            Err(err) => {
-                tracing::warn!(
-                    partition = self.id,
-                    index = e.index,
-                    "conf change rejected: {err}"
-                );
-                if let Some(w) = waiter {
-                    let _ = w.send(Err(CallError::Rejected(format!(
-                        "conf change rejected: {err}"
-                    ))));
-                }
-                None
-            }
-        }
-    }
-
-    /// A snapshot of the state machine when `snapshot_entry_threshold`
-    /// entries were applied since the last one, or when raft needs a newer
-    /// one to send to a follower; the caller persists it and
-    /// compacts the log to `applied - compaction_retain_entries`.
-    pub fn maybe_snapshot(&mut self) -> Option<(Snapshot, u64)> {
-        let wanted = self.storage.take_snapshot_wanted() && self.applied > self.snapshot_index;
-        if !wanted && self.applied < self.snapshot_index + self.snapshot_threshold {
-            return None;
-        }
-        let mut snap = Snapshot {
-            data: self.sm.snapshot(),
-            ..Default::default()
-        };
-        let meta = snap.mut_metadata();
-        meta.index = self.applied;
-        meta.term = self.applied_term;
-        meta.set_conf_state(self.applied_conf.clone());
-        self.snapshot_index = self.applied;
-        self.storage.set_snapshot(snap.clone());
-        let compact_to = self.applied.saturating_sub(self.retain_entries);
-        self.storage.compact(compact_to);
-        Some((snap, compact_to))
     }
 
     /// Fails every waiter (the group is being removed or the node stops).

@@ -1,0 +1,171 @@
+//! Applying what raft committed: entries and snapshots into the state
+//! machine (answering the writes that wait on them), membership changes,
+//! and the snapshots a group takes of itself to compact its log.
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Snapshot};
+
+use super::{CallError, Group, GroupError, Outbox, StateMachine, WriteResult};
+
+impl<S: StateMachine> Group<S> {
+    /// Installs a snapshot from the leader into the state machine.
+    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), GroupError> {
+        let sm = S::restore(&snap.data).map_err(|source| GroupError::Snapshot {
+            partition: self.id,
+            source,
+        })?;
+        let meta = snap.get_metadata();
+        self.storage.apply_snapshot(snap.clone());
+        self.sm = sm;
+        self.applied = meta.index;
+        self.applied_term = meta.term;
+        self.applied_conf = meta.get_conf_state().clone();
+        self.snapshot_index = meta.index;
+        self.serve_reads();
+        Ok(())
+    }
+
+    /// Applies committed entries. Conf changes update raft's configuration
+    /// and are returned so the shard can persist the new conf state.
+    pub fn apply(&mut self, entries: Vec<Entry>, out: &mut Outbox<S::Event>) -> Option<ConfState> {
+        let mut new_conf = None;
+        for e in entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal if !e.data.is_empty() => self.apply_normal(&e, out),
+                EntryType::EntryNormal => {}
+                EntryType::EntryConfChange => {
+                    if let Some(cs) = self.apply_conf_change(&e, out) {
+                        new_conf = Some(cs);
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    tracing::warn!(
+                        partition = self.id,
+                        index = e.index,
+                        "ignoring ConfChangeV2 entry"
+                    );
+                }
+            }
+            self.applied = e.index;
+            self.applied_term = e.term;
+        }
+        self.serve_reads();
+        new_conf
+    }
+
+    fn apply_normal(&mut self, e: &Entry, out: &mut Outbox<S::Event>) {
+        let cmds = match S::decode(&e.data) {
+            Ok(c) => c,
+            Err(err) => {
+                // CRC-checked data that does not decode is a bug, not input:
+                // skipping it on every replica keeps them identical.
+                tracing::error!(
+                    partition = self.id,
+                    index = e.index,
+                    "undecodable entry skipped: {err}"
+                );
+                return;
+            }
+        };
+        self.commands_applied += cmds.len() as u64;
+        for cmd in cmds {
+            let id = S::id(&cmd);
+            let events = if out.watching {
+                Some(&mut out.events)
+            } else {
+                None
+            };
+            let result = self
+                .sm
+                .apply(self.id, e.index, cmd, events)
+                .map(|(applied, index)| WriteResult { applied, index });
+            if !S::has_caller(&id) {
+                continue;
+            }
+            if let Some(p) = self.waiting.remove(&id) {
+                let _ = p.reply.send(result);
+            }
+        }
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry, out: &mut Outbox<S::Event>) -> Option<ConfState> {
+        let waiter = <[u8; 8]>::try_from(&e.context[..])
+            .ok()
+            .and_then(|c| self.conf_waiters.remove(&u64::from_le_bytes(c)));
+        let cc = match ConfChange::parse_from_bytes(&e.data) {
+            Ok(cc) => cc,
+            Err(err) => {
+                tracing::error!(
+                    partition = self.id,
+                    index = e.index,
+                    "undecodable conf change: {err}"
+                );
+                return None;
+            }
+        };
+        if cc.get_change_type() == ConfChangeType::AddNode && !cc.context.is_empty() {
+            if let Ok(addr) = std::str::from_utf8(&cc.context) {
+                out.learned.push((cc.node_id, addr.to_string()));
+            }
+        }
+        match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => {
+                tracing::info!(
+                    partition = self.id,
+                    index = e.index,
+                    "membership change {:?} node {} applied; voters now {:?}",
+                    cc.get_change_type(),
+                    cc.node_id,
+                    cs.voters
+                );
+                self.storage.set_conf_state(cs.clone());
+                self.applied_conf = cs.clone();
+                out.conf_changes.push((self.id, e.index, cs.voters.clone()));
+                if let Some(w) = waiter {
+                    let _ = w.send(Ok(cs.clone()));
+                }
+                Some(cs)
+            }
+            Err(err) => {
+                tracing::warn!(
+                    partition = self.id,
+                    index = e.index,
+                    "conf change rejected: {err}"
+                );
+                if let Some(w) = waiter {
+                    let _ = w.send(Err(CallError::Rejected(format!(
+                        "conf change rejected: {err}"
+                    ))));
+                }
+                None
+            }
+        }
+    }
+
+    /// A snapshot of the state machine when `snapshot_entry_threshold`
+    /// entries were applied since the last one, or when raft needs a newer
+    /// one to send to a follower; the caller persists it and
+    /// compacts the log to `applied - compaction_retain_entries`.
+    pub fn maybe_snapshot(&mut self) -> Option<(Snapshot, u64)> {
+        let wanted = self.storage.take_snapshot_wanted() && self.applied > self.snapshot_index;
+        if !wanted && self.applied < self.snapshot_index + self.snapshot_threshold {
+            return None;
+        }
+        let mut snap = Snapshot {
+            data: self.sm.snapshot(),
+            ..Default::default()
+        };
+        let meta = snap.mut_metadata();
+        meta.index = self.applied;
+        meta.term = self.applied_term;
+        meta.set_conf_state(self.applied_conf.clone());
+        self.snapshot_index = self.applied;
+        self.storage.set_snapshot(snap.clone());
+        let compact_to = self.applied.saturating_sub(self.retain_entries);
+        self.storage.compact(compact_to);
+        Some((snap, compact_to))
+    }
+}
