@@ -140,6 +140,17 @@ fn deadline_of(req: &Request) -> Instant {
     crate::node::api::answer_by(req.deadline)
 }
 
+/// INVALID_ARGUMENT naming `field` if it is longer than `max` bytes.
+fn within(field: &str, bytes: &[u8], max: usize) -> Result<(), Status> {
+    if bytes.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; the limit is {max}",
+            bytes.len()
+        )));
+    }
+    Ok(())
+}
+
 impl KvService {
     fn disk_full(&self, shard: usize) -> bool {
         self.node.shards.is_disk_full(shard)
@@ -149,25 +160,11 @@ impl KvService {
         if key.is_empty() {
             return Err(Status::invalid_argument("key must not be empty"));
         }
-        let max = self.node.config.max_key_size;
-        if key.len() > max {
-            return Err(Status::invalid_argument(format!(
-                "key is {} bytes; the limit is {max}",
-                key.len()
-            )));
-        }
-        Ok(())
+        within("key", key, self.node.config.max_key_size)
     }
 
     fn check_value(&self, field: &str, value: &[u8]) -> Result<(), Status> {
-        let max = self.node.config.max_value_size;
-        if value.len() > max {
-            return Err(Status::invalid_argument(format!(
-                "{field} is {} bytes; the limit is {max}",
-                value.len()
-            )));
-        }
-        Ok(())
+        within(field, value, self.node.config.max_value_size)
     }
 
     fn route(&self, partition_id: u32, key: &[u8]) -> Result<Route, Status> {
