@@ -176,11 +176,50 @@ pub fn stop(mut child: Child, grace: Duration) {
     let _ = child.wait();
 }
 
-/// A free loopback port: bind port 0, read the port, release it. Another
-/// process may take it before the node binds it; that shows as a node that
-/// exits during start-up.
+/// A free loopback port for a node to bind, never the same one twice in
+/// this process.
+///
+/// Ports come from below the kernel's ephemeral range, probed by binding
+/// them. Binding port 0 would not do: the kernel may hand the same port out
+/// again as soon as the probe releases it, and two nodes given one port
+/// would both bind it (their listeners use SO_REUSEPORT) if they start in
+/// the same instant. Below the ephemeral range no outgoing connection takes
+/// the port either, between the probe and the node's bind. Another process
+/// can still take it; that shows as a node that exits during start-up.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    const LOW: u32 = 10_000;
+    let high = ephemeral_low().clamp(LOW + 1_000, 65_536);
+    let span = high - LOW;
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        // Start where another process of this program, run a moment ago,
+        // probably did not.
+        let seed = std::process::id().wrapping_mul(7_919)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+        let _ = NEXT.compare_exchange(u32::MAX, seed % span, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return Ok(port as u16);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrNotAvailable,
+        format!("no free loopback port in {LOW}..{high}"),
+    ))
+}
+
+/// The first port of the kernel's ephemeral range (32768 if unreadable).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// The last `lines` lines of the log at `path` (invalid UTF-8 replaced).

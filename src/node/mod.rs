@@ -171,6 +171,15 @@ impl Node {
                 }
             }
         }
+        // Every shard has bound its listeners: now a node that started in
+        // the same instant on the same address is visible (see
+        // `net::check_sole_listener`), and at most one of the two goes on.
+        for (what, addr) in [("API", config.api_addr), ("raft", config.raft_addr)] {
+            if let Err(source) = crate::net::check_sole_listener(addr) {
+                node_handle.stop();
+                return Err(StartError::AddressInUse { what, addr, source });
+            }
+        }
         Ok(node_handle)
     }
 

@@ -1,7 +1,8 @@
 //! One node per identity, and a shard that survives a malformed peer:
 //! - a second `serve` on a data directory in use, or on an address another
 //!   node listens on (even with SO_REUSEPORT), refuses to start and says
-//!   which;
+//!   which; of two started on one address at the same instant, at most
+//!   one goes on serving;
 //! - a heartbeat that commits past the end of a follower's log (which
 //!   raft-rs would panic on) is dropped, and the node keeps serving;
 //! - a node that is not a member can neither add voters nor, by a spoofed
@@ -127,6 +128,59 @@ async fn a_second_process_cannot_take_a_nodes_identity() {
     // The first node is untouched.
     let mut kv = node.kv().await;
     put(&mut kv, 1, b"still", b"here").await;
+}
+
+/// Two nodes started in the same instant on one address both pass the
+/// probe before either binds; the check after binding must still leave at
+/// most one of them serving (else the kernel splits the address's
+/// connections between them through SO_REUSEPORT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_started_at_once_on_one_address_do_not_both_serve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for round in 0..3 {
+        let api = format!("127.0.0.1:{}", free_port());
+        let raft = format!("127.0.0.1:{}", free_port());
+        let mut children: Vec<std::process::Child> = (1..=2u64)
+            .map(|id| {
+                let data = dir.path().join(format!("r{round}-n{id}"));
+                std::process::Command::new(BIN)
+                    .args(serve_args(id, &api, &raft, &data))
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("spawn multiraft serve")
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let exited = loop {
+            let done: Vec<usize> = (0..2)
+                .filter(|&i| matches!(children[i].try_wait(), Ok(Some(_))))
+                .collect();
+            if !done.is_empty() || Instant::now() >= deadline {
+                break done;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut outputs = Vec::new();
+        for mut child in children.drain(..) {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            outputs.push(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        assert!(
+            !exited.is_empty(),
+            "round {round}: both nodes serve {api} / {raft}:\n{outputs:#?}"
+        );
+        for i in exited {
+            assert!(
+                outputs[i].contains("address") && outputs[i].contains("not available"),
+                "round {round}: node {} exited without naming the address:\n{}",
+                i + 1,
+                outputs[i]
+            );
+        }
+    }
 }
 
 /// Connects to `node`'s raft port as node `from` and sends `msg` for

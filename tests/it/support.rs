@@ -56,9 +56,9 @@ pub const KV_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines of each node's log printed when a test fails.
 const LOG_TAIL_LINES: usize = 80;
 
-/// A free loopback port: bind port 0, read the port, release it.
+/// A free loopback port no other node of this test run was given.
 pub fn free_port() -> u16 {
-    launch::free_port().expect("bind 127.0.0.1:0")
+    launch::free_port().expect("a free loopback port")
 }
 
 fn free_addr() -> SocketAddr {
