@@ -63,6 +63,11 @@ impl GroupStorage {
         self.0.borrow_mut().snapshot_wanted = true;
     }
 
+    /// Whether a snapshot was asked for and not yet taken.
+    pub fn snapshot_wanted(&self) -> bool {
+        self.0.borrow().snapshot_wanted
+    }
+
     /// True (once) when raft asked for a snapshot the group does not have.
     pub fn take_snapshot_wanted(&self) -> bool {
         std::mem::take(&mut self.0.borrow_mut().snapshot_wanted)

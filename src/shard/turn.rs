@@ -53,6 +53,7 @@ impl Shard {
             shard: self.index,
             snapshots_sent: self.metrics.snapshots_sent.clone(),
             beats: Beats::default(),
+            snapshot_budget: SnapshotBudget::new(),
         };
 
         // A turn whose sync found the disk full is finished first. Until
@@ -87,7 +88,13 @@ impl Shard {
                     self.ready.insert(*id);
                 }
                 // A snapshot asked for by a purge, of an idle group.
-                self.wal_dirty |= save_snapshot_if_due(&mut self.wal, g, *id);
+                self.wal_dirty |= save_snapshot_if_due(
+                    &mut self.wal,
+                    g,
+                    *id,
+                    &mut out_ctx.snapshot_budget,
+                    &mut self.ready,
+                );
                 continue;
             }
             let mut rd = g.raw().ready();
@@ -183,7 +190,13 @@ impl Shard {
             if g.wants_turn() || g.raw().has_ready() {
                 self.ready.insert(id);
             }
-            self.wal_dirty |= save_snapshot_if_due(&mut self.wal, g, id);
+            self.wal_dirty |= save_snapshot_if_due(
+                &mut self.wal,
+                g,
+                id,
+                &mut out_ctx.snapshot_budget,
+                &mut self.ready,
+            );
         }
         out_ctx.beats.flush(&out_ctx.links);
     }
@@ -329,14 +342,62 @@ struct SendCtx {
     snapshots_sent: prometheus::IntCounter,
     /// Heartbeats, their answers and commit notices of this turn.
     beats: Beats,
+    /// What is left of this turn's snapshots.
+    snapshot_budget: SnapshotBudget,
+}
+
+/// Snapshots one turn may take, and the bytes they may add up to. Each
+/// one serialises a state machine and writes a file (with its own fsync)
+/// inside the turn's sync. A purge names up to `purge::MAX_PINNING` groups
+/// at once; taken in one turn under load, their snapshots stalled every
+/// node's shard for most of a second, long enough for followers to
+/// campaign and leaders to step down for want of a quorum. Groups over the
+/// budget stay due and are visited next turn.
+const SNAPSHOTS_PER_TURN: usize = 8;
+const SNAPSHOT_BYTES_PER_TURN: usize = 8 << 20;
+
+/// What is left of a turn's snapshot budget.
+struct SnapshotBudget {
+    count: usize,
+    bytes: usize,
+}
+
+impl SnapshotBudget {
+    fn new() -> Self {
+        SnapshotBudget {
+            count: SNAPSHOTS_PER_TURN,
+            bytes: SNAPSHOT_BYTES_PER_TURN,
+        }
+    }
+
+    fn spent(&self) -> bool {
+        self.count == 0 || self.bytes == 0
+    }
+
+    fn spend(&mut self, bytes: usize) {
+        self.count = self.count.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
 }
 
 /// Takes a snapshot of group `g` (of `partition`) if it is due or was
 /// asked for, and buffers it and the compaction it allows; true if it did.
-fn save_snapshot_if_due(wal: &mut crate::wal::Wal, g: &mut super::Group, partition: u32) -> bool {
+/// With the turn's budget spent, a due group is left for the next turn.
+fn save_snapshot_if_due(
+    wal: &mut crate::wal::Wal,
+    g: &mut super::Group,
+    partition: u32,
+    budget: &mut SnapshotBudget,
+    ready: &mut super::Marks,
+) -> bool {
+    if budget.spent() && g.snapshot_due() {
+        ready.insert(partition);
+        return false;
+    }
     let Some((snap, compact_to)) = g.maybe_snapshot() else {
         return false;
     };
+    budget.spend(snap.get_data().len());
     tracing::debug!(
         partition,
         index = snap.get_metadata().index,
@@ -401,4 +462,66 @@ fn fatal_storage_error(shard: usize, e: &crate::wal::WalError) -> ! {
     tracing::error!(shard, "fatal WAL error, stopping the node: {e}");
     eprintln!("multiraft: fatal WAL error on shard {shard}: {e}");
     std::process::exit(70);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::GroupInit;
+    use crate::wal::{Wal, WalConfig};
+
+    /// A purge can ask hundreds of groups to snapshot at once; one turn
+    /// takes at most its budget of them, and the rest are left due and
+    /// marked for the next turn.
+    #[test]
+    fn a_turn_takes_at_most_its_budget_of_snapshots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal_dir = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let (mut wal, _) = Wal::open(wal_dir, WalConfig::default())
+                    .await
+                    .expect("open");
+                // Threshold 0: every group is due at once.
+                let cfg = crate::config::RaftConfig {
+                    snapshot_entry_threshold: 0,
+                    ..Default::default()
+                };
+                let groups = SNAPSHOTS_PER_TURN as u32 + 4;
+                let mut gs: Vec<super::super::Group> = (1..=groups)
+                    .map(|p| {
+                        super::super::Group::new(p, 1, &cfg, 16, GroupInit::bootstrap(vec![1]))
+                            .expect("group")
+                    })
+                    .collect();
+                let mut ready = super::super::Marks::default();
+                let mut budget = SnapshotBudget::new();
+                let mut taken = 0;
+                for (g, p) in gs.iter_mut().zip(1..) {
+                    if save_snapshot_if_due(&mut wal, g, p, &mut budget, &mut ready) {
+                        taken += 1;
+                    }
+                }
+                assert_eq!(taken, SNAPSHOTS_PER_TURN);
+                let left: Vec<u32> = (SNAPSHOTS_PER_TURN as u32 + 1..=groups).collect();
+                assert_eq!(ready.take(), left, "the rest wait for the next turn");
+                // The next turn's budget takes them.
+                let mut budget = SnapshotBudget::new();
+                for p in left {
+                    let g = &mut gs[p as usize - 1];
+                    assert!(save_snapshot_if_due(
+                        &mut wal,
+                        g,
+                        p,
+                        &mut budget,
+                        &mut ready
+                    ));
+                }
+                assert!(ready.take().is_empty());
+                wal.sync().await.expect("sync");
+            })
+            .expect("executor")
+            .join()
+            .expect("join");
+    }
 }

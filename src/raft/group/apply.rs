@@ -145,6 +145,12 @@ impl<S: StateMachine> Group<S> {
         }
     }
 
+    /// Whether `maybe_snapshot` would take one now.
+    pub fn snapshot_due(&self) -> bool {
+        (self.storage.snapshot_wanted() && self.applied > self.snapshot_index)
+            || self.applied >= self.snapshot_index + self.snapshot_threshold
+    }
+
     /// A snapshot of the state machine when `snapshot_entry_threshold`
     /// entries were applied since the last one, or when raft needs a newer
     /// one to send to a follower; the caller persists it and
