@@ -33,7 +33,7 @@ use futures::{StreamExt, TryStreamExt};
 use glommio::io::DmaFile;
 use glommio::Task;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub mod failpoints;
 mod group;
@@ -50,6 +50,11 @@ const SNAPSHOT_IO_IN_FLIGHT: usize = 32;
 /// Snapshots up to this size (encoded) are kept inside the log (see
 /// `record.rs`): a new replica's starting snapshot is well below it.
 const INLINE_SNAPSHOT_MAX: usize = 256;
+
+/// Old segments kept behind the active one from which a purge that cannot
+/// delete them says so at info level (below, it is routine).
+const PILING_UP_SEGMENTS: u64 = 4;
+
 #[cfg(test)]
 mod tests;
 
@@ -483,13 +488,27 @@ impl Wal {
         };
         let plan = purge::plan(self.first_seq, limit, &self.groups);
         if let Some(&(group, seq)) = plan.pinned_by.first() {
-            info!(
-                group,
-                segment = seq,
-                groups = plan.pinned_by.len(),
-                segments_kept = limit.saturating_sub(seq),
-                "raft groups pin old log segments; compact them to let them go"
-            );
+            // Routine while the shard has the pinning groups snapshot (each
+            // purge under load); worth an operator's eye only once old
+            // segments pile up, say behind a leader cut off from its quorum.
+            let kept = limit.saturating_sub(seq);
+            if kept >= PILING_UP_SEGMENTS {
+                info!(
+                    group,
+                    segment = seq,
+                    groups = plan.pinned_by.len(),
+                    segments_kept = kept,
+                    "raft groups pin old log segments until they snapshot and compact"
+                );
+            } else {
+                debug!(
+                    group,
+                    segment = seq,
+                    groups = plan.pinned_by.len(),
+                    segments_kept = kept,
+                    "raft groups pin old log segments until they snapshot and compact"
+                );
+            }
         }
         if plan.keep_from > self.first_seq {
             let deleted =
