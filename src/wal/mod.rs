@@ -33,7 +33,7 @@ use futures::{StreamExt, TryStreamExt};
 use glommio::io::DmaFile;
 use glommio::Task;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 pub mod failpoints;
 mod group;
@@ -52,7 +52,7 @@ const SNAPSHOT_IO_IN_FLIGHT: usize = 32;
 const INLINE_SNAPSHOT_MAX: usize = 256;
 
 /// Old segments kept behind the active one from which a purge that cannot
-/// delete them says so at info level (below, it is routine).
+/// delete them says so (below, it is routine and silent).
 const PILING_UP_SEGMENTS: u64 = 4;
 
 #[cfg(test)]
@@ -489,19 +489,12 @@ impl Wal {
         let plan = purge::plan(self.first_seq, limit, &self.groups);
         if let Some(&(group, seq)) = plan.pinned_by.first() {
             // Routine while the shard has the pinning groups snapshot (each
-            // purge under load); worth an operator's eye only once old
-            // segments pile up, say behind a leader cut off from its quorum.
+            // purge under load; each snapshot is logged at debug); worth an
+            // operator's eye only once old segments pile up, say behind a
+            // leader cut off from its quorum.
             let kept = limit.saturating_sub(seq);
             if kept >= PILING_UP_SEGMENTS {
                 info!(
-                    group,
-                    segment = seq,
-                    groups = plan.pinned_by.len(),
-                    segments_kept = kept,
-                    "raft groups pin old log segments until they snapshot and compact"
-                );
-            } else {
-                debug!(
                     group,
                     segment = seq,
                     groups = plan.pinned_by.len(),
