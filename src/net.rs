@@ -64,8 +64,9 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<glommio::net::Tcp
     Ok(unsafe { glommio::net::TcpListener::from_raw_fd(fd) })
 }
 
-/// Fails when a process other than this one listens on `addr`'s port at
-/// `addr` (or either side is a wildcard address).
+/// Fails with `AddrInUse` when a process other than this one listens on
+/// `addr`'s port at `addr` (or either side is a wildcard address); with
+/// another error when `/proc` cannot tell.
 ///
 /// `check_address_free` runs before the shards bind and cannot see a second
 /// node that starts in the same instant: both probes pass, then both bind

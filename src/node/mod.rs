@@ -175,9 +175,18 @@ impl Node {
         // the same instant on the same address is visible (see
         // `net::check_sole_listener`), and at most one of the two goes on.
         for (what, addr) in [("API", config.api_addr), ("raft", config.raft_addr)] {
-            if let Err(source) = crate::net::check_sole_listener(addr) {
-                node_handle.stop();
-                return Err(StartError::AddressInUse { what, addr, source });
+            match crate::net::check_sole_listener(addr) {
+                Ok(()) => {}
+                Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
+                    node_handle.stop();
+                    return Err(StartError::AddressInUse { what, addr, source });
+                }
+                // No /proc to read (an unusual sandbox): the probe before
+                // binding still ran; this node does not refuse to start.
+                Err(e) => tracing::warn!(
+                    %addr,
+                    "cannot check that no other process listens on the {what} address: {e}"
+                ),
             }
         }
         Ok(node_handle)
