@@ -317,8 +317,9 @@ impl Api {
     ) -> Result<Option<PartitionStatus>, Status> {
         self.node
             .shards
-            .request(self.node.shards.shard_of(partition), |reply| {
-                ShardMsg::PartitionStatus { partition, reply }
+            .request_owner(partition, |reply| ShardMsg::PartitionStatus {
+                partition,
+                reply,
             })
             .await
     }

@@ -82,7 +82,7 @@ impl NodeService {
                         let (p, voters) = (*p, voters.clone());
                         self.node
                             .shards
-                            .request(self.node.shards.shard_of(p), move |reply| ShardMsg::CreateGroup {
+                            .request_owner(p, move |reply| ShardMsg::CreateGroup {
                                 partition: p,
                                 init: GroupInit::bootstrap(voters),
                                 reply,
@@ -163,12 +163,10 @@ impl NodeService {
                 }
                 self.node
                     .shards
-                    .request(self.node.shards.shard_of(pid), |reply| {
-                        ShardMsg::CreateGroup {
-                            partition: pid,
-                            init: GroupInit::joining(),
-                            reply,
-                        }
+                    .request_owner(pid, |reply| ShardMsg::CreateGroup {
+                        partition: pid,
+                        init: GroupInit::joining(),
+                        reply,
                     })
                     .await?;
                 tracing::info!(partition = pid, "joining partition");
@@ -269,11 +267,9 @@ impl NodeService {
         })?;
         self.node
             .shards
-            .request(self.node.shards.shard_of(pid), |reply| {
-                ShardMsg::RemoveGroup {
-                    partition: pid,
-                    reply,
-                }
+            .request_owner(pid, |reply| ShardMsg::RemoveGroup {
+                partition: pid,
+                reply,
             })
             .await?;
         tracing::info!(partition = pid, "left partition");
@@ -334,14 +330,12 @@ impl NodeService {
         let _ = self
             .node
             .shards
-            .request(self.node.shards.shard_of(pid), |reply| {
-                ShardMsg::ChangeMembership {
-                    partition: pid,
-                    node: me,
-                    change: ConfChangeType::RemoveNode,
-                    context: Vec::new(),
-                    reply,
-                }
+            .request_owner(pid, |reply| ShardMsg::ChangeMembership {
+                partition: pid,
+                node: me,
+                change: ConfChangeType::RemoveNode,
+                context: Vec::new(),
+                reply,
             })
             .await;
         Ok(false)
@@ -476,14 +470,12 @@ impl Api {
         let rx = self
             .node
             .shards
-            .request(self.node.shards.shard_of(pid), |reply| {
-                ShardMsg::ChangeMembership {
-                    partition: pid,
-                    node,
-                    change,
-                    context,
-                    reply,
-                }
+            .request_owner(pid, |reply| ShardMsg::ChangeMembership {
+                partition: pid,
+                node,
+                change,
+                context,
+                reply,
             })
             .await?;
         match with_deadline(super::api::answer_by(deadline), rx).await {

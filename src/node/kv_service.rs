@@ -467,7 +467,7 @@ impl KvService {
         let start = req.start_index;
         self.node
             .shards
-            .request(self.node.shards.shard_of(p), |reply| ShardMsg::Watch {
+            .request_owner(p, |reply| ShardMsg::Watch {
                 filter,
                 start_index: start,
                 tx,

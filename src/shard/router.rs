@@ -103,7 +103,7 @@ impl Shards {
 
     /// Sends the request `make` builds around a reply to shard `shard`
     /// and waits for the answer.
-    pub async fn request<T: Send + 'static>(
+    async fn request<T: Send + 'static>(
         &self,
         shard: usize,
         make: impl FnOnce(Answer<T>) -> ShardMsg,
@@ -115,6 +115,15 @@ impl Shards {
                 "request dropped: node is shutting down",
             ))
         })
+    }
+
+    /// [`Shards::request`] to the shard that owns `partition`.
+    pub async fn request_owner<T: Send + 'static>(
+        &self,
+        partition: u32,
+        make: impl FnOnce(Answer<T>) -> ShardMsg,
+    ) -> Result<T, Status> {
+        self.request(self.shard_of(partition), make).await
     }
 
     /// [`Shards::request`] to every shard; the answers in shard order.
