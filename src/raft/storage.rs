@@ -31,6 +31,9 @@ struct Core {
     /// Raft asked for a snapshot newer than `snapshot` (or one that
     /// includes the receiving peer); the group takes one after this turn.
     snapshot_wanted: bool,
+    /// The WAL asked for a new copy of the snapshot even at the same index
+    /// (its pack file is mostly dead space; see `Wal::sparse_pack_groups`).
+    relocation_wanted: bool,
 }
 
 /// Shared handle: the group mutates it, raft reads it.
@@ -55,6 +58,7 @@ impl GroupStorage {
             compact_term: ct,
             entries,
             snapshot_wanted: false,
+            relocation_wanted: false,
         })))
     }
 
@@ -71,6 +75,20 @@ impl GroupStorage {
     /// True (once) when raft asked for a snapshot the group does not have.
     pub fn take_snapshot_wanted(&self) -> bool {
         std::mem::take(&mut self.0.borrow_mut().snapshot_wanted)
+    }
+
+    /// Asks the group to write its snapshot again, even with nothing
+    /// applied since, so that the file holding the old one can go.
+    pub fn want_relocation(&self) {
+        self.0.borrow_mut().relocation_wanted = true;
+    }
+
+    pub fn relocation_wanted(&self) -> bool {
+        self.0.borrow().relocation_wanted
+    }
+
+    pub fn take_relocation_wanted(&self) -> bool {
+        std::mem::take(&mut self.0.borrow_mut().relocation_wanted)
     }
 
     pub fn hard_state(&self) -> HardState {

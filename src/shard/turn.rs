@@ -41,6 +41,9 @@ const PURGE_EVERY_TURNS: u64 = 1024;
 /// Turns to the next purge after one that asked groups to snapshot.
 const PURGE_AGAIN_TURNS: u64 = 16;
 
+/// Most groups one purge asks to write their snapshot into a new pack file.
+const RELOCATIONS_PER_PURGE: usize = 64;
+
 impl Shard {
     pub(super) async fn turn(&mut self) {
         let mut out = Outbox {
@@ -256,6 +259,16 @@ impl Shard {
                             }
                         }
                     }
+                    // Snapshots left alone in mostly superseded pack files
+                    // are written again, so that those files can go.
+                    for group in self.wal.sparse_pack_groups(RELOCATIONS_PER_PURGE) {
+                        let p = group as u32;
+                        if let Some(g) = self.groups.get(&p) {
+                            g.storage().want_relocation();
+                            self.ready.insert(p);
+                            asked = true;
+                        }
+                    }
                     if asked {
                         self.turns_since_purge = PURGE_EVERY_TURNS - PURGE_AGAIN_TURNS;
                     }
@@ -347,13 +360,14 @@ struct SendCtx {
 }
 
 /// Snapshots one turn may take, and the bytes they may add up to. Each
-/// one serialises a state machine and writes a file (with its own fsync)
-/// inside the turn's sync. A purge names up to `purge::MAX_PINNING` groups
-/// at once; taken in one turn under load, their snapshots stalled every
+/// one serialises a state machine, and the turn's sync writes them all to
+/// one pack file (one fsync) before the log. A purge names up to
+/// `purge::MAX_PINNING` groups at once; when each snapshot was a file with
+/// its own fsync, taking them all in one turn under load stalled every
 /// node's shard for most of a second, long enough for followers to
 /// campaign and leaders to step down for want of a quorum. Groups over the
 /// budget stay due and are visited next turn.
-const SNAPSHOTS_PER_TURN: usize = 8;
+const SNAPSHOTS_PER_TURN: usize = 32;
 const SNAPSHOT_BYTES_PER_TURN: usize = 8 << 20;
 
 /// What is left of a turn's snapshot budget.

@@ -10,7 +10,7 @@ use super::{failpoints, WalError};
 
 /// Largest single DMA write or read issued; bigger transfers are split so
 /// one call never needs a huge DMA buffer.
-const MAX_IO: usize = 4 << 20;
+pub(crate) const MAX_IO: usize = 4 << 20;
 
 /// Maps a glommio error to `WalError`, keeping "disk full" distinct because
 /// it is the one failure the caller may retry.

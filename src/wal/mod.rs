@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! {dir}/wal/{seq:020}.wal    segments, see segment.rs and record.rs
-//! {dir}/snap/*.snap          snapshot files, see snapshot.rs
+//! {dir}/snap/*.pack          snapshot packs, see snapshot.rs
 //! ```
 //!
 //! Writing is group commit: `append_entries`, `set_hard_state`,
@@ -26,7 +26,7 @@
 //! longer needs (it syncs first); replay refuses a log whose entries do not
 //! continue its snapshot/compaction floor.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 
 use futures::{StreamExt, TryStreamExt};
@@ -54,6 +54,21 @@ const INLINE_SNAPSHOT_MAX: usize = 256;
 /// Old segments kept behind the active one from which a purge that cannot
 /// delete them says so (below, it is routine and silent).
 const PILING_UP_SEGMENTS: u64 = 4;
+
+/// Pack files may hold this many bytes of superseded snapshots beyond the
+/// live ones before groups are asked to rewrite theirs elsewhere.
+const PACK_SLACK: u64 = 64 << 20;
+
+/// How much of one snapshot file live groups still use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct PackUse {
+    /// Live snapshots in the file.
+    refs: u32,
+    /// Their bytes.
+    live: u64,
+    /// Bytes of the file.
+    size: u64,
+}
 
 #[cfg(test)]
 mod tests;
@@ -171,9 +186,12 @@ pub struct Wal {
     /// task cancels it, so a dropped log leaves no writer behind.
     next: Option<(u64, Task<Result<DmaFile, WalError>>)>,
     snapshot_serial: u64,
-    /// Snapshot files whose records are buffered: `(name, content)`, written
-    /// and made durable by the next sync before the records.
-    snapshot_files: Vec<(String, Vec<u8>)>,
+    /// The pack holding the snapshots whose records are buffered: `(name,
+    /// content)`, written and made durable by the next sync before the
+    /// records.
+    pack: Option<(String, Vec<u8>)>,
+    /// What each snapshot file in `snap/` holds for live groups.
+    packs: HashMap<String, PackUse>,
     /// Snapshot files to delete once the buffered records that superseded
     /// them are durable.
     doomed_snapshots: Vec<String>,
@@ -233,6 +251,7 @@ impl Wal {
             groups.insert(id, g.meta);
         }
         let snapshot_serial = clean_snapshots(&snap_dir, &groups).await?;
+        let packs = pack_use(&groups);
 
         let mut wal = match replayed.last {
             Some(last) => {
@@ -258,6 +277,7 @@ impl Wal {
         }
         wal.first_seq = replayed.segments.first().copied().unwrap_or(wal.active.seq);
         wal.snapshot_serial = snapshot_serial;
+        wal.packs = packs;
         wal.prepare_next(wal.active.seq + 1);
         wal.refresh_stats();
         Ok((wal, recovered))
@@ -282,7 +302,8 @@ impl Wal {
             groups,
             next: None,
             snapshot_serial: 0,
-            snapshot_files: Vec::new(),
+            pack: None,
+            packs: HashMap::new(),
             doomed_snapshots: Vec::new(),
             poisoned: None,
             stats: WalStats::default(),
@@ -329,22 +350,33 @@ impl Wal {
     /// Buffers a snapshot of `group`: its metadata record goes into the log
     /// now, in order with the group's other records, and entries up to the
     /// snapshot index are dropped for the group. The next `sync` writes the
-    /// snapshot's own file and makes it durable before any buffered record,
-    /// so a synced record never names a missing file.
+    /// pack holding it (with every other snapshot buffered since the last
+    /// sync) and makes it durable before any buffered record, so a synced
+    /// record never names a missing file.
     ///
     /// Entries after the snapshot index survive recovery only if the log
     /// holds the snapshot's own (index, term); otherwise they belong to a
     /// history the snapshot replaced and recovery drops them too.
     pub fn save_snapshot(&mut self, group: u64, snap: &Snapshot) {
-        self.snapshot_serial += 1;
-        let (mut r, content) = snapshot::encode(group, self.snapshot_serial, snap);
+        let (mut r, content) = snapshot::encode(snap);
         if content.len() <= INLINE_SNAPSHOT_MAX {
             // Inside the log record: durable with it, no file (and every
             // segment's checkpoint repeats it, hence the small bound).
-            r.name.clear();
             r.inline = Some(content);
         } else {
-            self.snapshot_files.push((r.name.clone(), content));
+            // Into this sync's pack, after the snapshots already in it.
+            let (name, pack) = self.pack.get_or_insert_with(|| {
+                self.snapshot_serial += 1;
+                (snapshot::pack_name(self.snapshot_serial), Vec::new())
+            });
+            let len = content.len() as u64;
+            r.name = name.clone();
+            r.at = Some((pack.len() as u64, len));
+            pack.extend_from_slice(&content);
+            let used = self.packs.entry(r.name.clone()).or_default();
+            used.refs += 1;
+            used.live += len;
+            used.size += len;
         }
         self.push(|buf| record::put_snapshot_meta(buf, group, &r));
         let meta = self.groups.entry(group).or_default();
@@ -355,11 +387,38 @@ impl Wal {
         }
     }
 
-    /// A replaced snapshot's file (if it has one) goes after the next sync.
+    /// A replaced snapshot no longer keeps its file: the file goes after the
+    /// next sync once no live snapshot is left in it. (That sync makes
+    /// durable the records that replaced every snapshot in the file, so a
+    /// crash never finds a record naming a deleted file.)
     fn doom(&mut self, old: record::SnapshotRef) {
-        if old.inline.is_none() {
+        if old.inline.is_some() {
+            return;
+        }
+        let Some(used) = self.packs.get_mut(&old.name) else {
+            return;
+        };
+        used.refs = used.refs.saturating_sub(1);
+        used.live = used.live.saturating_sub(stored_len(&old));
+        // The pack still being filled may take more snapshots before the
+        // sync: `write_snapshot_files` dooms it if it ends up unused.
+        let filling = self
+            .pack
+            .as_ref()
+            .is_some_and(|(name, _)| *name == old.name);
+        if used.refs == 0 && !filling {
+            self.packs.remove(&old.name);
             self.doomed_snapshots.push(old.name);
         }
+    }
+
+    /// Groups whose snapshots sit in pack files that are mostly superseded
+    /// snapshots, to be asked to write theirs anew (into a fresh pack), at
+    /// most `max`. A pack goes only when its last live snapshot is
+    /// replaced, so a few groups that never snapshot again would otherwise
+    /// keep many mostly dead packs forever. See [`plan_relocation`].
+    pub fn sparse_pack_groups(&self, max: usize) -> Vec<u64> {
+        plan_relocation(&self.packs, &self.groups, PACK_SLACK, max)
     }
 
     /// Entries of `group` up to `index` are no longer needed. The caller
@@ -436,33 +495,26 @@ impl Wal {
         Ok(())
     }
 
-    /// Writes the snapshot files of buffered records, each durable, then
-    /// the directory entries. On ENOSPC the files not yet written stay
-    /// queued for the next try.
+    /// Writes the pack of the buffered snapshot records and makes it and
+    /// its directory entry durable. On failure (ENOSPC) it stays queued for
+    /// the next try.
     async fn write_snapshot_files(&mut self) -> Result<(), WalError> {
-        if self.snapshot_files.is_empty() {
+        let Some((name, content)) = &self.pack else {
             return Ok(());
-        }
-        // Several at a time (Bootstrap buffers one per partition). Those
-        // that fail stay queued, in order, for the next try.
-        let files = std::mem::take(&mut self.snapshot_files);
-        let dir = &self.snap_dir;
-        let results: Vec<Result<(), WalError>> = futures::stream::iter(files.iter())
-            .map(|(name, content)| snapshot::write(dir, name, content))
-            .buffered(SNAPSHOT_IO_IN_FLIGHT)
-            .collect()
-            .await;
-        let mut first_err = None;
-        for (file, res) in files.into_iter().zip(results) {
-            if let Err(e) = res {
-                first_err.get_or_insert(e);
-                self.snapshot_files.push(file);
+        };
+        snapshot::write(&self.snap_dir, name, content).await?;
+        // Only once its directory entry is durable too: a failure before
+        // that writes the pack again at the next try.
+        io::sync_dir(&self.snap_dir).await?;
+        if let Some((name, _)) = self.pack.take() {
+            // Every snapshot in it was replaced before the sync (say its
+            // group was removed): it goes once this sync's records are
+            // durable, like any pack whose last snapshot was replaced.
+            if self.packs.get(&name).is_some_and(|u| u.refs == 0) {
+                self.packs.remove(&name);
+                self.doomed_snapshots.push(name);
             }
         }
-        if let Some(e) = first_err {
-            return Err(e);
-        }
-        io::sync_dir(&self.snap_dir).await?;
         if failpoints::is_on("wal::sync::crash_after_snapshot_files") {
             return Err(failpoints::crash("wal::sync::crash_after_snapshot_files"));
         }
@@ -630,6 +682,71 @@ impl Wal {
     }
 }
 
+/// The groups whose snapshots to rewrite so that mostly dead pack files
+/// can go: none while all packs together hold at most twice their live
+/// bytes plus `slack`; otherwise the live groups of packs less than half
+/// live, emptiest pack first, at most `max`.
+fn plan_relocation(
+    packs: &HashMap<String, PackUse>,
+    groups: &BTreeMap<u64, GroupMeta>,
+    slack: u64,
+    max: usize,
+) -> Vec<u64> {
+    let (size, live) = packs
+        .values()
+        .fold((0u64, 0u64), |(s, l), u| (s + u.size, l + u.live));
+    if size <= live.saturating_mul(2).saturating_add(slack) {
+        return Vec::new();
+    }
+    // (live share of the file in 1/2^32ths, name) of the sparse packs.
+    let mut sparse: Vec<(u64, &str)> = packs
+        .iter()
+        .filter(|(_, u)| u.live.saturating_mul(2) < u.size)
+        .map(|(name, u)| {
+            let share = ((u.live as u128) << 32) / u128::from(u.size.max(1));
+            (share as u64, name.as_str())
+        })
+        .collect();
+    sparse.sort_unstable();
+    let rank: HashMap<&str, usize> = sparse
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, name))| (name, i))
+        .collect();
+    let mut chosen: Vec<(usize, u64)> = groups
+        .iter()
+        .filter_map(|(&g, m)| {
+            let name = m.snapshot.as_ref()?.name.as_str();
+            rank.get(name).map(|&i| (i, g))
+        })
+        .collect();
+    chosen.sort_unstable();
+    chosen.into_iter().take(max).map(|(_, g)| g).collect()
+}
+
+/// Bytes a stored snapshot takes in its file (a file of its own, from
+/// earlier versions, is counted by its data).
+fn stored_len(r: &record::SnapshotRef) -> u64 {
+    r.at.map_or(r.data_len, |(_, len)| len)
+}
+
+/// What each snapshot file holds for `groups`.
+fn pack_use(groups: &BTreeMap<u64, GroupMeta>) -> HashMap<String, PackUse> {
+    let mut packs: HashMap<String, PackUse> = HashMap::new();
+    for r in groups.values().filter_map(|m| m.snapshot.as_ref()) {
+        if r.inline.is_some() || r.name.is_empty() {
+            continue;
+        }
+        let used = packs.entry(r.name.clone()).or_default();
+        used.refs += 1;
+        used.live += stored_len(r);
+        // The file's end is at least the end of every snapshot in it.
+        let end = r.at.map_or(r.data_len, |(offset, len)| offset + len);
+        used.size = used.size.max(end);
+    }
+    packs
+}
+
 /// Oldest segment still on disk in `from..to` (or `to`), after a purge that
 /// stopped half way.
 fn first_on_disk(wal_dir: &std::path::Path, from: u64, to: u64) -> u64 {
@@ -639,8 +756,9 @@ fn first_on_disk(wal_dir: &std::path::Path, from: u64, to: u64) -> u64 {
 }
 
 /// Deletes snapshot files no live group references (superseded ones whose
-/// deletion a crash interrupted, temporaries) and returns the highest serial
-/// in use, so new snapshot files never reuse a name.
+/// deletion a crash interrupted, packs whose records never became durable,
+/// temporaries) and returns the highest serial in use, so new snapshot
+/// files never reuse a name.
 async fn clean_snapshots(
     snap_dir: &std::path::Path,
     groups: &BTreeMap<u64, GroupMeta>,
@@ -652,11 +770,12 @@ async fn clean_snapshots(
         .collect();
     let mut serial = 0;
     for (name, path) in io::list_dir(snap_dir)? {
-        if let Some((_, _, s)) = snapshot::parse_name(&name) {
+        let own = snapshot::parse_serial(&name);
+        if let Some(s) = own {
             serial = serial.max(s);
         }
-        let unreferenced = snapshot::parse_name(&name).is_some() && !live.contains(name.as_str());
-        if unreferenced || name.ends_with(snapshot::TMP_SUFFIX) {
+        let unreferenced = own.is_some() && !live.contains(name.as_str());
+        if unreferenced || snapshot::is_tmp(&name) {
             glommio::io::remove(&path)
                 .await
                 .map_err(|e| io::glommio_err("remove", &path, e))?;

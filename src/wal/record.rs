@@ -24,7 +24,14 @@
 //! RemoveGroup   (7) = {}
 //! SnapshotInline (8) = { u64 index | u64 term | u64 data_len | u32 crc
 //!                      | content (the bytes a snapshot file would hold) }
+//! SnapshotPacked (9) = { u64 index | u64 term | u64 data_len | u32 crc
+//!                      | u64 offset | u64 len | u16 name_len | name }
 //! ```
+//!
+//! SnapshotPacked names a snapshot stored at `offset..offset + len` of a
+//! pack file in `snap/` that holds every snapshot one sync wrote (see
+//! `snapshot.rs`); SnapshotMeta, written by earlier versions, names a file
+//! holding one snapshot and nothing else.
 //!
 //! A small snapshot (every new replica starts from one) lives inside the
 //! log as SnapshotInline instead of in a file of its own: thousands of
@@ -60,6 +67,7 @@ pub(crate) enum Kind {
     Compact = 6,
     RemoveGroup = 7,
     SnapshotInline = 8,
+    SnapshotPacked = 9,
 }
 
 impl Kind {
@@ -73,6 +81,7 @@ impl Kind {
             6 => Kind::Compact,
             7 => Kind::RemoveGroup,
             8 => Kind::SnapshotInline,
+            9 => Kind::SnapshotPacked,
             _ => return None,
         })
     }
@@ -381,6 +390,9 @@ pub(crate) struct SnapshotRef {
     pub file_crc: u32,
     /// The file's name; empty for an inline snapshot.
     pub name: String,
+    /// `(offset, len)` of the snapshot inside a pack file; `None` for a
+    /// file that holds this one snapshot only (or an inline one).
+    pub at: Option<(u64, u64)>,
     /// An inline snapshot's content (what its file would hold).
     pub inline: Option<Vec<u8>>,
 }
@@ -396,6 +408,19 @@ pub(crate) fn put_snapshot_meta(out: &mut Vec<u8>, group: u64, s: &SnapshotRef) 
         });
         return;
     }
+    if let Some((offset, len)) = s.at {
+        encode(out, Kind::SnapshotPacked, group, |p| {
+            p.extend_from_slice(&s.index.to_le_bytes());
+            p.extend_from_slice(&s.term.to_le_bytes());
+            p.extend_from_slice(&s.data_len.to_le_bytes());
+            p.extend_from_slice(&s.file_crc.to_le_bytes());
+            p.extend_from_slice(&offset.to_le_bytes());
+            p.extend_from_slice(&len.to_le_bytes());
+            p.extend_from_slice(&(s.name.len() as u16).to_le_bytes());
+            p.extend_from_slice(s.name.as_bytes());
+        });
+        return;
+    }
     encode(out, Kind::SnapshotMeta, group, |p| {
         p.extend_from_slice(&s.index.to_le_bytes());
         p.extend_from_slice(&s.term.to_le_bytes());
@@ -408,11 +433,28 @@ pub(crate) fn put_snapshot_meta(out: &mut Vec<u8>, group: u64, s: &SnapshotRef) 
 }
 
 pub(crate) fn parse_snapshot_meta(payload: &[u8]) -> Result<SnapshotRef, PayloadError> {
+    parse_snapshot_file(payload, false)
+}
+
+pub(crate) fn parse_snapshot_packed(payload: &[u8]) -> Result<SnapshotRef, PayloadError> {
+    parse_snapshot_file(payload, true)
+}
+
+fn parse_snapshot_file(payload: &[u8], packed: bool) -> Result<SnapshotRef, PayloadError> {
     let mut r = Reader { buf: payload };
     let index = r.u64()?;
     let term = r.u64()?;
     let data_len = r.u64()?;
     let file_crc = r.u32()?;
+    let at = if packed {
+        let (offset, len) = (r.u64()?, r.u64()?);
+        if offset.checked_add(len).is_none() {
+            return Err(format!("snapshot at {offset} of length {len} overflows").into());
+        }
+        Some((offset, len))
+    } else {
+        None
+    };
     let name_len = r.u16()? as usize;
     let name = std::str::from_utf8(r.take(name_len)?)
         .map_err(|_| "snapshot file name is not utf-8".to_string())?
@@ -427,6 +469,7 @@ pub(crate) fn parse_snapshot_meta(payload: &[u8]) -> Result<SnapshotRef, Payload
         data_len,
         file_crc,
         name,
+        at,
         inline: None,
     })
 }
@@ -443,6 +486,7 @@ pub(crate) fn parse_snapshot_inline(payload: &[u8]) -> Result<SnapshotRef, Paylo
         data_len,
         file_crc,
         name: String::new(),
+        at: None,
         inline: Some(r.buf.to_vec()),
     })
 }
@@ -517,6 +561,7 @@ mod tests {
             data_len: 100,
             file_crc: 0xdead_beef,
             name: "x.snap".into(),
+            at: None,
             inline: None,
         };
         put_snapshot_meta(&mut buf, 9, &s);
@@ -532,6 +577,7 @@ mod tests {
         assert_eq!(parse_entries(recs[1].payload).unwrap(), entries);
         assert_eq!(parse_hard_state(recs[2].payload).unwrap(), hs);
         assert_eq!(parse_conf_state(recs[3].payload).unwrap(), cs);
+        assert_eq!(recs[4].kind, Kind::SnapshotMeta);
         assert_eq!(parse_snapshot_meta(recs[4].payload).unwrap(), s);
         assert_eq!(parse_compact(recs[5].payload).unwrap(), 4);
         assert_eq!((recs[6].kind, recs[6].group), (Kind::RemoveGroup, 10));
@@ -562,6 +608,39 @@ mod tests {
                 "flip at byte {i} went unnoticed"
             );
         }
+    }
+
+    #[test]
+    fn packed_snapshot_refs_round_trip_and_refuse_bad_spans() {
+        let s = SnapshotRef {
+            index: 7,
+            term: 2,
+            data_len: 10,
+            file_crc: 5,
+            name: "00000000000000ab.pack".into(),
+            at: Some((4096, 100)),
+            inline: None,
+        };
+        let mut buf = Vec::new();
+        put_snapshot_meta(&mut buf, 3, &s);
+        let recs = decode_all(&buf);
+        assert_eq!(recs[0].kind, Kind::SnapshotPacked);
+        assert_eq!(parse_snapshot_packed(recs[0].payload).unwrap(), s);
+
+        let overflowing = SnapshotRef {
+            at: Some((u64::MAX, 2)),
+            ..s.clone()
+        };
+        let mut buf = Vec::new();
+        put_snapshot_meta(&mut buf, 3, &overflowing);
+        assert!(parse_snapshot_packed(decode_all(&buf)[0].payload).is_err());
+        let unnamed = SnapshotRef {
+            name: String::new(),
+            ..s
+        };
+        let mut buf = Vec::new();
+        put_snapshot_meta(&mut buf, 3, &unnamed);
+        assert!(parse_snapshot_packed(decode_all(&buf)[0].payload).is_err());
     }
 
     #[test]

@@ -375,6 +375,10 @@ fn apply(
             let s = record::parse_snapshot_inline(rec.payload)?;
             groups.entry(g).or_default().snapshot(s);
         }
+        Kind::SnapshotPacked => {
+            let s = record::parse_snapshot_packed(rec.payload)?;
+            groups.entry(g).or_default().snapshot(s);
+        }
         Kind::Compact => {
             let index = record::parse_compact(rec.payload)?;
             groups.entry(g).or_default().compact(index);
@@ -407,6 +411,7 @@ mod tests {
             data_len: 0,
             file_crc: 0,
             name: "s".into(),
+            at: None,
             inline: None,
         }
     }

@@ -810,3 +810,147 @@ fn small_snapshots_live_inside_the_log() {
         assert_eq!(rec.groups[&99].conf_state, conf_state(&[1, 2, 3]));
     });
 }
+
+#[test]
+fn snapshots_of_one_sync_share_a_pack_that_goes_with_its_last_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(move || async move {
+        {
+            let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
+            for g in 1..=3 {
+                wal.append_entries(g, &entries(1, 5, 1, 8));
+                wal.save_snapshot(g, &snapshot(3, 1, &file_data(format!("g{g}@3").as_bytes())));
+            }
+            wal.sync().await.unwrap();
+            let first = snap_files(&d);
+            assert_eq!(first.len(), 1, "one pack for the sync: {first:?}");
+
+            // Two of them move on: their old snapshots are dead, but the
+            // third keeps the first pack.
+            for g in 1..=2 {
+                wal.save_snapshot(g, &snapshot(4, 1, &file_data(format!("g{g}@4").as_bytes())));
+            }
+            wal.sync().await.unwrap();
+            assert_eq!(snap_files(&d).len(), 2);
+        }
+        {
+            let (mut wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
+            for (g, want) in [(1, "g1@4"), (2, "g2@4"), (3, "g3@3")] {
+                let s = rec.groups[&g].snapshot.as_ref().unwrap();
+                assert_eq!(s.get_data(), file_data(want.as_bytes()), "group {g}");
+            }
+            assert_eq!(indexes(&rec.groups[&3]), vec![4, 5]);
+            assert_eq!(snap_files(&d).len(), 2);
+            // The last snapshot in the first pack is replaced: it goes.
+            let first = snap_files(&d)[0].clone();
+            wal.save_snapshot(3, &snapshot(5, 1, &file_data(b"g3@5")));
+            wal.sync().await.unwrap();
+            let now = snap_files(&d);
+            assert_eq!(now.len(), 2);
+            assert!(!now.contains(&first), "{first} should be gone: {now:?}");
+        }
+        let (_wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
+        let s = rec.groups[&3].snapshot.as_ref().unwrap();
+        assert_eq!(s.get_data(), file_data(b"g3@5"));
+    });
+}
+
+#[test]
+fn a_snapshot_written_again_at_its_index_moves_to_a_new_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(move || async move {
+        {
+            let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
+            wal.append_entries(1, &entries(1, 6, 1, 8));
+            wal.save_snapshot(1, &snapshot(4, 1, &file_data(b"same")));
+            wal.compact(1, 4);
+            wal.sync().await.unwrap();
+            let old = snap_files(&d);
+            // Relocation: the same snapshot again, as a group with nothing
+            // applied since writes it.
+            wal.save_snapshot(1, &snapshot(4, 1, &file_data(b"same")));
+            wal.compact(1, 4);
+            wal.sync().await.unwrap();
+            let new = snap_files(&d);
+            assert_eq!(new.len(), 1);
+            assert_ne!(old, new);
+        }
+        let (_wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
+        let g = &rec.groups[&1];
+        assert_eq!(g.snapshot.as_ref().unwrap().get_data(), file_data(b"same"));
+        // Entries after the snapshot survive: the log holds index 4 at the
+        // snapshot's term.
+        assert_eq!(indexes(g), vec![5, 6]);
+    });
+}
+
+#[test]
+fn relocation_is_planned_only_for_mostly_dead_packs_beyond_the_slack() {
+    use super::record::SnapshotRef;
+    let r = |name: &str, len: u64| SnapshotRef {
+        index: 1,
+        term: 1,
+        data_len: len,
+        file_crc: 0,
+        name: name.into(),
+        at: Some((0, len)),
+        inline: None,
+    };
+    let mut groups = std::collections::BTreeMap::new();
+    let mut add = |g: u64, name: &str, len: u64| {
+        let mut m = super::group::GroupMeta::default();
+        m.on_snapshot(r(name, len));
+        groups.insert(g, m);
+    };
+    // "a": 100 live of 1000; "b": 600 of 1000; "c": 10 of 1000; "d": all live.
+    add(1, "a", 100);
+    add(2, "b", 300);
+    add(3, "b", 300);
+    add(4, "c", 10);
+    add(5, "d", 500);
+    let mut packs = HashMap::new();
+    for (name, refs, live, size) in [
+        ("a", 1, 100, 1000),
+        ("b", 2, 600, 1000),
+        ("c", 1, 10, 1000),
+        ("d", 1, 500, 500),
+    ] {
+        packs.insert(name.to_string(), super::PackUse { refs, live, size });
+    }
+    // 3500 bytes hold 1210 live: within twice the live bytes plus 1100 of
+    // slack, nothing moves.
+    assert!(super::plan_relocation(&packs, &groups, 1100, 10).is_empty());
+    // Beyond it, the emptiest pack's group first; half-live "b" and full
+    // "d" stay.
+    assert_eq!(super::plan_relocation(&packs, &groups, 0, 10), vec![4, 1]);
+    assert_eq!(super::plan_relocation(&packs, &groups, 0, 1), vec![4]);
+}
+
+#[test]
+fn a_pack_emptied_before_its_sync_still_serves_snapshots_added_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    run(move || async move {
+        {
+            let (mut wal, _) = Wal::open(d.clone(), small()).await.unwrap();
+            // Group 1's snapshot is the pack's only one, then is dropped
+            // with its group; group 2's goes into the same pack afterwards.
+            wal.save_snapshot(1, &snapshot(3, 1, &file_data(b"g1")));
+            wal.remove_group(1);
+            wal.save_snapshot(2, &snapshot(5, 1, &file_data(b"g2")));
+            wal.sync().await.unwrap();
+            assert_eq!(snap_files(&d).len(), 1);
+            // A pack whose every snapshot went before the sync goes after it.
+            wal.save_snapshot(3, &snapshot(2, 1, &file_data(b"g3")));
+            wal.remove_group(3);
+            wal.sync().await.unwrap();
+            assert_eq!(snap_files(&d).len(), 1);
+        }
+        let (_wal, rec) = Wal::open(d.clone(), small()).await.unwrap();
+        assert!(!rec.groups.contains_key(&1) && !rec.groups.contains_key(&3));
+        let s = rec.groups[&2].snapshot.as_ref().unwrap();
+        assert_eq!(s.get_data(), file_data(b"g2"));
+    });
+}

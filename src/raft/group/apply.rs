@@ -148,16 +148,20 @@ impl<S: StateMachine> Group<S> {
     /// Whether `maybe_snapshot` would take one now.
     pub fn snapshot_due(&self) -> bool {
         (self.storage.snapshot_wanted() && self.applied > self.snapshot_index)
+            || (self.storage.relocation_wanted() && self.snapshot_index > 0)
             || self.applied >= self.snapshot_index + self.snapshot_threshold
     }
 
     /// A snapshot of the state machine when `snapshot_entry_threshold`
     /// entries were applied since the last one, or when raft needs a newer
     /// one to send to a follower; the caller persists it and
-    /// compacts the log to `applied - compaction_retain_entries`.
+    /// compacts the log to `applied - compaction_retain_entries`. Asked to
+    /// relocate, it takes one even at the index of the last: the same state,
+    /// written anew.
     pub fn maybe_snapshot(&mut self) -> Option<(Snapshot, u64)> {
         let wanted = self.storage.take_snapshot_wanted() && self.applied > self.snapshot_index;
-        if !wanted && self.applied < self.snapshot_index + self.snapshot_threshold {
+        let relocate = self.storage.take_relocation_wanted() && self.snapshot_index > 0;
+        if !wanted && !relocate && self.applied < self.snapshot_index + self.snapshot_threshold {
             return None;
         }
         let mut snap = Snapshot {

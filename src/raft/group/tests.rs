@@ -205,3 +205,25 @@ fn followers_send_no_commit_notices() {
     g.commit_notices(|_, _, _| n += 1);
     assert_eq!(n, 0);
 }
+
+#[test]
+fn a_relocation_snapshots_again_with_nothing_applied_since() {
+    let cfg = RaftConfig::default();
+    let mut g = Group::<Counter>::new(1, 1, &cfg, 4, GroupInit::bootstrap(vec![1])).unwrap();
+    let at = g.applied();
+    assert!(at > 0);
+    assert!(!g.snapshot_due());
+    assert!(g.maybe_snapshot().is_none());
+    // Asked for a snapshot with nothing new applied: nothing to take.
+    g.storage().want_snapshot();
+    assert!(!g.snapshot_due());
+    assert!(g.maybe_snapshot().is_none());
+    // Asked to relocate: the same state, at the same index, written again.
+    g.storage().want_relocation();
+    assert!(g.snapshot_due());
+    let (snap, _) = g.maybe_snapshot().expect("a relocation snapshot");
+    assert_eq!(snap.get_metadata().index, at);
+    assert_eq!(snap.get_data(), &0u64.to_le_bytes()[..]);
+    assert!(!g.snapshot_due());
+    assert!(g.maybe_snapshot().is_none());
+}
