@@ -417,12 +417,7 @@ impl<S: StateMachine> Group<S> {
     pub fn tick(&mut self, alive: &dyn Fn(u64) -> bool) {
         self.raw.tick();
         self.ticks += 1;
-        let leader = self.raw.raft.leader_id;
-        if leader != self.last_leader && leader != raft::INVALID_ID {
-            self.leader_changes += 1;
-            self.new_leader = Some((leader, self.raw.raft.term));
-        }
-        self.last_leader = leader;
+        self.note_leader();
         let now = self.ticks;
         let mut resend = Vec::new();
         for (ctx, b) in self.read_batches.iter_mut() {
@@ -541,8 +536,21 @@ impl<S: StateMachine> Group<S> {
         self.queued.push((cmd, reply));
     }
 
-    /// The (leader, term) the last tick saw change, once.
+    /// Records a change of leader since the last look.
+    fn note_leader(&mut self) {
+        let leader = self.raw.raft.leader_id;
+        if leader != self.last_leader && leader != raft::INVALID_ID {
+            self.leader_changes += 1;
+            self.new_leader = Some((leader, self.raw.raft.term));
+        }
+        self.last_leader = leader;
+    }
+
+    /// The (leader, term) seen to change since the last call, once. Also
+    /// looks now, so a group that went quiet before its next tick still
+    /// reports the leader it learned.
     pub fn take_new_leader(&mut self) -> Option<(u64, u64)> {
+        self.note_leader();
         self.new_leader.take()
     }
 

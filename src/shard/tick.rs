@@ -61,11 +61,13 @@ impl Shard {
             let Some(g) = groups.get_mut(p) else {
                 return false;
             };
-            if g.is_quiescent() {
-                return false;
+            let quiet = g.is_quiescent();
+            if !quiet {
+                g.tick(&alive);
+                ready.insert(*p);
             }
-            g.tick(&alive);
-            ready.insert(*p);
+            // Before a group that went quiet leaves the awake set: the
+            // leader it learned since its last tick is still news.
             if let Some((leader, term)) = g.take_new_leader() {
                 if events.watched() {
                     let mut e = events::event(Type::LeaderChanged, *p);
@@ -74,7 +76,7 @@ impl Shard {
                     events.publish(e);
                 }
             }
-            true
+            !quiet
         });
         self.awake = Marks(awake);
     }
