@@ -12,6 +12,10 @@ use super::{failpoints, WalError};
 /// one call never needs a huge DMA buffer.
 pub(crate) const MAX_IO: usize = 4 << 20;
 
+/// Most bytes one write + fdatasync round of the log puts after the
+/// durable end of a segment (see `Wal::commit_pending`).
+pub(crate) const SYNC_EXTENT: usize = 4 << 20;
+
 /// Maps a glommio error to `WalError`, keeping "disk full" distinct because
 /// it is the one failure the caller may retry.
 pub(crate) fn glommio_err(op: &'static str, path: &Path, e: GlommioError<()>) -> WalError {

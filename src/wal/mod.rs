@@ -469,11 +469,7 @@ impl Wal {
             return Ok(());
         }
         self.stats.syncs += 1;
-        if !self.pending.is_empty() {
-            self.active.commit(&self.pending).await?;
-            self.stats.bytes_synced += self.pending.len() as u64;
-            self.pending.clear();
-        }
+        self.commit_pending().await?;
         // The previous segment is fully durable before anything is written
         // to the next one: recovery treats a torn tail in any segment but
         // the last as corruption.
@@ -488,9 +484,24 @@ impl Wal {
                 // segment, so a failed commit is retried like any other.
                 self.pending = data;
             }
-            self.active.commit(&self.pending).await?;
-            self.stats.bytes_synced += self.pending.len() as u64;
-            self.pending.clear();
+            self.commit_pending().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes `pending` durable in the active segment, in rounds of at most
+    /// [`io::SYNC_EXTENT`] bytes, each written and fdatasynced before the
+    /// next: no write ever reaches further than that past the durable end,
+    /// which is what lets recovery stop reading a segment a bounded
+    /// distance after its last record (`recovery::read_written`). What a
+    /// round made durable leaves `pending`, so a retry after ENOSPC goes
+    /// on from there.
+    async fn commit_pending(&mut self) -> Result<(), WalError> {
+        while !self.pending.is_empty() {
+            let n = self.pending.len().min(io::SYNC_EXTENT);
+            self.active.commit(&self.pending[..n]).await?;
+            self.stats.bytes_synced += n as u64;
+            self.pending.drain(..n);
         }
         Ok(())
     }

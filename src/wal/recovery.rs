@@ -26,7 +26,7 @@ use raft::eraftpb::Entry;
 use tracing::{info, warn};
 
 use super::group::{EntryRuns, GroupMeta};
-use super::io::{glommio_err, list_dir, read_all};
+use super::io::{glommio_err, list_dir, MAX_IO, SYNC_EXTENT};
 use super::record::{self, Decoded, Kind, Record, SnapshotRef};
 use super::segment::{is_tmp_name, parse_segment_name, segment_name};
 use super::WalError;
@@ -206,7 +206,7 @@ pub(crate) async fn replay(wal_dir: &Path) -> Result<Replayed, WalError> {
         let file = DmaFile::open(&path)
             .await
             .map_err(|e| glommio_err("open", &path, e))?;
-        let content = read_all(&file, &path).await;
+        let content = read_written(&file, &path).await;
         let _ = file.close().await;
         let content = content?;
         let scan = scan_segment(&path, seq, &content, is_last)?;
@@ -258,6 +258,88 @@ pub(crate) async fn replay(wal_dir: &Path) -> Result<Replayed, WalError> {
         segments: seqs,
         last,
     })
+}
+
+/// Bytes past the end of a segment's last record that may have been
+/// written: one round of the writer (`Wal::commit_pending`), which starts
+/// at or before that end, plus a margin for the block it rewrites and pads.
+const WRITE_WINDOW: usize = SYNC_EXTENT + (64 << 10);
+
+/// Reads the part of a segment that can hold data, not its pre-zeroed
+/// remainder: up to the end of its last complete record plus
+/// [`WRITE_WINDOW`], if every byte read past that record is zero. No write
+/// of the log ever reached further (`Wal::commit_pending`), so the rest is
+/// still the zeroes the segment was prepared with. Anything else past the
+/// last record (a record cut short, garbage, a bad length, a non-zero byte
+/// in the window) means a torn write or damage: then the whole segment is
+/// read, and `scan_segment` judges it as before.
+///
+/// What this cannot see: damage that zeroes more than the window's length
+/// of records in the middle of a segment, and hides every record after it
+/// beyond the window, looks like the end of the log.
+pub(crate) async fn read_written(file: &DmaFile, path: &Path) -> Result<Vec<u8>, WalError> {
+    read_written_within(file, path, WRITE_WINDOW).await
+}
+
+async fn read_written_within(
+    file: &DmaFile,
+    path: &Path,
+    window: usize,
+) -> Result<Vec<u8>, WalError> {
+    let size = file
+        .file_size()
+        .await
+        .map_err(|e| glommio_err("stat", path, e))? as usize;
+    let mut out: Vec<u8> = Vec::new();
+    // End of the complete records walked so far (by their lengths only;
+    // `scan_segment` checks them).
+    let mut walked = 0usize;
+    // Read up to here; `None` while the records go on.
+    let mut until: Option<usize> = None;
+    loop {
+        let target = until.unwrap_or(size).min(size);
+        if out.len() >= target {
+            match until {
+                // The window past the last record must be zeroes.
+                Some(_) if out[walked..].iter().any(|&b| b != 0) && target < size => {
+                    until = Some(size);
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        // Whole blocks (the file's size is a multiple of the block).
+        let n = (target - out.len()).min(MAX_IO);
+        let n = (file.align_up(n as u64) as usize).min(size - out.len());
+        let pos = out.len() as u64;
+        let chunk = file
+            .read_at_aligned(pos, file.align_up(n as u64) as usize)
+            .await
+            .map_err(|e| glommio_err("read", path, e))?;
+        let got = chunk.len().min(n);
+        if got == 0 {
+            break; // file shrank under us; judge what exists
+        }
+        out.extend_from_slice(&chunk[..got]);
+        while until.is_none() {
+            let rest = &out[walked..];
+            if rest.len() < record::FRAME_PREFIX {
+                break;
+            }
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            if len == 0 && crc == 0 {
+                until = Some(walked.saturating_add(window));
+            } else if len < record::MIN_BODY || walked + record::FRAME_PREFIX + len > size {
+                until = Some(size);
+            } else if walked + record::FRAME_PREFIX + len <= out.len() {
+                walked += record::FRAME_PREFIX + len;
+            } else {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 struct Scan<'a> {
@@ -418,6 +500,82 @@ mod tests {
 
     fn indexes(g: &ReplayGroup) -> Vec<(u64, u64)> {
         g.entries.iter().map(|e| (e.index, e.term)).collect()
+    }
+
+    /// A 16 MiB segment file (sparse: zeroes) starting with `head`, with
+    /// byte 0xff at each of `marks`; what `read_written_within` returns.
+    fn read_back(head: Vec<u8>, marks: Vec<usize>, window: usize) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        {
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_len(16 << 20).unwrap();
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&head, 0).unwrap();
+            for m in marks {
+                f.write_all_at(&[0xff], m as u64).unwrap();
+            }
+        }
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let file = DmaFile::open(&path).await.unwrap();
+                let out = read_written_within(&file, &path, window).await.unwrap();
+                file.close().await.unwrap();
+                out
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    fn some_records() -> Vec<u8> {
+        let mut buf = Vec::new();
+        record::put_segment_header(&mut buf, 1);
+        record::put_compact(&mut buf, 3, 7);
+        buf
+    }
+
+    #[test]
+    fn a_segment_is_read_to_its_last_record_and_a_zero_window_after() {
+        let head = some_records();
+        // Zeroes after the records: one read of MAX_IO covers records and
+        // window; the rest of the file is never read, whatever it holds.
+        let out = read_back(head.clone(), vec![12 << 20], 64 << 10);
+        assert_eq!(out.len(), MAX_IO);
+        assert_eq!(&out[..head.len()], &head[..]);
+        // A record that continues past the first read is followed.
+        let mut big = Vec::new();
+        record::put_entries(&mut big, 1, &entries_with_data(6 << 20));
+        let out = read_back(big.clone(), vec![], 64 << 10);
+        assert!(out.len() >= big.len() + (64 << 10) && out.len() < 16 << 20);
+    }
+
+    #[test]
+    fn anything_but_zeroes_after_the_last_record_reads_the_whole_segment() {
+        let head = some_records();
+        // A non-zero byte in what was read past the records (torn write).
+        let out = read_back(head.clone(), vec![1 << 20], 64 << 10);
+        assert_eq!(out.len(), 16 << 20);
+        assert_eq!(out[1 << 20], 0xff);
+        // A length no record can have.
+        let mut bad = head.clone();
+        bad.extend_from_slice(&3u32.to_le_bytes());
+        bad.extend_from_slice(&[0; 4]);
+        assert_eq!(read_back(bad, vec![], 64 << 10).len(), 16 << 20);
+        // A record claiming to run past the end of the file.
+        let mut long = head;
+        long.extend_from_slice(&(32u32 << 20).to_le_bytes());
+        long.extend_from_slice(&[1; 4]);
+        assert_eq!(read_back(long, vec![], 64 << 10).len(), 16 << 20);
+    }
+
+    fn entries_with_data(bytes: usize) -> Vec<Entry> {
+        vec![Entry {
+            index: 1,
+            term: 1,
+            data: vec![7u8; bytes].into(),
+            ..Default::default()
+        }]
     }
 
     #[test]

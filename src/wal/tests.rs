@@ -954,3 +954,52 @@ fn a_pack_emptied_before_its_sync_still_serves_snapshots_added_after() {
         assert_eq!(s.get_data(), file_data(b"g2"));
     });
 }
+
+#[test]
+fn big_segments_are_read_only_as_far_as_written_and_syncs_larger_than_a_round_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let big = || WalConfig {
+        segment_size: 32 << 20,
+    };
+    run(move || async move {
+        {
+            let (mut wal, _) = Wal::open(d.clone(), big()).await.unwrap();
+            wal.append_entries(1, &entries(1, 3, 1, 100));
+            wal.sync().await.unwrap();
+            // One sync of about 10 MiB: written in several rounds.
+            wal.append_entries(1, &entries(4, 6, 1, 3_500_000));
+            wal.sync().await.unwrap();
+        }
+        let seg = d.join("wal").join(segment::segment_name(1));
+        // A stray byte far past the written part is never read.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+            f.write_all_at(&[0xff], 30 << 20).unwrap();
+        }
+        {
+            let (mut wal, rec) = Wal::open(d.clone(), big()).await.unwrap();
+            let g = &rec.groups[&1];
+            assert_eq!(indexes(g), (1..=6).collect::<Vec<_>>());
+            assert_eq!(g.entries[5].data.len(), 3_500_000);
+            wal.append_entries(1, &entries(7, 7, 1, 100));
+            wal.sync().await.unwrap();
+        }
+        // Garbage right after the last record (a torn write) is still found
+        // and cut off.
+        let end = record_spans(&seg).last().map(|&(o, l)| o + l).unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+            f.write_all_at(&[0xab; 100], end as u64 + 10).unwrap();
+        }
+        let (_wal, rec) = Wal::open(d.clone(), big()).await.unwrap();
+        assert_eq!(indexes(&rec.groups[&1]), (1..=7).collect::<Vec<_>>());
+        let bytes = std::fs::read(&seg).unwrap();
+        assert!(
+            bytes[end..end + 200].iter().all(|&b| b == 0),
+            "torn tail zeroed"
+        );
+    });
+}
