@@ -129,17 +129,29 @@ pub(crate) async fn read_all(file: &DmaFile, path: &Path) -> Result<Vec<u8>, Wal
     let mut out = Vec::with_capacity(size);
     while out.len() < size {
         let n = (size - out.len()).min(MAX_IO);
-        let chunk = file
-            .read_at_aligned(out.len() as u64, file.align_up(n as u64) as usize)
-            .await
-            .map_err(|e| glommio_err("read", path, e))?;
-        let got = chunk.len().min(n);
-        if got == 0 {
+        if read_more(file, path, &mut out, n).await? == 0 {
             break; // file shrank under us; return what exists
         }
-        out.extend_from_slice(&chunk[..got]);
     }
     Ok(out)
+}
+
+/// Reads up to `n` bytes (at most [`MAX_IO`]) of `file` at `out.len()`,
+/// which must be aligned, and appends them to `out`; returns how many (0 at
+/// the end of the file).
+pub(crate) async fn read_more(
+    file: &DmaFile,
+    path: &Path,
+    out: &mut Vec<u8>,
+    n: usize,
+) -> Result<usize, WalError> {
+    let chunk = file
+        .read_at_aligned(out.len() as u64, file.align_up(n as u64) as usize)
+        .await
+        .map_err(|e| glommio_err("read", path, e))?;
+    let got = chunk.len().min(n);
+    out.extend_from_slice(&chunk[..got]);
+    Ok(got)
 }
 
 /// Opens a file read-write for DMA without truncating it.

@@ -26,7 +26,7 @@ use raft::eraftpb::Entry;
 use tracing::{info, warn};
 
 use super::group::{EntryRuns, GroupMeta};
-use super::io::{glommio_err, list_dir, MAX_IO, SYNC_EXTENT};
+use super::io::{glommio_err, list_dir, read_more, MAX_IO, SYNC_EXTENT};
 use super::record::{self, Decoded, Kind, Record, SnapshotRef};
 use super::segment::{is_tmp_name, parse_segment_name, segment_name};
 use super::WalError;
@@ -311,16 +311,9 @@ async fn read_written_within(
         // Whole blocks (the file's size is a multiple of the block).
         let n = (target - out.len()).min(MAX_IO);
         let n = (file.align_up(n as u64) as usize).min(size - out.len());
-        let pos = out.len() as u64;
-        let chunk = file
-            .read_at_aligned(pos, file.align_up(n as u64) as usize)
-            .await
-            .map_err(|e| glommio_err("read", path, e))?;
-        let got = chunk.len().min(n);
-        if got == 0 {
+        if read_more(file, path, &mut out, n).await? == 0 {
             break; // file shrank under us; judge what exists
         }
-        out.extend_from_slice(&chunk[..got]);
         while until.is_none() {
             let rest = &out[walked..];
             if rest.len() < record::FRAME_PREFIX {
