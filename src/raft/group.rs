@@ -159,6 +159,11 @@ impl<E> Default for Outbox<E> {
     }
 }
 
+/// State machine data (in bytes) small enough that a group whose entries
+/// since its last snapshot carried no command snapshots again right away:
+/// an idle partition's state. Its log then pins no WAL segment.
+pub const TINY_SNAPSHOT: usize = 128;
+
 pub struct Group<S: StateMachine> {
     pub id: u32,
     raw: RawNode<GroupStorage>,
@@ -169,6 +174,10 @@ pub struct Group<S: StateMachine> {
     /// Conf state as of `applied`, stored in snapshots taken at `applied`.
     applied_conf: ConfState,
     snapshot_index: u64,
+    /// The last snapshot's state machine data was at most
+    /// [`TINY_SNAPSHOT`] bytes, and no command was applied since: a
+    /// snapshot now would be as small (see `apply::idle_snapshot_due`).
+    tiny_and_unchanged: bool,
     /// Proposals of this turn, proposed together as one entry.
     queued: Vec<(S::Command, WriteReply<S>)>,
     /// Commands proposed again this turn (their callers stay in `waiting`).
@@ -265,6 +274,10 @@ impl<S: StateMachine> Group<S> {
         max_inflight: usize,
         init: GroupInit,
     ) -> Result<Group<S>, GroupError> {
+        let tiny = init
+            .snapshot
+            .as_ref()
+            .is_none_or(|s| s.get_data().len() <= TINY_SNAPSHOT);
         let (sm, snap_index, snap_term, snap_conf) = match &init.snapshot {
             Some(s) => (
                 S::restore(&s.data).map_err(|source| GroupError::Snapshot {
@@ -313,6 +326,7 @@ impl<S: StateMachine> Group<S> {
             applied_term: snap_term,
             applied_conf: snap_conf,
             snapshot_index: snap_index,
+            tiny_and_unchanged: tiny,
             queued: Vec::new(),
             reproposals: Vec::new(),
             waiting: HashMap::new(),

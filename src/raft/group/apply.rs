@@ -21,6 +21,7 @@ impl<S: StateMachine> Group<S> {
         self.applied_term = meta.term;
         self.applied_conf = meta.get_conf_state().clone();
         self.snapshot_index = meta.index;
+        self.tiny_and_unchanged = snap.get_data().len() <= super::TINY_SNAPSHOT;
         self.serve_reads();
         Ok(())
     }
@@ -34,7 +35,10 @@ impl<S: StateMachine> Group<S> {
                 continue;
             }
             match e.get_entry_type() {
-                EntryType::EntryNormal if !e.data.is_empty() => self.apply_normal(&e, out),
+                EntryType::EntryNormal if !e.data.is_empty() => {
+                    self.tiny_and_unchanged = false;
+                    self.apply_normal(&e, out)
+                }
                 EntryType::EntryNormal => {}
                 EntryType::EntryConfChange => {
                     if let Some(cs) = self.apply_conf_change(&e, out) {
@@ -149,7 +153,20 @@ impl<S: StateMachine> Group<S> {
     pub fn snapshot_due(&self) -> bool {
         (self.storage.snapshot_wanted() && self.applied > self.snapshot_index)
             || (self.storage.relocation_wanted() && self.snapshot_index > 0)
+            || self.idle_snapshot_due()
             || self.applied >= self.snapshot_index + self.snapshot_threshold
+    }
+
+    /// Entries were applied since the last snapshot, none of them a
+    /// command (a new leader's empty entry, a membership change), and that
+    /// snapshot was tiny: the state is unchanged, so a new snapshot is as
+    /// tiny (it goes inside the log record) and lets the log go. Without
+    /// it, every idle partition keeps its few entries in the oldest WAL
+    /// segment, and the first purge under load has to ask each of them
+    /// to snapshot then: after a Bootstrap of 10,000 partitions, about
+    /// 25,000 snapshots across three nodes in the first loaded seconds.
+    fn idle_snapshot_due(&self) -> bool {
+        self.tiny_and_unchanged && self.applied > self.snapshot_index
     }
 
     /// A snapshot of the state machine when `snapshot_entry_threshold`
@@ -161,7 +178,11 @@ impl<S: StateMachine> Group<S> {
     pub fn maybe_snapshot(&mut self) -> Option<(Snapshot, u64)> {
         let wanted = self.storage.take_snapshot_wanted() && self.applied > self.snapshot_index;
         let relocate = self.storage.take_relocation_wanted() && self.snapshot_index > 0;
-        if !wanted && !relocate && self.applied < self.snapshot_index + self.snapshot_threshold {
+        if !wanted
+            && !relocate
+            && !self.idle_snapshot_due()
+            && self.applied < self.snapshot_index + self.snapshot_threshold
+        {
             return None;
         }
         let mut snap = Snapshot {
@@ -173,6 +194,7 @@ impl<S: StateMachine> Group<S> {
         meta.term = self.applied_term;
         meta.set_conf_state(self.applied_conf.clone());
         self.snapshot_index = self.applied;
+        self.tiny_and_unchanged = snap.get_data().len() <= super::TINY_SNAPSHOT;
         self.storage.set_snapshot(snap.clone());
         let compact_to = self.applied.saturating_sub(self.retain_entries);
         self.storage.compact(compact_to);

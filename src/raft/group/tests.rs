@@ -227,3 +227,62 @@ fn a_relocation_snapshots_again_with_nothing_applied_since() {
     assert!(!g.snapshot_due());
     assert!(g.maybe_snapshot().is_none());
 }
+
+/// [`persist`], applying what raft hands over as committed.
+fn persist_and_apply(g: &mut Group<Counter>) {
+    if !g.raw.has_ready() {
+        return;
+    }
+    let mut out = Outbox::default();
+    let mut rd = g.raw.ready();
+    g.storage.append(rd.entries());
+    if let Some(hs) = rd.hs() {
+        g.storage.set_hard_state(hs.clone());
+    }
+    g.apply(rd.take_committed_entries(), &mut out);
+    let mut light = g.raw.advance(rd);
+    if let Some(c) = light.commit_index() {
+        g.storage.set_commit(c);
+    }
+    g.apply(light.take_committed_entries(), &mut out);
+    g.raw.advance_apply();
+}
+
+#[test]
+fn an_idle_group_snapshots_again_after_entries_that_carry_no_command() {
+    use raft::eraftpb::{Message, MessageType};
+    let cfg = RaftConfig::default();
+    let mut g = Group::<Counter>::new(1, 1, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+    lead(&mut g);
+    let ack = |g: &mut Group<Counter>, index: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppendResponse);
+        m.from = 2;
+        m.to = 1;
+        m.term = g.term();
+        m.index = index;
+        g.step_from(2, m);
+        persist_and_apply(g);
+    };
+    // The new leader's empty entry commits and applies: nothing changed
+    // the (tiny) state, so a snapshot is due at once.
+    let last = g.raw.raft.raft_log.last_index();
+    assert!(!g.snapshot_due());
+    ack(&mut g, last);
+    assert_eq!(g.applied(), last);
+    assert!(g.snapshot_due());
+    let (snap, _) = g.maybe_snapshot().expect("an idle snapshot");
+    assert_eq!(snap.get_metadata().index, last);
+    assert!(!g.snapshot_due());
+    // A command applied: the state changed, so no snapshot before the
+    // usual threshold.
+    let (tx, _rx) = oneshot::channel();
+    g.propose(7, tx);
+    g.flush();
+    persist_and_apply(&mut g);
+    let next = g.raw.raft.raft_log.last_index();
+    ack(&mut g, next);
+    assert_eq!(g.applied(), next);
+    assert!(!g.snapshot_due());
+    assert!(g.maybe_snapshot().is_none());
+}
