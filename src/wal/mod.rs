@@ -26,7 +26,7 @@
 //! longer needs (it syncs first); replay refuses a log whose entries do not
 //! continue its snapshot/compaction floor.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 
 use futures::{StreamExt, TryStreamExt};
@@ -38,6 +38,7 @@ use tracing::{info, warn};
 pub mod failpoints;
 mod group;
 mod io;
+mod pack;
 mod purge;
 mod record;
 mod recovery;
@@ -54,21 +55,6 @@ const INLINE_SNAPSHOT_MAX: usize = 256;
 /// Old segments kept behind the active one from which a purge that cannot
 /// delete them says so (below, it is routine and silent).
 const PILING_UP_SEGMENTS: u64 = 4;
-
-/// Pack files may hold this many bytes of superseded snapshots beyond the
-/// live ones before groups are asked to rewrite theirs elsewhere.
-const PACK_SLACK: u64 = 64 << 20;
-
-/// How much of one snapshot file live groups still use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct PackUse {
-    /// Live snapshots in the file.
-    refs: u32,
-    /// Their bytes.
-    live: u64,
-    /// Bytes of the file.
-    size: u64,
-}
 
 #[cfg(test)]
 mod tests;
@@ -191,7 +177,7 @@ pub struct Wal {
     /// records.
     pack: Option<(String, Vec<u8>)>,
     /// What each snapshot file in `snap/` holds for live groups.
-    packs: HashMap<String, PackUse>,
+    packs: pack::Packs,
     /// Snapshot files to delete once the buffered records that superseded
     /// them are durable.
     doomed_snapshots: Vec<String>,
@@ -251,7 +237,7 @@ impl Wal {
             groups.insert(id, g.meta);
         }
         let snapshot_serial = clean_snapshots(&snap_dir, &groups).await?;
-        let packs = pack_use(&groups);
+        let packs = pack::Packs::from_groups(&groups);
 
         let mut wal = match replayed.last {
             Some(last) => {
@@ -303,7 +289,7 @@ impl Wal {
             next: None,
             snapshot_serial: 0,
             pack: None,
-            packs: HashMap::new(),
+            packs: pack::Packs::default(),
             doomed_snapshots: Vec::new(),
             poisoned: None,
             stats: WalStats::default(),
@@ -373,10 +359,7 @@ impl Wal {
             r.name = name.clone();
             r.at = Some((pack.len() as u64, len));
             pack.extend_from_slice(&content);
-            let used = self.packs.entry(r.name.clone()).or_default();
-            used.refs += 1;
-            used.live += len;
-            used.size += len;
+            self.packs.add(&r.name, len);
         }
         self.push(|buf| record::put_snapshot_meta(buf, group, &r));
         let meta = self.groups.entry(group).or_default();
@@ -392,33 +375,25 @@ impl Wal {
     /// durable the records that replaced every snapshot in the file, so a
     /// crash never finds a record naming a deleted file.)
     fn doom(&mut self, old: record::SnapshotRef) {
-        if old.inline.is_some() {
+        if old.inline.is_some() || !self.packs.release(&old) {
             return;
         }
-        let Some(used) = self.packs.get_mut(&old.name) else {
-            return;
-        };
-        used.refs = used.refs.saturating_sub(1);
-        used.live = used.live.saturating_sub(stored_len(&old));
         // The pack still being filled may take more snapshots before the
         // sync: `write_snapshot_files` dooms it if it ends up unused.
         let filling = self
             .pack
             .as_ref()
             .is_some_and(|(name, _)| *name == old.name);
-        if used.refs == 0 && !filling {
-            self.packs.remove(&old.name);
+        if !filling && self.packs.forget_if_unused(&old.name) {
             self.doomed_snapshots.push(old.name);
         }
     }
 
     /// Groups whose snapshots sit in pack files that are mostly superseded
     /// snapshots, to be asked to write theirs anew (into a fresh pack), at
-    /// most `max`. A pack goes only when its last live snapshot is
-    /// replaced, so a few groups that never snapshot again would otherwise
-    /// keep many mostly dead packs forever. See [`plan_relocation`].
+    /// most `max` (see `pack.rs`).
     pub fn sparse_pack_groups(&self, max: usize) -> Vec<u64> {
-        plan_relocation(&self.packs, &self.groups, PACK_SLACK, max)
+        self.packs.relocation(&self.groups, max)
     }
 
     /// Entries of `group` up to `index` are no longer needed. The caller
@@ -521,8 +496,7 @@ impl Wal {
             // Every snapshot in it was replaced before the sync (say its
             // group was removed): it goes once this sync's records are
             // durable, like any pack whose last snapshot was replaced.
-            if self.packs.get(&name).is_some_and(|u| u.refs == 0) {
-                self.packs.remove(&name);
+            if self.packs.forget_if_unused(&name) {
                 self.doomed_snapshots.push(name);
             }
         }
@@ -691,71 +665,6 @@ impl Wal {
             }
         }
     }
-}
-
-/// The groups whose snapshots to rewrite so that mostly dead pack files
-/// can go: none while all packs together hold at most twice their live
-/// bytes plus `slack`; otherwise the live groups of packs less than half
-/// live, emptiest pack first, at most `max`.
-fn plan_relocation(
-    packs: &HashMap<String, PackUse>,
-    groups: &BTreeMap<u64, GroupMeta>,
-    slack: u64,
-    max: usize,
-) -> Vec<u64> {
-    let (size, live) = packs
-        .values()
-        .fold((0u64, 0u64), |(s, l), u| (s + u.size, l + u.live));
-    if size <= live.saturating_mul(2).saturating_add(slack) {
-        return Vec::new();
-    }
-    // (live share of the file in 1/2^32ths, name) of the sparse packs.
-    let mut sparse: Vec<(u64, &str)> = packs
-        .iter()
-        .filter(|(_, u)| u.live.saturating_mul(2) < u.size)
-        .map(|(name, u)| {
-            let share = ((u.live as u128) << 32) / u128::from(u.size.max(1));
-            (share as u64, name.as_str())
-        })
-        .collect();
-    sparse.sort_unstable();
-    let rank: HashMap<&str, usize> = sparse
-        .iter()
-        .enumerate()
-        .map(|(i, &(_, name))| (name, i))
-        .collect();
-    let mut chosen: Vec<(usize, u64)> = groups
-        .iter()
-        .filter_map(|(&g, m)| {
-            let name = m.snapshot.as_ref()?.name.as_str();
-            rank.get(name).map(|&i| (i, g))
-        })
-        .collect();
-    chosen.sort_unstable();
-    chosen.into_iter().take(max).map(|(_, g)| g).collect()
-}
-
-/// Bytes a stored snapshot takes in its file (a file of its own, from
-/// earlier versions, is counted by its data).
-fn stored_len(r: &record::SnapshotRef) -> u64 {
-    r.at.map_or(r.data_len, |(_, len)| len)
-}
-
-/// What each snapshot file holds for `groups`.
-fn pack_use(groups: &BTreeMap<u64, GroupMeta>) -> HashMap<String, PackUse> {
-    let mut packs: HashMap<String, PackUse> = HashMap::new();
-    for r in groups.values().filter_map(|m| m.snapshot.as_ref()) {
-        if r.inline.is_some() || r.name.is_empty() {
-            continue;
-        }
-        let used = packs.entry(r.name.clone()).or_default();
-        used.refs += 1;
-        used.live += stored_len(r);
-        // The file's end is at least the end of every snapshot in it.
-        let end = r.at.map_or(r.data_len, |(offset, len)| offset + len);
-        used.size = used.size.max(end);
-    }
-    packs
 }
 
 /// Oldest segment still on disk in `from..to` (or `to`), after a purge that

@@ -887,48 +887,6 @@ fn a_snapshot_written_again_at_its_index_moves_to_a_new_pack() {
 }
 
 #[test]
-fn relocation_is_planned_only_for_mostly_dead_packs_beyond_the_slack() {
-    use super::record::SnapshotRef;
-    let r = |name: &str, len: u64| SnapshotRef {
-        index: 1,
-        term: 1,
-        data_len: len,
-        file_crc: 0,
-        name: name.into(),
-        at: Some((0, len)),
-        inline: None,
-    };
-    let mut groups = std::collections::BTreeMap::new();
-    let mut add = |g: u64, name: &str, len: u64| {
-        let mut m = super::group::GroupMeta::default();
-        m.on_snapshot(r(name, len));
-        groups.insert(g, m);
-    };
-    // "a": 100 live of 1000; "b": 600 of 1000; "c": 10 of 1000; "d": all live.
-    add(1, "a", 100);
-    add(2, "b", 300);
-    add(3, "b", 300);
-    add(4, "c", 10);
-    add(5, "d", 500);
-    let mut packs = HashMap::new();
-    for (name, refs, live, size) in [
-        ("a", 1, 100, 1000),
-        ("b", 2, 600, 1000),
-        ("c", 1, 10, 1000),
-        ("d", 1, 500, 500),
-    ] {
-        packs.insert(name.to_string(), super::PackUse { refs, live, size });
-    }
-    // 3500 bytes hold 1210 live: within twice the live bytes plus 1100 of
-    // slack, nothing moves.
-    assert!(super::plan_relocation(&packs, &groups, 1100, 10).is_empty());
-    // Beyond it, the emptiest pack's group first; half-live "b" and full
-    // "d" stay.
-    assert_eq!(super::plan_relocation(&packs, &groups, 0, 10), vec![4, 1]);
-    assert_eq!(super::plan_relocation(&packs, &groups, 0, 1), vec![4]);
-}
-
-#[test]
 fn a_pack_emptied_before_its_sync_still_serves_snapshots_added_after() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
