@@ -143,7 +143,30 @@ impl Shard {
                 }
             }
             g.on_read_states(rd.take_read_states());
-            readies.push((*id, rd));
+            if rd.must_sync() {
+                readies.push((*id, rd));
+            } else {
+                // Nothing here waits for the disk: no entries, no snapshot,
+                // no new term or vote (a commit index alone need not be
+                // durable, see above). raft-rs allows such a Ready to be
+                // advanced at once (`Ready::must_sync`), and what its
+                // messages vouch for is already durable: every Ready this
+                // group had before was synced and advanced before this turn
+                // began, and a group gives one Ready per turn. So step 6
+                // runs now, while the group is in cache, rather than after
+                // the sync; its answers (a follower's to a commit notice or
+                // heartbeat, the acknowledgement of a write it applied)
+                // leave without waiting for other groups' sync.
+                self.wal_dirty |= finish(
+                    g,
+                    *id,
+                    rd,
+                    &mut self.wal,
+                    &mut self.ready,
+                    &mut out_ctx,
+                    &mut out,
+                );
+            }
         }
 
         // The beats of the Readies, sent before the sync like the rest of
@@ -166,40 +189,11 @@ impl Shard {
         out_ctx: &mut SendCtx,
         out: &mut Outbox<Event>,
     ) {
-        for (id, mut rd) in readies {
+        for (id, rd) in readies {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
             };
-            send_all(out_ctx, id, rd.take_persisted_messages(), out);
-            let mut light = g.raw().advance(rd);
-            if let Some(commit) = light.commit_index() {
-                // Persisted with the next sync; a lost commit index is
-                // re-learned from the leader, so it need not wait for this one.
-                g.storage().set_commit(commit);
-                self.wal
-                    .set_hard_state(id as u64, &g.storage().hard_state());
-            }
-            let mut msgs = light.take_messages();
-            g.prune_heartbeats(&mut msgs);
-            send_all(out_ctx, id, msgs, out);
-            // The leader's own sync may have been the last acknowledgement
-            // a commit needed.
-            notices(g, id, &mut out_ctx.beats);
-            if let Some(cs) = g.apply(light.take_committed_entries(), out) {
-                self.wal.set_conf_state(id as u64, &cs);
-                self.wal_dirty = true;
-            }
-            g.raw().advance_apply();
-            if g.wants_turn() || g.raw().has_ready() {
-                self.ready.insert(id);
-            }
-            self.wal_dirty |= save_snapshot_if_due(
-                &mut self.wal,
-                g,
-                id,
-                &mut out_ctx.snapshot_budget,
-                &mut self.ready,
-            );
+            self.wal_dirty |= finish(g, id, rd, &mut self.wal, &mut self.ready, out_ctx, out);
         }
         out_ctx.beats.flush(&out_ctx.links);
     }
@@ -392,6 +386,46 @@ impl SnapshotBudget {
         self.count = self.count.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(bytes);
     }
+}
+
+/// Step 6 for one Ready of group `g` (of `partition`) whose persistence
+/// is done (or that needed none): the messages that waited for it, raft's
+/// advance, what became committed, a snapshot if due. True if it buffered
+/// a record that needs a sync.
+fn finish(
+    g: &mut super::Group,
+    partition: u32,
+    mut rd: raft::Ready,
+    wal: &mut crate::wal::Wal,
+    ready: &mut super::Marks,
+    out_ctx: &mut SendCtx,
+    out: &mut Outbox<Event>,
+) -> bool {
+    let mut dirty = false;
+    send_all(out_ctx, partition, rd.take_persisted_messages(), out);
+    let mut light = g.raw().advance(rd);
+    if let Some(commit) = light.commit_index() {
+        // Persisted with the next sync; a lost commit index is
+        // re-learned from the leader, so it need not wait for this one.
+        g.storage().set_commit(commit);
+        wal.set_hard_state(partition as u64, &g.storage().hard_state());
+    }
+    let mut msgs = light.take_messages();
+    g.prune_heartbeats(&mut msgs);
+    send_all(out_ctx, partition, msgs, out);
+    // The leader's own sync may have been the last acknowledgement
+    // a commit needed.
+    notices(g, partition, &mut out_ctx.beats);
+    if let Some(cs) = g.apply(light.take_committed_entries(), out) {
+        wal.set_conf_state(partition as u64, &cs);
+        dirty = true;
+    }
+    g.raw().advance_apply();
+    if g.wants_turn() || g.raw().has_ready() {
+        ready.insert(partition);
+    }
+    dirty |= save_snapshot_if_due(wal, g, partition, &mut out_ctx.snapshot_budget, ready);
+    dirty
 }
 
 /// Takes a snapshot of group `g` (of `partition`) if it is due or was
