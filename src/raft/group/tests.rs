@@ -286,3 +286,97 @@ fn an_idle_group_snapshots_again_after_entries_that_carry_no_command() {
     assert!(!g.snapshot_due());
     assert!(g.maybe_snapshot().is_none());
 }
+
+/// Takes `g`'s Ready, makes it durable, and returns whether raft-rs said
+/// it needed a sync, how many entries it committed (before or after
+/// advance), and every message it produced.
+fn ready_once(g: &mut Group<Counter>) -> (bool, usize, Vec<raft::eraftpb::Message>) {
+    let mut rd = g.raw.ready();
+    let must_sync = rd.must_sync();
+    let mut msgs = rd.take_messages();
+    g.storage.append(rd.entries());
+    if let Some(hs) = rd.hs() {
+        g.storage.set_hard_state(hs.clone());
+    }
+    let mut committed = rd.take_committed_entries().len();
+    msgs.extend(rd.take_persisted_messages());
+    let mut light = g.raw.advance(rd);
+    if let Some(c) = light.commit_index() {
+        g.storage.set_commit(c);
+    }
+    committed += light.take_committed_entries().len();
+    msgs.extend(light.take_messages());
+    g.raw.advance_apply();
+    (must_sync, committed, msgs)
+}
+
+/// The turn finishes a Ready at once, before the shard's sync, when
+/// raft-rs says it needs none (`shard::turn`). That must hold for the
+/// Readies a write's commit brings, and never for those carrying entries
+/// or a new term: if raft-rs ever asked to sync a commit, or stopped
+/// asking for entries, this fails.
+#[test]
+fn a_commit_needs_no_sync_and_entries_always_do() {
+    use raft::eraftpb::{Message, MessageType};
+    let cfg = RaftConfig::default();
+    let voters = vec![1, 2, 3];
+    let mut leader =
+        Group::<Counter>::new(1, 1, &cfg, 16, GroupInit::bootstrap(voters.clone())).unwrap();
+    let mut follower = Group::<Counter>::new(1, 2, &cfg, 16, GroupInit::bootstrap(voters)).unwrap();
+    lead(&mut leader);
+    // A heartbeat, so that the follower's answer resumes replication.
+    leader.raw.tick();
+    let (tx, _rx) = oneshot::channel();
+    leader.propose(7, tx);
+    leader.flush();
+    let (must_sync, _, mut to_follower) = ready_once(&mut leader);
+    assert!(must_sync, "the leader's new entry");
+    let write = leader.raw.raft.raft_log.last_index();
+
+    // Appends and answers until the write commits at the leader.
+    let mut rounds = 0;
+    while leader.raw.raft.raft_log.committed < write {
+        rounds += 1;
+        assert!(rounds < 10, "the write never committed");
+        for m in to_follower.drain(..).filter(|m| m.to == 2) {
+            follower.step_from(1, m);
+        }
+        let mut to_leader = Vec::new();
+        if follower.raw.has_ready() {
+            let (must_sync, _, msgs) = ready_once(&mut follower);
+            let appended = follower.raw.raft.raft_log.last_index() >= write;
+            assert!(
+                must_sync || !appended,
+                "entries or a new term are synced first"
+            );
+            to_leader = msgs;
+        }
+        for m in to_leader.into_iter().filter(|m| m.to == 1) {
+            leader.step_from(2, m);
+        }
+        if leader.raw.has_ready() {
+            let (must_sync, committed, msgs) = ready_once(&mut leader);
+            if leader.raw.raft.raft_log.committed >= write {
+                assert!(!must_sync, "a commit learned from an answer");
+                assert!(committed > 0, "and it is applied");
+            }
+            to_follower = msgs;
+        }
+    }
+
+    // The commit notice: the follower applies the write with no sync.
+    let mut notices = Vec::new();
+    leader.commit_notices(|to, term, commit| notices.push((to, term, commit)));
+    let &(_, term, commit) = notices.iter().find(|n| n.0 == 2).expect("a notice");
+    assert_eq!(commit, write);
+    let mut hb = Message::default();
+    hb.set_msg_type(MessageType::MsgHeartbeat);
+    hb.from = 1;
+    hb.to = 2;
+    hb.term = term;
+    hb.commit = commit;
+    follower.step_from(1, hb);
+    let (must_sync, committed, _) = ready_once(&mut follower);
+    assert!(!must_sync, "a commit learned from a notice");
+    assert!(committed > 0, "and it is applied");
+}
