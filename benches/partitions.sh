@@ -14,12 +14,16 @@
 # - peer bytes/s: loopback traffic over the same window, divided by the
 #   node count (with no clients, that is the nodes talking to each other).
 # - Put/s: `multiraft bench` against the running cluster, loading only
-#   partitions 1..=K (8 connections x 64 streams, 128-byte values).
+#   partitions 1..=K (8 connections x 64 streams, 128-byte values). With
+#   ROUNDS > 1 the K values are run in turn ROUNDS times and each column
+#   is the median (a run pays for the snapshots the previous one left, and
+#   single runs on a shared machine vary a lot); every run is also printed
+#   to stderr.
 #
 # Needs: a release build (cargo build --release), python3, Linux /proc.
 #
 # Knobs (environment): PARTITIONS="1000 10000" ACTIVE="16 1024"
-# SETTLE_S=20 IDLE_S=30 BENCH_S=10 BASE_PORT=7700 SHARDS=
+# SETTLE_S=20 IDLE_S=30 BENCH_S=10 ROUNDS=1 BASE_PORT=7700 SHARDS=
 set -euo pipefail
 
 PARTITIONS=${PARTITIONS:-"1000 10000"}
@@ -27,6 +31,7 @@ ACTIVE=${ACTIVE:-"16 1024"}
 SETTLE_S=${SETTLE_S:-20}
 IDLE_S=${IDLE_S:-30}
 BENCH_S=${BENCH_S:-10}
+ROUNDS=${ROUNDS:-1}
 BASE_PORT=${BASE_PORT:-7700}
 SHARDS=${SHARDS:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -84,11 +89,20 @@ for n in $PARTITIONS; do
     "$BIN" status --addr "127.0.0.1:$((BASE_PORT + i))" --json |
       python3 -c 'import json,sys; print(sum(p["role"] == "ROLE_LEADER" for p in json.load(sys.stdin)["partitions"]))'
   done | paste -sd/)
+  declare -A runs=()
+  for _ in $(seq "$ROUNDS"); do
+    for k in $ACTIVE; do
+      v=$("$BIN" bench --addr "$ADDRS" --active-partitions "$k" --duration "${BENCH_S}s" \
+        --verify-keys 0 --json 2>/dev/null | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["ops_per_sec"]))')
+      echo "partitions $n, $k active: $v Put/s" >&2
+      runs[$k]="${runs[$k]:-} $v"
+    done
+  done
   puts=()
   for k in $ACTIVE; do
-    puts+=("$("$BIN" bench --addr "$ADDRS" --active-partitions "$k" --duration "${BENCH_S}s" \
-      --verify-keys 0 --json 2>/dev/null | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["ops_per_sec"]))')")
+    puts+=("$(python3 -c 'import statistics,sys; print(round(statistics.median(map(int, sys.argv[1:]))))' ${runs[$k]})")
   done
+  unset runs
   stop_cluster
   printf '| %s | %s | %s | %s MiB | %s | %s |' "$n" "$boot" "$(IFS=/; echo "${cpu[*]}")" \
     "$(IFS=/; echo "${rss[*]}")" "$peer" "$leaders"
