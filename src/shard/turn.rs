@@ -13,6 +13,11 @@
 //! 6. per group: send the messages that must wait for persistence (votes,
 //!    append responses: "followers answer only after their own sync"),
 //!    advance raft, apply what became committed, take snapshots.
+//!
+//! A Ready with nothing to persist (raft-rs `must_sync` false: a commit
+//! learned from answers or a notice, heartbeats, a forwarded proposal)
+//! goes through step 6 right after step 4, before the sync: see the
+//! comment where that happens for why nothing it answers can be lost.
 
 use std::time::{Duration, Instant};
 
@@ -152,7 +157,9 @@ impl Shard {
                 // advanced at once (`Ready::must_sync`), and what its
                 // messages vouch for is already durable: every Ready this
                 // group had before was synced and advanced before this turn
-                // began, and a group gives one Ready per turn. So step 6
+                // began (a turn whose sync found the disk full takes no new
+                // Readies until it is finished), and a group gives one Ready
+                // per turn. So step 6
                 // runs now, while the group is in cache, rather than after
                 // the sync; its answers (a follower's to a commit notice or
                 // heartbeat, the acknowledgement of a write it applied)
