@@ -230,22 +230,9 @@ fn a_relocation_snapshots_again_with_nothing_applied_since() {
 
 /// [`persist`], applying what raft hands over as committed.
 fn persist_and_apply(g: &mut Group<Counter>) {
-    if !g.raw.has_ready() {
-        return;
+    if g.raw.has_ready() {
+        ready_once(g);
     }
-    let mut out = Outbox::default();
-    let mut rd = g.raw.ready();
-    g.storage.append(rd.entries());
-    if let Some(hs) = rd.hs() {
-        g.storage.set_hard_state(hs.clone());
-    }
-    g.apply(rd.take_committed_entries(), &mut out);
-    let mut light = g.raw.advance(rd);
-    if let Some(c) = light.commit_index() {
-        g.storage.set_commit(c);
-    }
-    g.apply(light.take_committed_entries(), &mut out);
-    g.raw.advance_apply();
 }
 
 #[test]
@@ -287,10 +274,11 @@ fn an_idle_group_snapshots_again_after_entries_that_carry_no_command() {
     assert!(g.maybe_snapshot().is_none());
 }
 
-/// Takes `g`'s Ready, makes it durable, and returns whether raft-rs said
-/// it needed a sync, how many entries it committed (before or after
-/// advance), and every message it produced.
+/// Takes `g`'s Ready, makes it durable, applies what it commits, and
+/// returns whether raft-rs said it needed a sync, how many entries it
+/// applied (before or after advance), and every message it produced.
 fn ready_once(g: &mut Group<Counter>) -> (bool, usize, Vec<raft::eraftpb::Message>) {
+    let mut out = Outbox::default();
     let mut rd = g.raw.ready();
     let must_sync = rd.must_sync();
     let mut msgs = rd.take_messages();
@@ -298,16 +286,20 @@ fn ready_once(g: &mut Group<Counter>) -> (bool, usize, Vec<raft::eraftpb::Messag
     if let Some(hs) = rd.hs() {
         g.storage.set_hard_state(hs.clone());
     }
-    let mut committed = rd.take_committed_entries().len();
+    let committed = rd.take_committed_entries();
+    let mut applied = committed.len();
+    g.apply(committed, &mut out);
     msgs.extend(rd.take_persisted_messages());
     let mut light = g.raw.advance(rd);
     if let Some(c) = light.commit_index() {
         g.storage.set_commit(c);
     }
-    committed += light.take_committed_entries().len();
+    let committed = light.take_committed_entries();
+    applied += committed.len();
+    g.apply(committed, &mut out);
     msgs.extend(light.take_messages());
     g.raw.advance_apply();
-    (must_sync, committed, msgs)
+    (must_sync, applied, msgs)
 }
 
 /// The turn finishes a Ready at once, before the shard's sync, when
@@ -359,6 +351,7 @@ fn a_commit_needs_no_sync_and_entries_always_do() {
             if leader.raw.raft.raft_log.committed >= write {
                 assert!(!must_sync, "a commit learned from an answer");
                 assert!(committed > 0, "and it is applied");
+                assert_eq!(leader.applied(), write);
             }
             to_follower = msgs;
         }
@@ -379,4 +372,5 @@ fn a_commit_needs_no_sync_and_entries_always_do() {
     let (must_sync, committed, _) = ready_once(&mut follower);
     assert!(!must_sync, "a commit learned from a notice");
     assert!(committed > 0, "and it is applied");
+    assert_eq!(follower.applied(), write);
 }
