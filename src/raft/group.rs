@@ -215,9 +215,9 @@ pub struct Group<S: StateMachine> {
     retain_entries: u64,
     /// Whether the group ticks (see `quiet.rs`).
     quiet: quiet::Quiet,
-    /// Commit notices (see `notice.rs`): the lowest commit index last
-    /// noticed to a follower, and what each follower was last told.
-    noticed: u64,
+    /// Commit notices (see `notice.rs`): the followers owed them, with
+    /// the index each waits for, and what each follower was last told.
+    notice_wanted: Vec<(u64, u64)>,
     notified: Vec<(u64, u64)>,
 }
 
@@ -307,7 +307,8 @@ impl<S: StateMachine> Group<S> {
             max_inflight_msgs: 256,
             check_quorum: true,
             pre_vote: true,
-            // Followers learn commits from coalesced notices instead
+            // Followers learn commits from appends, heartbeats and, when
+            // they wait for a write of theirs, coalesced notices
             // (`notice.rs`).
             skip_bcast_commit: true,
             ..Default::default()
@@ -350,7 +351,7 @@ impl<S: StateMachine> Group<S> {
             snapshot_threshold: cfg.snapshot_entry_threshold,
             retain_entries: cfg.compaction_retain_entries,
             quiet: Default::default(),
-            noticed: 0,
+            notice_wanted: Vec::new(),
             notified: Vec::new(),
         })
     }

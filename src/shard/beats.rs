@@ -11,13 +11,14 @@
 //! - a follower's answer to one (`MsgHeartbeatResponse` without context),
 //!   both exactly as raft-rs made them;
 //! - a *commit notice*: when a leader's commit index moves, it tells each
-//!   follower `min(its acknowledged index, commit)` in a heartbeat whose
-//!   context is [`COMMIT_CTX`] (`raft::Group::commit_notices`). It replaces
-//!   raft-rs's broadcast of an empty append to every follower on every
-//!   commit (`skip_bcast_commit`), which with many partitions each carrying
-//!   a little load doubled the messages per write. Raft answers it like any
-//!   heartbeat; the answer, with the same context, is dropped here: the
-//!   notice wants none.
+//!   follower that waits for a write or read it forwarded `min(its
+//!   acknowledged index, commit)` in a heartbeat whose context is
+//!   [`COMMIT_CTX`] (`raft::Group::commit_notices`). With appends and
+//!   heartbeats, it replaces raft-rs's broadcast of an empty append to
+//!   every follower on every commit (`skip_bcast_commit`), which with many
+//!   partitions each carrying a little load doubled the messages per
+//!   write. Raft answers it like any heartbeat; the answer, with the same
+//!   context, is dropped here: the notice wants none.
 //!
 //! Heartbeats with any other context (ReadIndex rounds, quiesce requests)
 //! and every other message travel one by one as before.

@@ -37,8 +37,12 @@ impl<S: super::StateMachine> Group<S> {
             return;
         }
         self.quiet_on_message(&mut msg);
+        let waiting = self.waiting_follower(&msg);
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(partition = self.id, "step: {e}");
+        }
+        if let Some(follower) = waiting {
+            self.owe_notices(follower);
         }
     }
 

@@ -100,13 +100,14 @@ impl<S: super::StateMachine> Group<S> {
 
     /// Drops the plain heartbeats of `msgs` to followers that were sent an
     /// append since the last heartbeats (in this batch or before): the
-    /// append already reset their election timer, carried the commit index,
-    /// and its answer tells the leader they are alive. A busy group then
-    /// sends about one message per follower per write instead of that plus
-    /// a heartbeat and its answer every tick. Heartbeats with a context
-    /// (ReadIndex rounds, quiesce) always go. If an append is lost, the
-    /// next tick's heartbeat goes (no append was sent since), and its
-    /// answer resumes a paused follower as before.
+    /// append already reset their election timer, carried the commit index
+    /// of its time, and its answer tells the leader they are alive. A busy
+    /// group then sends about one message per follower per write instead of
+    /// that plus a heartbeat and its answer every tick. Heartbeats with a
+    /// context (ReadIndex rounds, quiesce) always go. Once appends stop, the
+    /// next tick's heartbeat goes (no append was sent since): it carries
+    /// the commits the last appends could not (`notice.rs`), and if an
+    /// append was lost its answer resumes a paused follower as before.
     pub fn prune_heartbeats(&mut self, msgs: &mut Vec<Message>) {
         let mut heartbeats = false;
         for m in msgs.iter() {

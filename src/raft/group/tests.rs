@@ -162,8 +162,25 @@ fn ack(g: &mut Group<Counter>, from: u64, index: u64) {
     persist(g);
 }
 
+/// Node `from` forwards write `cmd` to the leader `g`, as raft-rs does
+/// for a write proposed on a follower.
+fn forward(g: &mut Group<Counter>, from: u64, cmd: u64) {
+    use raft::eraftpb::{Entry, Message, MessageType};
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgPropose);
+    m.from = from;
+    m.to = 1;
+    m.entries = vec![Entry {
+        data: Counter::encode(&[cmd]),
+        ..Default::default()
+    }]
+    .into();
+    g.step_from(from, m);
+    persist(g);
+}
+
 #[test]
-fn commit_notices_never_pass_what_a_follower_acknowledged() {
+fn commit_notices_go_to_followers_waiting_for_their_writes() {
     let cfg = RaftConfig::default();
     let mut g = Group::<Counter>::new(1, 1, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
     lead(&mut g);
@@ -173,28 +190,38 @@ fn commit_notices_never_pass_what_a_follower_acknowledged() {
         out
     };
     let term = g.term();
-    let last = g.raw.raft.raft_log.last_index();
-    // Node 2 acknowledges the leader's first entry: committed, and only
-    // node 2 is told (node 3 acknowledged nothing).
-    ack(&mut g, 2, last);
-    assert_eq!(g.raw.raft.raft_log.committed, last);
-    assert_eq!(notices(&mut g), vec![(2, term, last)]);
+    let first = g.raw.raft.raft_log.last_index();
+    // The leader's own entry commits: nobody waits, nobody is told (the
+    // next append or heartbeat carries the commit index).
+    ack(&mut g, 2, first);
+    ack(&mut g, 3, first);
+    assert_eq!(g.raw.raft.raft_log.committed, first);
+    assert_eq!(notices(&mut g), vec![]);
+    // Node 2 forwards a write; node 3 acknowledges it first. It commits,
+    // but node 2 hears of it only up to what node 2 acknowledged.
+    forward(&mut g, 2, 7);
+    let write = g.raw.raft.raft_log.last_index();
+    assert!(write > first, "the forwarded write was appended");
+    ack(&mut g, 3, write);
+    assert_eq!(g.raw.raft.raft_log.committed, write);
+    assert_eq!(notices(&mut g), vec![(2, term, first)]);
     assert_eq!(notices(&mut g), vec![], "told once");
-    // A write that node 3 has acknowledged only partly: node 3 hears of
-    // the commit only up to what it has.
+    // Node 2 acknowledges: now it is told, and waits for nothing more.
+    ack(&mut g, 2, write);
+    assert_eq!(notices(&mut g), vec![(2, term, write)]);
     let (tx, _rx) = oneshot::channel();
-    g.propose(7, tx);
+    g.propose(8, tx);
     g.flush();
     persist(&mut g);
-    let next = g.raw.raft.raft_log.last_index();
-    ack(&mut g, 3, last);
-    ack(&mut g, 2, next);
-    assert_eq!(g.raw.raft.raft_log.committed, next);
-    assert_eq!(notices(&mut g), vec![(2, term, next), (3, term, last)]);
-    // Node 3 catches up: now it is told the rest.
-    ack(&mut g, 3, next);
-    assert_eq!(notices(&mut g), vec![(3, term, next)]);
-    assert_eq!(notices(&mut g), vec![]);
+    let own = g.raw.raft.raft_log.last_index();
+    ack(&mut g, 2, own);
+    ack(&mut g, 3, own);
+    assert_eq!(g.raw.raft.raft_log.committed, own);
+    assert_eq!(
+        notices(&mut g),
+        vec![],
+        "node 3 never waited, node 2 no longer"
+    );
 }
 
 #[test]
@@ -316,11 +343,22 @@ fn a_commit_needs_no_sync_and_entries_always_do() {
         Group::<Counter>::new(1, 1, &cfg, 16, GroupInit::bootstrap(voters.clone())).unwrap();
     let mut follower = Group::<Counter>::new(1, 2, &cfg, 16, GroupInit::bootstrap(voters)).unwrap();
     lead(&mut leader);
-    // A heartbeat, so that the follower's answer resumes replication.
+    // A heartbeat: the follower learns who leads, and its answer resumes
+    // replication.
     leader.raw.tick();
-    let (tx, _rx) = oneshot::channel();
-    leader.propose(7, tx);
-    leader.flush();
+    let (_, _, to_follower) = ready_once(&mut leader);
+    for m in to_follower.into_iter().filter(|m| m.to == 2) {
+        follower.step_from(1, m);
+    }
+    assert_eq!(follower.leader(), 1);
+    // The write is taken by the follower, which forwards it.
+    let (tx, mut rx) = oneshot::channel();
+    follower.propose(7, tx);
+    follower.flush();
+    let (_, _, to_leader) = ready_once(&mut follower);
+    for m in to_leader.into_iter().filter(|m| m.to == 1) {
+        leader.step_from(2, m);
+    }
     let (must_sync, _, mut to_follower) = ready_once(&mut leader);
     assert!(must_sync, "the leader's new entry");
     let write = leader.raw.raft.raft_log.last_index();
@@ -357,11 +395,15 @@ fn a_commit_needs_no_sync_and_entries_always_do() {
         }
     }
 
-    // The commit notice: the follower applies the write with no sync.
+    // The commit notice, owed to the follower that forwarded the write
+    // (and to no other): the follower applies the write with no sync, and
+    // answers its caller.
     let mut notices = Vec::new();
     leader.commit_notices(|to, term, commit| notices.push((to, term, commit)));
-    let &(_, term, commit) = notices.iter().find(|n| n.0 == 2).expect("a notice");
+    assert!(notices.iter().all(|n| n.0 == 2), "{notices:?}");
+    let &(_, term, commit) = notices.first().expect("a notice");
     assert_eq!(commit, write);
+    assert!(matches!(rx.try_recv(), Ok(None)), "answered before apply");
     let mut hb = Message::default();
     hb.set_msg_type(MessageType::MsgHeartbeat);
     hb.from = 1;
@@ -373,4 +415,6 @@ fn a_commit_needs_no_sync_and_entries_always_do() {
     assert!(!must_sync, "a commit learned from a notice");
     assert!(committed > 0, "and it is applied");
     assert_eq!(follower.applied(), write);
+    let answer = rx.try_recv().expect("an answer").expect("sent");
+    assert_eq!(answer.expect("applied").index, write);
 }
