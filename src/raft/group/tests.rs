@@ -224,6 +224,51 @@ fn commit_notices_go_to_followers_waiting_for_their_writes() {
     );
 }
 
+/// A follower that waits for nothing is sent no commit notice, yet hears
+/// of the last commit from a heartbeat within two ticks once appends stop
+/// (the first tick's heartbeat may be dropped as redundant with the last
+/// append, which carried the commit index of its time).
+#[test]
+fn a_follower_owed_no_notice_learns_the_commit_within_two_ticks() {
+    use raft::eraftpb::MessageType;
+    let cfg = RaftConfig::default();
+    let mut g = Group::<Counter>::new(1, 1, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+    lead(&mut g);
+    let first = g.raw.raft.raft_log.last_index();
+    ack(&mut g, 2, first);
+    ack(&mut g, 3, first);
+    let (tx, _rx) = oneshot::channel();
+    g.propose(7, tx);
+    g.flush();
+    let (_, _, mut msgs) = ready_once(&mut g);
+    let write = g.raw.raft.raft_log.last_index();
+    assert!(
+        msgs.iter()
+            .any(|m| m.to == 3 && m.get_msg_type() == MessageType::MsgAppend),
+        "the write is appended to node 3: {msgs:?}"
+    );
+    g.prune_heartbeats(&mut msgs);
+    ack(&mut g, 2, write);
+    ack(&mut g, 3, write);
+    assert_eq!(g.raw.raft.raft_log.committed, write);
+    g.commit_notices(|to, _, _| panic!("nobody waits, yet node {to} was sent a notice"));
+    let alive = |_: u64| true;
+    let mut heard = 0;
+    for _ in 0..2 {
+        g.tick(&alive);
+        if !g.raw.has_ready() {
+            continue;
+        }
+        let (_, _, mut msgs) = ready_once(&mut g);
+        g.prune_heartbeats(&mut msgs);
+        for m in msgs.iter().filter(|m| m.to == 3) {
+            assert!(m.commit <= write);
+            heard = heard.max(m.commit);
+        }
+    }
+    assert_eq!(heard, write, "node 3 heard of the commit");
+}
+
 #[test]
 fn followers_send_no_commit_notices() {
     let cfg = RaftConfig::default();
