@@ -10,9 +10,11 @@
 # K`, 8 x 64 in flight) and round, prints one line per build: Put/s, node
 # CPU per Put (the three node processes, from /proc/PID/stat) and client
 # CPU per Put. Then per K: the median node CPU per Put of each build, and
-# in how many pairs A used less than B. Compare node CPU per Put, not
-# Put/s: two clusters sharing the cores split them as the scheduler
-# pleases, so neither build's Put/s is its own.
+# in how many pairs A used less than B; the same once more divided by the
+# client's CPU per Put (the client does the same work for both builds, so
+# that tracks how fast the machine ran for each). Compare node CPU per
+# Put, not Put/s: two clusters sharing the cores split them as the
+# scheduler pleases, so neither build's Put/s is its own.
 #
 # Usage: benches/pair.sh BIN_A BIN_B   (release builds of the two versions)
 # Needs: python3, Linux /proc.
@@ -85,7 +87,7 @@ hz=$(getconf CLK_TCK)
 
 echo "A: $BIN_A"
 echo "B: $BIN_B"
-declare -A rows=()
+declare -A rows=() norm=()
 for round in $(seq "$ROUNDS"); do
   for k in $ACTIVE; do
     a0=$(ticks "${PIDS_A[@]}"); b0=$(ticks "${PIDS_B[@]}")
@@ -101,17 +103,23 @@ for round in $(seq "$ROUNDS"); do
       printf 'round %d, %s active, %s: %.0f Put/s, node %s µs/Put, client %s µs/Put\n' \
         "$round" "$k" "${x^^}" "$rate" "$node_us" "$client_us"
       rows[$k.$x]="${rows[$k.$x]:-} $node_us"
+      norm[$k.$x]="${norm[$k.$x]:-} $(python3 -c "print($node_us / $client_us)")"
     done
   done
 done
 
 for k in $ACTIVE; do
-  python3 - "$k" "${rows[$k.a]}" "${rows[$k.b]}" <<'PY'
+  python3 - "$k" "${rows[$k.a]}" "${rows[$k.b]}" "${norm[$k.a]}" "${norm[$k.b]}" <<'PY'
 import statistics, sys
-k, a, b = sys.argv[1], list(map(float, sys.argv[2].split())), list(map(float, sys.argv[3].split()))
-wins = sum(x < y for x, y in zip(a, b))
-ratio = statistics.median(x / y for x, y in zip(a, b))
+k = sys.argv[1]
+a, b, na, nb = (list(map(float, v.split())) for v in sys.argv[2:6])
+def cmp(x, y):
+    wins = sum(p < q for p, q in zip(x, y))
+    return f"A/B median {statistics.median(p / q for p, q in zip(x, y)):.3f}, A lower in {wins} of {len(x)} pairs"
 print(f"{k} active: node CPU per Put, median A {statistics.median(a):.1f} µs, "
-      f"B {statistics.median(b):.1f} µs; A/B median {ratio:.3f}; A lower in {wins} of {len(a)} pairs")
+      f"B {statistics.median(b):.1f} µs; {cmp(a, b)}")
+# The client does the same work per Put in both: its CPU per Put tracks
+# how fast the machine ran for that cluster, a check on the pairing.
+print(f"{k} active: node CPU per Put / client CPU per Put: {cmp(na, nb)}")
 PY
 done
