@@ -17,10 +17,14 @@
 # scheduler pleases, so neither build's Put/s is its own.
 #
 # Usage: benches/pair.sh BIN_A BIN_B   (release builds of the two versions)
+# Each build's cluster is loaded by that build's own `multiraft bench`;
+# BENCH=path loads both with the same client (for changes the client
+# shares, such as the allocator, so that its CPU per Put stays a fair
+# yardstick).
 # Needs: python3, Linux /proc.
 #
 # Knobs (environment): PARTITIONS=10000 ACTIVE="1024 16" ROUNDS=3
-# BENCH_S=8 SETTLE_S=15 PORT_A=7800 PORT_B=8600
+# BENCH_S=8 SETTLE_S=15 PORT_A=7800 PORT_B=8600 BENCH=
 set -euo pipefail
 
 [ $# -eq 2 ] || { echo "usage: $0 BIN_A BIN_B" >&2; exit 2; }
@@ -33,6 +37,7 @@ BENCH_S=${BENCH_S:-8}
 SETTLE_S=${SETTLE_S:-15}
 PORT_A=${PORT_A:-7800}
 PORT_B=${PORT_B:-8600}
+BENCH=${BENCH:-}
 
 for b in python3 "$BIN_A" "$BIN_B"; do
   command -v "$b" >/dev/null || { echo "missing $b" >&2; exit 2; }
@@ -64,7 +69,7 @@ node_pids() {
   for i in 1 2 3; do pgrep -f "serve --node-id $i .*$WORK/$1/node-$i" | head -1; done
 }
 
-# load NAME BIN PORT K: one bench run; writes "puts secs client_cpu_s".
+# load NAME BIN PORT K: one bench run; writes "requests Put/s client_cpu_s".
 load() {
   python3 - "$2" "$(addrs "$3")" "$4" "$BENCH_S" > "$WORK/$1.load" <<'PY'
 import json, resource, subprocess, sys
@@ -91,8 +96,8 @@ declare -A rows=() norm=()
 for round in $(seq "$ROUNDS"); do
   for k in $ACTIVE; do
     a0=$(ticks "${PIDS_A[@]}"); b0=$(ticks "${PIDS_B[@]}")
-    load a "$BIN_A" "$PORT_A" "$k" & la=$!
-    load b "$BIN_B" "$PORT_B" "$k" & lb=$!
+    load a "${BENCH:-$BIN_A}" "$PORT_A" "$k" & la=$!
+    load b "${BENCH:-$BIN_B}" "$PORT_B" "$k" & lb=$!
     wait "$la" "$lb"
     a1=$(ticks "${PIDS_A[@]}"); b1=$(ticks "${PIDS_B[@]}")
     for x in a b; do

@@ -271,9 +271,10 @@ enum Cmd {
 /// mimalloc is faster at small allocations and backs its arenas with
 /// 2 MiB transparent huge pages where the kernel allows them on request
 /// (its usual `madvise` mode; `MIMALLOC_ALLOW_THP=0` turns that off).
-/// Measured with `benches/pair.sh` (both builds at once, six pairs per
-/// load): node CPU per Put 9–15% lower with 1,024 active partitions,
-/// 14–17% lower with 16; RSS about 15% higher.
+/// Measured with `benches/pair.sh` (both builds at once) at 10,000
+/// partitions: node CPU per Put lower in 9 of 9 pairs with 1,024 active
+/// (medians of three-pair runs 9–15% lower) and in 7 of 9 with 16 active
+/// (1–17%); RSS about 15% higher.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
