@@ -159,11 +159,10 @@ impl Shard {
                 // group had before was synced and advanced before this turn
                 // began (a turn whose sync found the disk full takes no new
                 // Readies until it is finished), and a group gives one Ready
-                // per turn. So step 6
-                // runs now, while the group is in cache, rather than after
-                // the sync; its answers (a follower's to a commit notice or
-                // heartbeat, the acknowledgement of a write it applied)
-                // leave without waiting for other groups' sync.
+                // per turn. So step 6 runs now, while the group is in cache,
+                // rather than after the sync; its answers (a follower's to a
+                // commit notice or heartbeat, the acknowledgement of a write
+                // it applied) leave without waiting for other groups' sync.
                 self.wal_dirty |= finish(
                     g,
                     *id,
