@@ -197,6 +197,11 @@ pub struct NodeConfig {
     pub io_memory: usize,
     /// Size of one preallocated WAL segment file (default 64 MiB).
     pub wal_segment_size: u64,
+    /// Raft log the node keeps in memory, over all its partitions and
+    /// shards (default 256 MiB, split evenly between the shards). Above
+    /// it a shard snapshots and compacts its biggest logs first, whatever
+    /// their `snapshotEntryThreshold`.
+    pub log_memory: u64,
     /// Mutual TLS between nodes (default: none, peers talk in clear).
     pub peer_tls: Option<crate::tls::PeerTls>,
     /// TLS on the API port (default: none, h2c).
@@ -229,6 +234,7 @@ impl NodeConfig {
             max_inflight_proposals: 8192,
             io_memory: 2 << 20,
             wal_segment_size: 64 << 20,
+            log_memory: 256 << 20,
             peer_tls: None,
             api_tls: None,
             api_limits: crate::grpc::ServerConfig::default().limits,

@@ -102,6 +102,10 @@ enum Cmd {
         /// Size of one preallocated WAL segment, in MiB.
         #[arg(long, env = "MULTIRAFT_WAL_SEGMENT_MIB", default_value_t = 64)]
         wal_segment_mib: u64,
+        /// Raft log kept in memory, in MiB, over all partitions; above it
+        /// the biggest logs are snapshotted and compacted first.
+        #[arg(long, env = "MULTIRAFT_LOG_MEMORY_MIB", default_value_t = 256)]
+        log_memory_mib: u64,
         /// Serve the API over TLS with --tls-cert/--tls-key (default: h2c).
         #[arg(long, env = "MULTIRAFT_API_TLS")]
         api_tls: bool,
@@ -328,6 +332,7 @@ fn run(cli: Cli) -> Result<()> {
             shards,
             config,
             wal_segment_mib,
+            log_memory_mib,
             api_tls,
             api_client_ca,
             api_auth,
@@ -339,6 +344,10 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--max-connections must be at least 1");
             }
             cfg.api_limits.max_connections = max_connections;
+            if log_memory_mib == 0 {
+                bail!("--log-memory-mib must be at least 1");
+            }
+            cfg.log_memory = log_memory_mib << 20;
             let reload = cli::tls_flags::node_tls(
                 &mut cfg,
                 &cli.tls,

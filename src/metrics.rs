@@ -36,6 +36,7 @@ pub struct Metrics {
     pub snapshots_sent: IntCounterVec,
     pub snapshots_received: IntCounterVec,
     pub forwarded_calls: IntCounterVec,
+    pub log_trims: IntCounterVec,
     applied_commands: IntCounterVec,
     proposals: IntCounterVec,
     leader_changes: IntCounterVec,
@@ -43,6 +44,7 @@ pub struct Metrics {
     leaders: IntGaugeVec,
     quiescent: IntGaugeVec,
     disk_full: IntGaugeVec,
+    log_bytes: IntGaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -151,6 +153,12 @@ pub fn get() -> &'static Metrics {
                 "KV calls forwarded to another node, by kind (write, read)",
                 &["kind"],
             ),
+            log_trims: counter(
+                &r,
+                "multiraft_log_trims_total",
+                "raft logs snapshotted and compacted to bring the shard within --log-memory-mib",
+                shard,
+            ),
             applied_commands: counter(
                 &r,
                 "multiraft_applied_commands_total",
@@ -186,6 +194,12 @@ pub fn get() -> &'static Metrics {
                 &r,
                 "multiraft_disk_full",
                 "1 while the shard's disk is full (its writes are refused)",
+                shard,
+            ),
+            log_bytes: gauge(
+                &r,
+                "multiraft_log_memory_bytes",
+                "bytes the shard's raft logs hold in memory (entries and their vectors)",
                 shard,
             ),
             registry: r,
@@ -224,6 +238,7 @@ pub struct ShardState {
     pub leaders: i64,
     pub quiescent: i64,
     pub disk_full: bool,
+    pub log_bytes: i64,
 }
 
 /// Brings a counter up to `total` (state read at scrape time is a total).
@@ -252,6 +267,7 @@ impl Metrics {
             self.disk_full
                 .with_label_values(l)
                 .set(i64::from(s.disk_full));
+            self.log_bytes.with_label_values(l).set(s.log_bytes);
         }
         let mut out = Vec::new();
         TextEncoder::new()

@@ -117,6 +117,7 @@ pub fn status_json(s: &StatusResponse) -> serde_json::Value {
             "syncMaxUs": w.sync_max_us,
             "commandsApplied": w.commands_applied,
             "walSegments": w.wal_segments,
+            "logMemoryBytes": w.log_memory_bytes,
         })).collect::<Vec<_>>(),
         "partitions": s.partitions.iter().map(|p| serde_json::json!({
             "partitionId": p.partition_id,
@@ -149,7 +150,7 @@ pub fn status_table(s: &StatusResponse) -> String {
     );
     for w in &s.shard_stats {
         out.push_str(&format!(
-            "shard {}: {} WAL syncs, {} entries, {} commands applied, sync p50 {} us p99 {} us max {} us, {} segments\n",
+            "shard {}: {} WAL syncs, {} entries, {} commands applied, sync p50 {} us p99 {} us max {} us, {} segments, {} KiB of log in memory\n",
             w.shard,
             w.wal_syncs,
             w.wal_entries,
@@ -157,7 +158,8 @@ pub fn status_table(s: &StatusResponse) -> String {
             w.sync_p50_us,
             w.sync_p99_us,
             w.sync_max_us,
-            w.wal_segments
+            w.wal_segments,
+            w.log_memory_bytes >> 10
         ));
     }
     out.push_str(

@@ -8,6 +8,7 @@ mod machine;
 pub mod storage;
 
 pub use machine::{DecodeError, StateMachine};
+pub use storage::LogMemory;
 
 pub use group::{
     CallError, Group, GroupError, GroupInit, GroupStatus, Outbox, ReadResult, Reply, WriteResult,

@@ -11,12 +11,43 @@
 //! Entries live in memory from the last compaction point on. Compaction
 //! follows every snapshot (`snapshot_entry_threshold`), which bounds the
 //! entries held per group to about threshold + `compaction_retain_entries`.
+//! With thousands of groups that bound alone is no bound at all (10,000
+//! groups could hold 10,000 entries each), so every group also counts the
+//! bytes its entries hold into its shard's [`LogMemory`], and the shard
+//! asks the biggest logs to trim when the total goes over its budget
+//! (`Shard::trim_logs`).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
+
+/// Bytes held by the entries of a shard's groups, summed (see
+/// [`GroupStorage::log_bytes`]).
+#[derive(Clone, Default)]
+pub struct LogMemory(Rc<Cell<u64>>);
+
+impl LogMemory {
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+
+    fn add(&self, n: u64) {
+        self.0.set(self.0.get() + n);
+    }
+
+    fn sub(&self, n: u64) {
+        self.0.set(self.0.get().saturating_sub(n));
+    }
+}
+
+/// What one entry is counted as: its payload and its place in the vector
+/// (the struct itself; the vector's spare capacity is counted too, see
+/// `Core::recount`).
+fn payload_bytes(e: &Entry) -> u64 {
+    (e.data.len() + e.context.len()) as u64
+}
 
 #[derive(Default)]
 struct Core {
@@ -34,6 +65,30 @@ struct Core {
     /// The WAL asked for a new copy of the snapshot even at the same index
     /// (its pack file is mostly dead space; see `Wal::sparse_pack_groups`).
     relocation_wanted: bool,
+    /// The shard is over its log memory budget and asks this group to let
+    /// go of what it can (see `Group::maybe_snapshot`).
+    trim_wanted: bool,
+    /// Payload bytes of `entries`.
+    payload: u64,
+    /// What this group last added to `memory`.
+    counted: u64,
+    memory: LogMemory,
+}
+
+impl Core {
+    /// Brings the shard's count up to date after `entries` changed.
+    fn recount(&mut self) {
+        let now = self.payload + (self.entries.capacity() * std::mem::size_of::<Entry>()) as u64;
+        self.memory.sub(self.counted);
+        self.memory.add(now);
+        self.counted = now;
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.memory.sub(self.counted);
+    }
 }
 
 /// Shared handle: the group mutates it, raft reads it.
@@ -50,7 +105,8 @@ impl GroupStorage {
     ) -> GroupStorage {
         let snapshot = snapshot.unwrap_or_default();
         let (ci, ct) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
-        GroupStorage(Rc::new(RefCell::new(Core {
+        let payload = entries.iter().map(payload_bytes).sum();
+        let mut core = Core {
             hard_state: hs,
             conf_state: cs,
             snapshot,
@@ -59,7 +115,42 @@ impl GroupStorage {
             entries,
             snapshot_wanted: false,
             relocation_wanted: false,
-        })))
+            trim_wanted: false,
+            payload,
+            counted: 0,
+            memory: LogMemory::default(),
+        };
+        core.recount();
+        GroupStorage(Rc::new(RefCell::new(core)))
+    }
+
+    /// Counts this group's entries into `memory` (its shard's) from now on,
+    /// instead of wherever they were counted before.
+    pub fn attach(&self, memory: &LogMemory) {
+        let mut c = self.0.borrow_mut();
+        c.memory.sub(c.counted);
+        memory.add(c.counted);
+        c.memory = memory.clone();
+    }
+
+    /// Bytes the in-memory log holds: entry payloads plus the entry
+    /// vector's whole capacity.
+    pub fn log_bytes(&self) -> u64 {
+        self.0.borrow().counted
+    }
+
+    /// Asks the group to let go of all the log it can after this turn (its
+    /// shard is over budget).
+    pub fn want_trim(&self) {
+        self.0.borrow_mut().trim_wanted = true;
+    }
+
+    pub fn trim_wanted(&self) -> bool {
+        self.0.borrow().trim_wanted
+    }
+
+    pub fn take_trim_wanted(&self) -> bool {
+        std::mem::take(&mut self.0.borrow_mut().trim_wanted)
     }
 
     /// Asks the group to snapshot (and so compact) after this turn.
@@ -124,8 +215,14 @@ impl GroupStorage {
         let mut c = self.0.borrow_mut();
         let first = ents[0].index;
         let keep = first.saturating_sub(c.compact_index + 1) as usize;
+        let cut: u64 = c
+            .entries
+            .get(keep..)
+            .map_or(0, |t| t.iter().map(payload_bytes).sum());
         c.entries.truncate(keep);
         c.entries.extend_from_slice(ents);
+        c.payload = c.payload - cut + ents.iter().map(payload_bytes).sum::<u64>();
+        c.recount();
     }
 
     /// Installs a snapshot received from the leader: the log restarts after it.
@@ -134,7 +231,9 @@ impl GroupStorage {
         let meta = snap.get_metadata();
         c.compact_index = meta.index;
         c.compact_term = meta.term;
-        c.entries.clear();
+        c.entries = Vec::new();
+        c.payload = 0;
+        c.recount();
         c.conf_state = meta.get_conf_state().clone();
         c.hard_state.term = c.hard_state.term.max(meta.term);
         c.hard_state.commit = c.hard_state.commit.max(meta.index);
@@ -148,21 +247,33 @@ impl GroupStorage {
     }
 
     /// Drops entries up to and including `index` (at most up to the last
-    /// entry, and only what exists).
+    /// entry, and only what exists). The vector keeps its capacity: a busy
+    /// group refills it before its next snapshot.
     pub fn compact(&self, index: u64) {
+        self.compact_and(index, false)
+    }
+
+    /// [`GroupStorage::compact`], then gives back the vector's spare
+    /// capacity: for a log trimmed to fit the shard's memory budget.
+    pub fn trim(&self, index: u64) {
+        self.compact_and(index, true)
+    }
+
+    fn compact_and(&self, index: u64, shrink: bool) {
         let mut c = self.0.borrow_mut();
-        if index <= c.compact_index {
-            return;
-        }
         let last = c.entries.last().map_or(c.compact_index, |e| e.index);
-        let index = index.min(last);
-        let n = (index - c.compact_index) as usize;
-        if n == 0 {
-            return;
+        let n = index.min(last).saturating_sub(c.compact_index) as usize;
+        if n > 0 {
+            c.compact_term = c.entries[n - 1].term;
+            c.compact_index += n as u64;
+            let gone: u64 = c.entries[..n].iter().map(payload_bytes).sum();
+            c.payload -= gone;
+            c.entries.drain(..n);
         }
-        c.compact_term = c.entries[n - 1].term;
-        c.compact_index = index;
-        c.entries.drain(..n);
+        if shrink {
+            c.entries.shrink_to_fit();
+        }
+        c.recount();
     }
 }
 
@@ -298,5 +409,89 @@ mod tests {
         assert_eq!(s.snapshot(5, 2).unwrap().get_metadata().index, 6);
         // Node 3 is not in the snapshot's conf state.
         assert!(s.snapshot(5, 3).is_err());
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    const ENTRY: u64 = std::mem::size_of::<Entry>() as u64;
+
+    fn entry(index: u64, payload: usize) -> Entry {
+        Entry {
+            index,
+            term: 1,
+            data: vec![7; payload].into(),
+            ..Default::default()
+        }
+    }
+
+    fn storage() -> GroupStorage {
+        GroupStorage::new(HardState::default(), ConfState::default(), None, vec![])
+    }
+
+    /// The shard's count follows every change to a log: appends, a
+    /// conflicting suffix replaced, compaction, a trim giving capacity
+    /// back, an installed snapshot, and the group going away.
+    #[test]
+    fn the_shard_count_follows_each_log() {
+        let shard = LogMemory::default();
+        let a = storage();
+        let b = storage();
+        a.attach(&shard);
+        b.attach(&shard);
+        assert_eq!(shard.get(), 0);
+
+        a.append(&[entry(1, 100), entry(2, 100), entry(3, 100)]);
+        let cap = a.0.borrow().entries.capacity() as u64;
+        assert_eq!(a.log_bytes(), 300 + cap * ENTRY);
+        assert_eq!(shard.get(), a.log_bytes());
+
+        b.append(&[entry(1, 50)]);
+        assert_eq!(shard.get(), a.log_bytes() + b.log_bytes());
+
+        // Entries 2 and 3 replaced by a shorter 2.
+        a.append(&[entry(2, 10)]);
+        assert_eq!(a.0.borrow().payload, 110);
+
+        // Compaction drops payload, keeps the capacity.
+        a.compact(1);
+        assert_eq!(a.log_bytes(), 10 + cap * ENTRY);
+        // A trim gives the spare capacity back.
+        a.trim(2);
+        assert_eq!(a.first_index(), 3);
+        assert_eq!(a.log_bytes(), 0);
+        assert_eq!(shard.get(), b.log_bytes());
+
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 9;
+        snap.mut_metadata().term = 1;
+        b.apply_snapshot(snap);
+        assert_eq!(shard.get(), 0);
+
+        b.append(&[entry(10, 40)]);
+        assert!(shard.get() >= 40);
+        drop(b);
+        assert_eq!(shard.get(), 0);
+    }
+
+    /// A group built from recovered entries counts them, and takes them
+    /// along to the shard it is attached to.
+    #[test]
+    fn recovered_entries_move_with_the_group() {
+        let s = GroupStorage::new(
+            HardState::default(),
+            ConfState::default(),
+            None,
+            vec![entry(1, 1000), entry(2, 1000)],
+        );
+        assert!(s.log_bytes() >= 2000);
+        let shard = LogMemory::default();
+        s.attach(&shard);
+        assert_eq!(shard.get(), s.log_bytes());
+        let other = LogMemory::default();
+        s.attach(&other);
+        assert_eq!((shard.get(), other.get()), (0, s.log_bytes()));
     }
 }

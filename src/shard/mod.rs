@@ -15,6 +15,7 @@ mod request;
 mod router;
 pub mod snapshot;
 mod tick;
+mod trim;
 mod turn;
 
 use request::partition_status;
@@ -36,7 +37,7 @@ use crate::config::NodeConfig;
 use crate::grpc::Status;
 use crate::meta::NodeMeta;
 use crate::proto::peer::PeerResponse;
-use crate::raft::{CallError, GroupInit};
+use crate::raft::{CallError, GroupInit, LogMemory};
 
 /// A replica of a partition: a raft group replicating the key-value store.
 pub(crate) type Group = crate::raft::Group<crate::kv::KvStore>;
@@ -110,6 +111,11 @@ pub struct Shard {
     awake: Marks,
     /// Whether some peer node was silent at the last tick.
     any_silent: bool,
+    /// What the groups' logs hold in memory, and this shard's share of
+    /// `NodeConfig::log_memory` (see `trim.rs`).
+    log_memory: LogMemory,
+    log_budget: u64,
+    turns_since_trim: u64,
 }
 
 /// A set of partition ids that costs one push to add to: ids are kept as
@@ -141,6 +147,7 @@ pub(crate) struct ShardMetrics {
     pub entries_per_sync: prometheus::Histogram,
     pub snapshots_sent: prometheus::IntCounter,
     pub snapshots_received: prometheus::IntCounter,
+    pub log_trims: prometheus::IntCounter,
     /// `wal_entries` at the last sync.
     pub entries_at_sync: u64,
 }
@@ -155,6 +162,7 @@ impl ShardMetrics {
             entries_per_sync: m.wal_writes_per_sync.with_label_values(l),
             snapshots_sent: m.snapshots_sent.with_label_values(l),
             snapshots_received: m.snapshots_received.with_label_values(l),
+            log_trims: m.log_trims.with_label_values(l),
             entries_at_sync: 0,
         }
     }
@@ -168,6 +176,7 @@ pub type AdoptPeer = Rc<dyn Fn(u64, std::os::fd::OwnedFd, Vec<u8>)>;
 
 impl Shard {
     pub fn new(index: usize, node: Arc<dyn Host>, wal: Wal, links: Rc<PeerLinks>) -> Shard {
+        let log_budget = node.config().log_memory / node.config().shards.max(1) as u64;
         Shard {
             index,
             node,
@@ -193,7 +202,19 @@ impl Shard {
             ready: Default::default(),
             awake: Default::default(),
             any_silent: false,
+            log_memory: LogMemory::default(),
+            log_budget,
+            turns_since_trim: 0,
         }
+    }
+
+    /// Takes in a replica built for `p`: its log counts against this
+    /// shard's budget, and its first turn comes next.
+    fn host(&mut self, p: u32, g: Group) {
+        g.storage().attach(&self.log_memory);
+        self.groups.insert(p, g);
+        self.ready.insert(p);
+        self.awake.insert(p);
     }
 
     fn node_id(&self) -> u64 {
@@ -210,7 +231,8 @@ impl Shard {
         recovered: crate::wal::Recovered,
         meta: &NodeMeta,
     ) -> Result<(), crate::raft::GroupError> {
-        let cfg = self.node.config();
+        let node = self.node.clone();
+        let cfg = node.config();
         let mut removed = Vec::new();
         for (gid, gs) in recovered.groups {
             let p = gid as u32;
@@ -229,9 +251,7 @@ impl Shard {
             let from = init.snapshot.as_ref().map_or(0, |s| s.get_metadata().index);
             self.watch.skipped(p, from);
             let g = Group::new(p, cfg.node_id, &cfg.raft, cfg.max_inflight_proposals, init)?;
-            self.groups.insert(p, g);
-            self.ready.insert(p);
-            self.awake.insert(p);
+            self.host(p, g);
         }
         for p in removed {
             tracing::info!(
@@ -291,6 +311,7 @@ impl Shard {
             leaders: self.groups.values().filter(|g| g.is_leader()).count() as i64,
             quiescent: self.groups.values().filter(|g| g.is_quiescent()).count() as i64,
             disk_full: self.node.shards().is_disk_full(self.index),
+            log_bytes: self.log_memory.get() as i64,
         }
     }
 
@@ -341,6 +362,7 @@ impl Shard {
             sync_max_us: self.sync_us.max(),
             commands_applied: self.groups.values().map(|g| g.commands_applied).sum(),
             wal_segments: (w.active_segment + 1).saturating_sub(w.first_segment),
+            log_memory_bytes: self.log_memory.get(),
         }
     }
 
@@ -371,9 +393,7 @@ impl Shard {
             init,
         ) {
             Ok(g) => {
-                self.groups.insert(partition, g);
-                self.ready.insert(partition);
-                self.awake.insert(partition);
+                self.host(partition, g);
                 tracing::info!(partition, shard = self.index, "replica created");
                 self.events.publish(events::event(
                     crate::proto::admin::cluster_event::Type::PartitionAdded,

@@ -234,6 +234,7 @@ impl Shard {
             self.learn_address(node, addr);
         }
 
+        self.trim_logs();
         self.turns_since_purge += 1;
         let rolled = self.wal.stats().segments_rolled;
         if self.turns_since_purge >= PURGE_EVERY_TURNS || rolled != self.segments_seen {
@@ -451,15 +452,18 @@ fn save_snapshot_if_due(
     let Some((snap, compact_to)) = g.maybe_snapshot() else {
         return false;
     };
-    budget.spend(snap.get_data().len());
-    tracing::debug!(
-        partition,
-        index = snap.get_metadata().index,
-        "snapshot taken"
-    );
-    // The compaction is buffered after the snapshot that covers it, so it
-    // never reaches the disk without it.
-    wal.save_snapshot(partition as u64, &snap);
+    if let Some(snap) = &snap {
+        budget.spend(snap.get_data().len());
+        tracing::debug!(
+            partition,
+            index = snap.get_metadata().index,
+            "snapshot taken"
+        );
+        wal.save_snapshot(partition as u64, snap);
+    }
+    // The compaction is buffered after the snapshot that covers it (this
+    // one, or an earlier one already buffered), so it never reaches the
+    // disk without it.
     wal.compact(partition as u64, compact_to);
     true
 }

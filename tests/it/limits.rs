@@ -6,7 +6,10 @@
 //! - idle connections beyond the per-shard limit are made to go away when
 //!   new clients arrive, so they neither lock clients out nor pile up;
 //! - peer frames announcing huge lengths cost only the bytes that arrive;
-//! - layouts past the documented size are refused before any work.
+//! - layouts past the documented size are refused before any work;
+//! - raft logs in memory stay within `--log-memory-mib` while no partition
+//!   reaches its snapshot threshold, and the compactions that keep them
+//!   there lose nothing.
 
 use std::time::Duration;
 
@@ -336,4 +339,99 @@ async fn oversized_layouts_are_refused_without_work() {
     let after = rss(node.pid());
     assert_rss_within(before, after, 64 * MIB, "after both layouts");
     cluster.bootstrap(&cluster.layout(1..=2)).await;
+}
+
+/// Raft logs held in memory stay within `--log-memory-mib` although no
+/// partition comes near its `snapshotEntryThreshold` (10,000): each shard
+/// snapshots and compacts its biggest logs. Nothing acknowledged is lost
+/// to it: a node that was down meanwhile catches up from the snapshots,
+/// and a restart of the whole cluster recovers every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_logs_stay_within_the_memory_budget() {
+    // 1 MiB per node, so 512 KiB for each of its two shards.
+    let budget_per_shard = 512 * 1024;
+    let mut cluster = Cluster::start_with(3, 2, Some(FAST_CONFIG), |_| {
+        vec!["--log-memory-mib".into(), "1".into()]
+    })
+    .await;
+    let partitions: Vec<u32> = (1..=8).collect();
+    cluster
+        .bootstrap(&cluster.layout(partitions.iter().copied()))
+        .await;
+    cluster.node_mut(3).kill9();
+    for &p in &partitions {
+        cluster.wait_leader(p, Duration::from_secs(15)).await;
+    }
+
+    // 96 Puts of 4 KiB per partition: 1.5 MiB per shard and node if no
+    // log were compacted.
+    let writes_per_partition = 96;
+    let mut tasks = Vec::new();
+    for &p in &partitions {
+        let mut kv = cluster.node(1 + u64::from(p % 2)).kv().await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..writes_per_partition {
+                put(&mut kv, p, format!("k{i}").as_bytes(), &value(p, i)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    for id in [1, 2] {
+        wait_for(
+            Duration::from_secs(20),
+            &format!("node {id}'s raft logs within budget"),
+            async || {
+                let s = cluster.node(id).status().await?;
+                let held: Vec<u64> = s.shard_stats.iter().map(|w| w.log_memory_bytes).collect();
+                if held.len() == 2 && held.iter().all(|&b| b <= budget_per_shard) {
+                    note(format!("node {id}: log bytes per shard {held:?}"));
+                    Ok(())
+                } else {
+                    Err(format!("log bytes per shard {held:?}"))
+                }
+            },
+        )
+        .await;
+    }
+
+    // Node 3 missed every write; what it needs was compacted on both
+    // others, so it catches up from snapshots.
+    cluster.node_mut(3).restart().await;
+    let mut kv3 = cluster.node(3).kv().await;
+    for &p in &partitions {
+        cluster.wait_caught_up(p, Duration::from_secs(20)).await;
+        for i in [0, writes_per_partition - 1] {
+            let got = get(&mut kv3, p, format!("k{i}").as_bytes(), true).await;
+            assert_eq!(got, Some(value(p, i)), "node 3, partition {p}, k{i}");
+        }
+    }
+
+    // The whole cluster down at once, and back: every write is there.
+    for id in [1, 2, 3] {
+        cluster.node_mut(id).kill9();
+    }
+    for id in [1, 2, 3] {
+        cluster.node_mut(id).start();
+    }
+    for id in [1, 2, 3] {
+        cluster.node_mut(id).wait_ready().await;
+    }
+    let mut kv = cluster.node(1).kv().await;
+    for &p in &partitions {
+        cluster.wait_leader(p, Duration::from_secs(15)).await;
+        for i in 0..writes_per_partition {
+            let got = get(&mut kv, p, format!("k{i}").as_bytes(), false).await;
+            assert_eq!(got, Some(value(p, i)), "partition {p}, k{i} after restart");
+        }
+    }
+}
+
+/// The 4 KiB value written to key `i` of partition `p`.
+fn value(p: u32, i: usize) -> Vec<u8> {
+    let mut v = format!("p{p}-k{i}-").into_bytes();
+    v.resize(4096, b'.');
+    v
 }

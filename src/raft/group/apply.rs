@@ -149,10 +149,11 @@ impl<S: StateMachine> Group<S> {
         }
     }
 
-    /// Whether `maybe_snapshot` would take one now.
+    /// Whether `maybe_snapshot` would do something now.
     pub fn snapshot_due(&self) -> bool {
         (self.storage.snapshot_wanted() && self.applied > self.snapshot_index)
             || (self.storage.relocation_wanted() && self.snapshot_index > 0)
+            || self.storage.trim_wanted()
             || self.idle_snapshot_due()
             || self.applied >= self.snapshot_index + self.snapshot_threshold
     }
@@ -171,20 +172,41 @@ impl<S: StateMachine> Group<S> {
 
     /// A snapshot of the state machine when `snapshot_entry_threshold`
     /// entries were applied since the last one, or when raft needs a newer
-    /// one to send to a follower; the caller persists it and
-    /// compacts the log to `applied - compaction_retain_entries`. Asked to
-    /// relocate, it takes one even at the index of the last: the same state,
-    /// written anew.
-    pub fn maybe_snapshot(&mut self) -> Option<(Snapshot, u64)> {
+    /// one to send to a follower; the log is then compacted to `applied -
+    /// compaction_retain_entries`. Asked to relocate, it takes one even at
+    /// the index of the last: the same state, written anew. Asked to trim
+    /// (the shard's logs are over their memory budget), it takes one if
+    /// anything was applied since the last, and compacts as far as
+    /// [`Group::trim_index`] allows (a trim may need no new snapshot).
+    ///
+    /// Returns the snapshot to persist, if one was taken, and the index the
+    /// log was compacted to; the caller buffers both in the WAL, snapshot
+    /// first. Nothing compacted is ever needed again by this replica: every
+    /// entry up to `compact_to` is applied and inside a snapshot (the new
+    /// one, or the last one, already buffered before).
+    pub fn maybe_snapshot(&mut self) -> Option<(Option<Snapshot>, u64)> {
+        let trim = self.storage.take_trim_wanted();
         let wanted = self.storage.take_snapshot_wanted() && self.applied > self.snapshot_index;
         let relocate = self.storage.take_relocation_wanted() && self.snapshot_index > 0;
-        if !wanted
-            && !relocate
-            && !self.idle_snapshot_due()
-            && self.applied < self.snapshot_index + self.snapshot_threshold
-        {
-            return None;
+        let snapshot = (wanted
+            || relocate
+            || (trim && self.applied > self.snapshot_index)
+            || self.idle_snapshot_due()
+            || self.applied >= self.snapshot_index + self.snapshot_threshold)
+            .then(|| self.snapshot());
+        let compacted = self.storage.first_index() - 1;
+        if trim {
+            let to = self.trim_index().min(self.snapshot_index);
+            self.storage.trim(to);
+            return (snapshot.is_some() || to > compacted).then_some((snapshot, to));
         }
+        let snap = snapshot?;
+        let compact_to = self.applied.saturating_sub(self.retain_entries);
+        self.storage.compact(compact_to);
+        Some((Some(snap), compact_to))
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
         let mut snap = Snapshot {
             data: self.sm.snapshot(),
             ..Default::default()
@@ -196,8 +218,24 @@ impl<S: StateMachine> Group<S> {
         self.snapshot_index = self.applied;
         self.tiny_and_unchanged = snap.get_data().len() <= super::TINY_SNAPSHOT;
         self.storage.set_snapshot(snap.clone());
-        let compact_to = self.applied.saturating_sub(self.retain_entries);
-        self.storage.compact(compact_to);
-        Some((snap, compact_to))
+        snap
+    }
+
+    /// How far a trim compacts: everything applied, except that a leader
+    /// keeps what its recently active followers have not acknowledged yet
+    /// (at most `compaction_retain_entries` of it), so that a follower a
+    /// few entries behind is not sent a whole snapshot. A follower that
+    /// lags further, or is down, gets one when it returns.
+    pub(crate) fn trim_index(&self) -> u64 {
+        let r = &self.raw.raft;
+        let mut to = self.applied;
+        if r.state == raft::StateRole::Leader {
+            for (id, pr) in r.prs().iter() {
+                if *id != r.id && pr.recent_active {
+                    to = to.min(pr.matched);
+                }
+            }
+        }
+        to.max(self.applied.saturating_sub(self.retain_entries))
     }
 }

@@ -294,6 +294,7 @@ fn a_relocation_snapshots_again_with_nothing_applied_since() {
     g.storage().want_relocation();
     assert!(g.snapshot_due());
     let (snap, _) = g.maybe_snapshot().expect("a relocation snapshot");
+    let snap = snap.expect("a new snapshot");
     assert_eq!(snap.get_metadata().index, at);
     assert_eq!(snap.get_data(), &0u64.to_le_bytes()[..]);
     assert!(!g.snapshot_due());
@@ -331,6 +332,7 @@ fn an_idle_group_snapshots_again_after_entries_that_carry_no_command() {
     assert_eq!(g.applied(), last);
     assert!(g.snapshot_due());
     let (snap, _) = g.maybe_snapshot().expect("an idle snapshot");
+    let snap = snap.expect("a new snapshot");
     assert_eq!(snap.get_metadata().index, last);
     assert!(!g.snapshot_due());
     // A command applied: the state changed, so no snapshot before the
@@ -462,4 +464,78 @@ fn a_commit_needs_no_sync_and_entries_always_do() {
     assert_eq!(follower.applied(), write);
     let answer = rx.try_recv().expect("an answer").expect("sent");
     assert_eq!(answer.expect("applied").index, write);
+}
+
+/// Asked to trim (its shard is over the log memory budget), a leader
+/// compacts everything applied except what a recently active follower
+/// has yet to acknowledge, and of that at most
+/// `compaction_retain_entries`; asked again with nothing applied since, it
+/// compacts further without taking a new snapshot. A follower compacts
+/// all it applied.
+#[test]
+fn a_trim_keeps_only_what_an_active_follower_still_needs() {
+    use raft::eraftpb::{Message, MessageType};
+    let cfg = RaftConfig {
+        compaction_retain_entries: 4,
+        ..Default::default()
+    };
+    let mut g = Group::<Counter>::new(1, 1, &cfg, 64, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+    lead(&mut g);
+    let ack = |g: &mut Group<Counter>, from: u64, index: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppendResponse);
+        m.from = from;
+        m.to = 1;
+        m.term = g.term();
+        m.index = index;
+        g.step_from(from, m);
+        persist_and_apply(g);
+    };
+    let start = g.raw.raft.raft_log.last_index();
+    ack(&mut g, 2, start);
+    ack(&mut g, 3, start);
+    let mut answers = Vec::new();
+    for cmd in 0..10 {
+        let (tx, rx) = oneshot::channel();
+        answers.push(rx);
+        g.propose(cmd, tx);
+        g.flush();
+        persist_and_apply(&mut g);
+    }
+    let last = g.raw.raft.raft_log.last_index();
+    assert_eq!(last, start + 10);
+    ack(&mut g, 2, last);
+    assert_eq!(g.applied(), last);
+    // Node 3 lacks 10 entries, more than the 4 retained for it.
+    assert_eq!(g.trim_index(), last - 4);
+    ack(&mut g, 3, start + 8);
+    assert_eq!(g.trim_index(), start + 8);
+    assert!(!g.snapshot_due());
+
+    let before = g.storage().log_bytes();
+    g.storage().want_trim();
+    assert!(g.snapshot_due());
+    let (snap, to) = g.maybe_snapshot().expect("a trim");
+    assert_eq!(snap.expect("a new snapshot").get_metadata().index, last);
+    assert_eq!(to, start + 8);
+    assert_eq!(g.storage().first_index(), start + 9);
+    assert!(g.storage().log_bytes() < before);
+    assert!(!g.snapshot_due());
+
+    // Node 3 catches up: the next trim needs no new snapshot.
+    ack(&mut g, 3, last);
+    g.storage().want_trim();
+    assert_eq!(
+        g.maybe_snapshot().map(|(s, to)| (s.is_some(), to)),
+        Some((false, last))
+    );
+    assert_eq!(g.storage().first_index(), last + 1);
+    assert_eq!(g.storage().log_bytes(), 0);
+    // Nothing left to let go.
+    g.storage().want_trim();
+    assert!(g.maybe_snapshot().is_none());
+
+    let follower =
+        Group::<Counter>::new(1, 2, &cfg, 64, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+    assert_eq!(follower.trim_index(), follower.applied());
 }
