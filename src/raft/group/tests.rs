@@ -150,16 +150,26 @@ fn persist(g: &mut Group<Counter>) {
     g.raw.advance_apply();
 }
 
-fn ack(g: &mut Group<Counter>, from: u64, index: u64) {
-    use raft::eraftpb::{Message, MessageType};
-    let mut m = Message::default();
-    m.set_msg_type(MessageType::MsgAppendResponse);
+/// Node `from` acknowledges the leader `g`'s log up to `index`.
+fn append_response(g: &Group<Counter>, from: u64, index: u64) -> raft::eraftpb::Message {
+    let mut m = raft::eraftpb::Message::default();
+    m.set_msg_type(raft::eraftpb::MessageType::MsgAppendResponse);
     m.from = from;
     m.to = 1;
     m.term = g.term();
     m.index = index;
-    g.step_from(from, m);
+    m
+}
+
+fn ack(g: &mut Group<Counter>, from: u64, index: u64) {
+    g.step_from(from, append_response(g, from, index));
     persist(g);
+}
+
+/// [`ack`], applying what it commits.
+fn ack_and_apply(g: &mut Group<Counter>, from: u64, index: u64) {
+    g.step_from(from, append_response(g, from, index));
+    persist_and_apply(g);
 }
 
 /// Node `from` forwards write `cmd` to the leader `g`, as raft-rs does
@@ -310,20 +320,10 @@ fn persist_and_apply(g: &mut Group<Counter>) {
 
 #[test]
 fn an_idle_group_snapshots_again_after_entries_that_carry_no_command() {
-    use raft::eraftpb::{Message, MessageType};
     let cfg = RaftConfig::default();
     let mut g = Group::<Counter>::new(1, 1, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
     lead(&mut g);
-    let ack = |g: &mut Group<Counter>, index: u64| {
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgAppendResponse);
-        m.from = 2;
-        m.to = 1;
-        m.term = g.term();
-        m.index = index;
-        g.step_from(2, m);
-        persist_and_apply(g);
-    };
+    let ack = |g: &mut Group<Counter>, index: u64| ack_and_apply(g, 2, index);
     // The new leader's empty entry commits and applies: nothing changed
     // the (tiny) state, so a snapshot is due at once.
     let last = g.raw.raft.raft_log.last_index();
@@ -474,23 +474,13 @@ fn a_commit_needs_no_sync_and_entries_always_do() {
 /// all it applied.
 #[test]
 fn a_trim_keeps_only_what_an_active_follower_still_needs() {
-    use raft::eraftpb::{Message, MessageType};
     let cfg = RaftConfig {
         compaction_retain_entries: 4,
         ..Default::default()
     };
     let mut g = Group::<Counter>::new(1, 1, &cfg, 64, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
     lead(&mut g);
-    let ack = |g: &mut Group<Counter>, from: u64, index: u64| {
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgAppendResponse);
-        m.from = from;
-        m.to = 1;
-        m.term = g.term();
-        m.index = index;
-        g.step_from(from, m);
-        persist_and_apply(g);
-    };
+    let ack = ack_and_apply;
     let start = g.raw.raft.raft_log.last_index();
     ack(&mut g, 2, start);
     ack(&mut g, 3, start);
