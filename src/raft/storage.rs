@@ -12,7 +12,8 @@
 //! follows every snapshot (`snapshot_entry_threshold`), which bounds the
 //! entries held per group to about threshold + `compaction_retain_entries`.
 //! With thousands of groups that bound alone is no bound at all (10,000
-//! groups could hold 10,000 entries each), so every group also counts the
+//! busy groups keep at least `compaction_retain_entries` each, even when
+//! WAL purges make them snapshot early), so every group also counts the
 //! bytes its entries hold into its shard's [`LogMemory`], and the shard
 //! asks the biggest logs to trim when the total goes over its budget
 //! (`Shard::trim_logs`).

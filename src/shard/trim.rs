@@ -1,16 +1,18 @@
 //! Keeping the shard's in-memory raft logs within its budget.
 //!
 //! A group compacts its log after `snapshot_entry_threshold` applied
-//! entries. That bounds one log, not thousands of them: 1,024 partitions
-//! taking writes each keep up to 10,000 entries before their first
-//! snapshot, about 5 GiB at 500 bytes an entry, and the WAL segments
-//! under those entries cannot be purged either. So every group counts its
-//! log into the shard's `LogMemory` (`GroupStorage::attach`), and when the
-//! total goes over the shard's share of `--log-memory-mib`, the biggest
-//! logs are asked to trim: snapshot if anything was applied since the
-//! last one, then compact as far as `Group::trim_index` allows. Enough
-//! logs are asked to bring the total a quarter of the budget under it, so
-//! that trims come in batches rather than one every turn.
+//! entries, or sooner when a WAL purge asks it to, and keeps
+//! `compaction_retain_entries` behind the snapshot. That bounds one log,
+//! not thousands of them: 10,000 partitions taking writes keep 1,000
+//! entries each, about 5 GiB at 500 bytes an entry (measured: with 1,024
+//! busy partitions out of 10,000, node RSS settled at 750 MiB). So every
+//! group counts its log into the shard's `LogMemory`
+//! (`GroupStorage::attach`), and when the total goes over the shard's
+//! share of `--log-memory-mib`, the biggest logs are asked to trim:
+//! snapshot if anything was applied since the last one, then compact as
+//! far as `Group::trim_index` allows. Enough logs are asked to bring the
+//! total a quarter of the budget under it, so that trims come in batches
+//! rather than one every turn.
 //!
 //! A trim loses nothing: it only compacts entries that are applied and
 //! covered by a snapshot buffered in the WAL before the compaction record
