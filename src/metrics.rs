@@ -156,7 +156,7 @@ pub fn get() -> &'static Metrics {
             log_trims: counter(
                 &r,
                 "multiraft_log_trims_total",
-                "raft logs snapshotted and compacted to bring the shard within --log-memory-mib",
+                "raft logs asked to trim (snapshot and compact) to bring the shard within --log-memory-mib",
                 shard,
             ),
             applied_commands: counter(

@@ -43,9 +43,8 @@ impl LogMemory {
     }
 }
 
-/// What one entry is counted as: its payload and its place in the vector
-/// (the struct itself; the vector's spare capacity is counted too, see
-/// `Core::recount`).
+/// The bytes an entry's payload holds (the entry struct itself is counted
+/// with its vector's capacity, see `Core::recount`).
 fn payload_bytes(e: &Entry) -> u64 {
     (e.data.len() + e.context.len()) as u64
 }

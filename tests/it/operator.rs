@@ -344,6 +344,16 @@ async fn metrics_move_with_the_work() {
         .filter_map(|k| series(&after, &format!("multiraft_leaders{{shard=\"{k}\"}}")))
         .sum();
     assert!(leaders >= 1.0, "{after}");
+    // The 20 writes are in the leader's log, not yet compacted.
+    let log_bytes: f64 = (0..2)
+        .filter_map(|k| {
+            series(
+                &after,
+                &format!("multiraft_log_memory_bytes{{shard=\"{k}\"}}"),
+            )
+        })
+        .sum();
+    assert!(log_bytes > 0.0, "{after}");
     for name in [
         "multiraft_wal_sync_duration_seconds_count",
         "multiraft_wal_entries_per_sync_count",
@@ -351,6 +361,7 @@ async fn metrics_move_with_the_work() {
         "multiraft_peer_received_bytes_total",
         "multiraft_grpc_request_duration_seconds_count",
         "multiraft_disk_full",
+        "multiraft_log_trims_total",
     ] {
         assert!(after.contains(name), "no {name} in:\n{after}");
     }
