@@ -392,7 +392,8 @@ impl Shard {
             cfg.max_inflight_proposals,
             init,
         ) {
-            Ok(g) => {
+            Ok(mut g) => {
+                g.campaign_if_first();
                 self.host(partition, g);
                 tracing::info!(partition, shard = self.index, "replica created");
                 self.events.publish(events::event(

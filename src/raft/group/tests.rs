@@ -529,3 +529,28 @@ fn a_trim_keeps_only_what_an_active_follower_still_needs() {
         Group::<Counter>::new(1, 2, &cfg, 64, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
     assert_eq!(follower.trim_index(), follower.applied());
 }
+
+/// Fresh from Bootstrap, the voter picked by the partition number
+/// campaigns at once and the others wait for their election timeout; a
+/// replica past its first election never campaigns this way.
+#[test]
+fn the_first_campaign_is_the_picked_voters_alone() {
+    let cfg = RaftConfig::default();
+    // Partition 4 of voters 1, 2, 3: 4 % 3 = 1, the second voter.
+    for (me, picked) in [(1, false), (2, true), (3, false)] {
+        let mut g =
+            Group::<Counter>::new(4, me, &cfg, 16, GroupInit::bootstrap(vec![3, 1, 2])).unwrap();
+        assert_eq!(g.campaign_if_first(), picked, "node {me}");
+        let role = g.raw.raft.state;
+        if picked {
+            assert_eq!(role, raft::StateRole::PreCandidate);
+        } else {
+            assert_eq!(role, raft::StateRole::Follower);
+        }
+    }
+    // Node 1 is picked for partition 3 (3 % 3 = 0), but not once it has
+    // been through an election.
+    let mut g = Group::<Counter>::new(3, 1, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+    lead(&mut g);
+    assert!(!g.campaign_if_first());
+}
