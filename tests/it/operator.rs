@@ -380,6 +380,11 @@ async fn json_logs_are_one_object_per_line() {
     })
     .await;
     cluster.bootstrap(&cluster.layout(1..=1)).await;
+    // The API answers before the main thread logs "node ready".
+    wait_until(Duration::from_secs(10), "the node ready line", async || {
+        cluster.node(1).log().contains("\"node ready\"")
+    })
+    .await;
     let log = cluster.node(1).log();
     let mut lines = 0;
     // The harness marks each start with a "=== start" line of its own.
