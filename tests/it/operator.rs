@@ -307,6 +307,14 @@ async fn metrics_move_with_the_work() {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", ports[leader as usize - 1])
         .parse()
         .unwrap();
+    // The metrics endpoint starts after the API answers (and Bootstrap
+    // may be done by then).
+    wait_until(
+        Duration::from_secs(10),
+        "the metrics endpoint",
+        async || tokio::net::TcpStream::connect(addr).await.is_ok(),
+    )
+    .await;
     // Summed over the shard label (a call is counted by the shard that
     // took its connection).
     let put_ok = |text: &str| -> f64 {
