@@ -1,8 +1,9 @@
 //! Operator commands: thin gRPC clients for the Node and Admin services,
 //! the data commands (`data`), the local cluster used by `cluster` and
-//! `bench` (`cluster`), and the node launcher it shares with the
-//! integration tests (`launch`).
+//! `bench` (`cluster`), the node launcher it shares with the integration
+//! tests (`launch`), and the allocator's settings (`alloc`).
 
+pub mod alloc;
 pub mod bench;
 pub mod cluster;
 pub mod data;

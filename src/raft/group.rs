@@ -19,6 +19,7 @@ use crate::config::RaftConfig;
 use super::storage::GroupStorage;
 
 mod apply;
+mod first;
 mod inbound;
 mod notice;
 mod quiet;
@@ -567,27 +568,6 @@ impl<S: StateMachine> Group<S> {
     pub fn take_new_leader(&mut self) -> Option<(u64, u64)> {
         self.note_leader();
         self.new_leader.take()
-    }
-
-    /// In a group fresh from Bootstrap (still at the initial term and log,
-    /// no election yet), the voter picked by the partition number campaigns
-    /// at once instead of after an election timeout: Bootstrap returns when
-    /// every partition has a leader, and the first leaders come out spread
-    /// evenly over the nodes. True if this replica campaigned.
-    ///
-    /// Campaigning early is an election timeout firing early, nothing more:
-    /// raft's vote rules decide as ever (with pre-vote), and a campaign
-    /// that reaches members not created yet is retried by the usual timeout.
-    pub fn campaign_if_first(&mut self) -> bool {
-        let r = &self.raw.raft;
-        if r.term != INIT_INDEX || r.raft_log.last_index() != INIT_INDEX {
-            return false;
-        }
-        let voters = self.voters();
-        if voters.is_empty() || voters[self.id as usize % voters.len()] != r.id {
-            return false;
-        }
-        self.raw.campaign().is_ok()
     }
 
     /// The raft term this replica is in.
