@@ -24,7 +24,8 @@
 # Needs: python3, Linux /proc.
 #
 # Knobs (environment): PARTITIONS=10000 ACTIVE="1024 16" ROUNDS=3
-# BENCH_S=8 SETTLE_S=15 PORT_A=7800 PORT_B=8600 BENCH=
+# BENCH_S=8 SETTLE_S=15 PORT_A=7800 PORT_B=8600 BENCH= ROUTE= (passed to
+# bench as --route when set; builds before it have no such option)
 set -euo pipefail
 
 [ $# -eq 2 ] || { echo "usage: $0 BIN_A BIN_B" >&2; exit 2; }
@@ -38,6 +39,7 @@ SETTLE_S=${SETTLE_S:-15}
 PORT_A=${PORT_A:-7800}
 PORT_B=${PORT_B:-8600}
 BENCH=${BENCH:-}
+export ROUTE=${ROUTE:-}
 
 for b in python3 "$BIN_A" "$BIN_B"; do
   command -v "$b" >/dev/null || { echo "missing $b" >&2; exit 2; }
@@ -72,10 +74,11 @@ node_pids() {
 # load NAME BIN PORT K: one bench run; writes "requests Put/s client_cpu_s".
 load() {
   python3 - "$2" "$(addrs "$3")" "$4" "$BENCH_S" > "$WORK/$1.load" <<'PY'
-import json, resource, subprocess, sys
+import json, os, resource, subprocess, sys
 bin_, addrs, k, secs = sys.argv[1:]
+route = ["--route", os.environ["ROUTE"]] if os.environ.get("ROUTE") else []
 out = subprocess.run([bin_, "bench", "--addr", addrs, "--active-partitions", k,
-                      "--duration", f"{secs}s", "--verify-keys", "0", "--json"],
+                      "--duration", f"{secs}s", "--verify-keys", "0", "--json"] + route,
                      capture_output=True, text=True, check=True).stdout
 d = json.loads(out)
 r = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -14,7 +14,10 @@
 # - peer bytes/s: loopback traffic over the same window, divided by the
 #   node count (with no clients, that is the nodes talking to each other).
 # - Put/s: `multiraft bench` against the running cluster, loading only
-#   partitions 1..=K (8 connections x 64 streams, 128-byte values). With
+#   partitions 1..=K (8 connections x 64 streams, 128-byte values), each
+#   call sent to its partition's leader (ROUTE=any: over whichever
+#   connection the worker has, so two calls in three reach a follower,
+#   which forwards them). With
 #   ROUNDS > 1 the K values are run in turn ROUNDS times and each column
 #   is the median (a run pays for the snapshots the previous one left, and
 #   single runs on a shared machine vary a lot); every run is also printed
@@ -24,6 +27,7 @@
 #
 # Knobs (environment): PARTITIONS="1000 10000" ACTIVE="16 1024"
 # SETTLE_S=20 IDLE_S=30 BENCH_S=10 ROUNDS=1 BASE_PORT=7700 SHARDS=
+# ROUTE=leader
 set -euo pipefail
 
 PARTITIONS=${PARTITIONS:-"1000 10000"}
@@ -34,6 +38,7 @@ BENCH_S=${BENCH_S:-10}
 ROUNDS=${ROUNDS:-1}
 BASE_PORT=${BASE_PORT:-7700}
 SHARDS=${SHARDS:-}
+ROUTE=${ROUTE:-leader}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${BIN:-$HERE/../target/release/multiraft}
 
@@ -93,7 +98,7 @@ for n in $PARTITIONS; do
   for _ in $(seq "$ROUNDS"); do
     for k in $ACTIVE; do
       v=$("$BIN" bench --addr "$ADDRS" --active-partitions "$k" --duration "${BENCH_S}s" \
-        --verify-keys 0 --json 2>/dev/null | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["ops_per_sec"]))')
+        --route "$ROUTE" --verify-keys 0 --json 2>/dev/null | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["ops_per_sec"]))')
       echo "partitions $n, $k active: $v Put/s" >&2
       runs[$k]="${runs[$k]:-} $v"
     done

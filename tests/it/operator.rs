@@ -620,3 +620,105 @@ async fn cluster_events_are_watched_through_bootstrap_and_leave() {
     assert_eq!(removed, "partition 2: replica removed from this node");
     let _ = cli_watch.kill().await;
 }
+
+/// `multiraft bench --route leader` sends each call to its partition's
+/// leader. Each partition here has one member, so a call that reaches any
+/// other node is forwarded at the node level and counted in
+/// `multiraft_forwarded_calls_total`; with `--route any` (the control)
+/// two calls in three are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_sends_each_call_to_its_partitions_leader() {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let cluster = Cluster::start_with(3, 1, Some(FAST_CONFIG), |id| {
+        vec![
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", ports[id as usize - 1]),
+        ]
+    })
+    .await;
+    let layout: Vec<_> = (1..=3u32)
+        .map(|p| cluster.partition(p, &[u64::from(p)]))
+        .collect();
+    cluster.bootstrap(&layout).await;
+    let metrics: Vec<std::net::SocketAddr> = ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+        .collect();
+    for &addr in &metrics {
+        wait_until(
+            Duration::from_secs(10),
+            "the metrics endpoint",
+            async || tokio::net::TcpStream::connect(addr).await.is_ok(),
+        )
+        .await;
+    }
+    let forwarded = async || {
+        let mut sum = 0.0;
+        for &addr in &metrics {
+            let (_, text) = http_get(addr, "/metrics").await;
+            sum += series(&text, "multiraft_forwarded_calls_total{kind=\"write\"}").unwrap_or(0.0);
+        }
+        sum
+    };
+    let addrs = cluster
+        .ids()
+        .iter()
+        .map(|&id| cluster.node(id).api_addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let bench = async |route: &str| -> serde_json::Value {
+        let out = cli_in(
+            &[
+                "bench",
+                "--addr",
+                &addrs,
+                "--active-partitions",
+                "3",
+                "--route",
+                route,
+                // 16 workers: worker w writes keys w + 16 * i, which fall
+                // in every partition (with a multiple of 3 workers, each
+                // would stay in one, over a connection to its member).
+                "--connections",
+                "4",
+                "--in-flight",
+                "4",
+                "--requests",
+                "300",
+                "--verify-keys",
+                "50",
+                "--json",
+            ],
+            Duration::from_secs(120),
+            None,
+        )
+        .await;
+        assert!(out.status.success(), "bench failed:\n{}", output_text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{}", output_text(&out)));
+        assert_eq!(
+            report["verified"],
+            serde_json::Value::Bool(true),
+            "{report}"
+        );
+        assert_eq!(json_u64(&report["errors"]), Some(0), "{report}");
+        report
+    };
+
+    let before = forwarded().await;
+    let report = bench("leader").await;
+    assert_eq!(report["route"], "leader", "{report}");
+    assert_eq!(
+        forwarded().await,
+        before,
+        "calls reached a node that is not the leader"
+    );
+
+    let report = bench("any").await;
+    assert_eq!(report["route"], "any", "{report}");
+    assert!(
+        forwarded().await >= before + 100.0,
+        "with --route any, about 200 of the 300 writes reach a non-member"
+    );
+}

@@ -15,6 +15,9 @@ pub(super) struct RunResult {
     pub(super) first_errors: Vec<String>,
     pub(super) histogram: Histogram<u64>,
     pub(super) verify: VerifyResult,
+    /// The calls went to the leaders (`--route leader` and the table could
+    /// be learned).
+    pub(super) routed: bool,
 }
 
 /// Failures a run reports word for word, so that an error count comes with
@@ -140,7 +143,31 @@ pub(super) async fn load_and_verify(
     opts: &BenchOpts,
     addrs: &[String],
 ) -> Result<RunResult, String> {
-    let clients = connect_all(addrs, opts.connections).await?;
+    let clients: Arc<[Client]> = connect_all(addrs, opts.connections).await?.into();
+    let routes = match opts.route {
+        Route::Leader if opts.active_partitions > 0 => {
+            match Routes::learn(addrs, clients.len(), opts.active_partitions).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    if opts.progress {
+                        eprintln!("sending calls to any node: cannot learn the leaders: {e}");
+                    }
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let watchers: Vec<_> = routes
+        .iter()
+        .flat_map(|(r, admins)| {
+            admins
+                .iter()
+                .map(|c| tokio::spawn(r.clone().watch(c.clone())))
+        })
+        .collect();
+    let routes = routes.map(|(r, _)| r);
+    let routed = routes.is_some();
     let workers = opts.workers();
     let workload = Arc::new(Workload {
         nonce: rand::random(),
@@ -162,10 +189,14 @@ pub(super) async fn load_and_verify(
     };
     let handles: Vec<_> = (0..workers)
         .map(|w| {
-            let client = clients[w % clients.len()].clone();
+            let conns = Conns {
+                own: w % clients.len(),
+                all: clients.clone(),
+                routes: routes.clone(),
+            };
             tokio::spawn(worker(
                 w as u32,
-                client,
+                conns,
                 workload.clone(),
                 shared.clone(),
                 until,
@@ -187,6 +218,9 @@ pub(super) async fn load_and_verify(
         results.push(h.map_err(|e| format!("bench worker failed: {e}"))?);
     }
     let elapsed = start.elapsed();
+    for w in watchers {
+        w.abort();
+    }
     ticker_stop.store(true, Ordering::Relaxed);
     if let Some(t) = ticker {
         let _ = t.await;
@@ -235,12 +269,31 @@ pub(super) async fn load_and_verify(
         first_errors,
         histogram,
         verify,
+        routed,
     })
+}
+
+/// The connections a worker may use: its own, or one to the leader of the
+/// partition it calls (see [`Routes`]).
+pub(super) struct Conns {
+    pub(super) own: usize,
+    pub(super) all: Arc<[Client]>,
+    pub(super) routes: Option<Arc<Routes>>,
+}
+
+impl Conns {
+    fn for_call(&self, partition: u32, worker: u32) -> &Client {
+        let pick = match &self.routes {
+            Some(r) if partition != 0 => r.pick(partition, worker),
+            _ => None,
+        };
+        &self.all[pick.unwrap_or(self.own)]
+    }
 }
 
 pub(super) async fn worker(
     id: u32,
-    client: Client,
+    conns: Conns,
     wl: Arc<Workload>,
     shared: Arc<Shared>,
     until: Until,
@@ -284,7 +337,8 @@ pub(super) async fn worker(
                 partition_id: wl.partition_of(k),
                 serializable: wl.serializable,
             };
-            client
+            conns
+                .for_call(req.partition_id, id)
                 .call::<_, GetResponse>(KV_GET, &req, Some(CALL_TIMEOUT))
                 .await
                 .map(|_| ())
@@ -297,7 +351,8 @@ pub(super) async fn worker(
                 value: make_value(wl.nonce, id, seq, wl.value_size),
                 partition_id: wl.partition_of(k),
             };
-            let res = client
+            let res = conns
+                .for_call(req.partition_id, id)
                 .call::<_, PutResponse>(KV_PUT, &req, Some(CALL_TIMEOUT))
                 .await
                 .map(|_| ());

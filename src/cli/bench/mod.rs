@@ -16,8 +16,12 @@
 //! duration passed or the request budget is spent. The histograms are merged
 //! at the end. Failed calls are counted by gRPC status code and are not in
 //! the latency figures; after a failure the worker pauses (1 ms, doubling up
-//! to 1 s while failures continue), so a dead connection does not spin. Requests use `partition_id = 0`, so the nodes route
-//! by key hash and the client knows nothing about partitions.
+//! to 1 s while failures continue), so a dead connection does not spin.
+//! By default requests use `partition_id = 0`, so the nodes route by key
+//! hash and the client knows nothing about partitions. With
+//! `--active-partitions K` each call names its partition, and by default
+//! (`--route leader`) goes over a connection to that partition's leader
+//! (see `route.rs`), as a partition-aware client sends it.
 //!
 //! # Verification
 //!
@@ -115,12 +119,29 @@ pub struct BenchArgs {
     /// 0: every partition, as the server routes keys.
     #[arg(long, default_value_t = 0)]
     pub active_partitions: u32,
+    /// Where calls that name their partition (--active-partitions) go:
+    /// `leader` sends each to its partition's leader, learned from the
+    /// nodes' Status and followed through their Watch streams, as a
+    /// partition-aware client does; `any` sends each over the worker's own
+    /// connection, so two calls in three reach a follower that forwards
+    /// them.
+    #[arg(long, value_enum, default_value_t = Route::Leader)]
+    pub route: Route,
     /// Acknowledged writes to read back at the end; 0 skips verification.
     #[arg(long, default_value_t = 2000)]
     pub verify_keys: usize,
     /// Print one JSON object on stdout and nothing else.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where a call that names its partition is sent (`--route`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Route {
+    /// To the partition's leader, when known.
+    Leader,
+    /// Over the worker's own connection, whatever node that reaches.
+    Any,
 }
 
 /// Settings of one bench run (see [`BenchArgs`] for their meaning).
@@ -142,6 +163,7 @@ pub struct BenchOpts {
     pub read_ratio: f64,
     pub serializable: bool,
     pub active_partitions: u32,
+    pub route: Route,
     pub verify_keys: usize,
     /// Show the progress bar and status lines on stderr.
     pub progress: bool,
@@ -164,6 +186,7 @@ impl Default for BenchOpts {
             read_ratio: 0.0,
             serializable: false,
             active_partitions: 0,
+            route: Route::Leader,
             verify_keys: 2000,
             progress: true,
         }
@@ -238,6 +261,7 @@ impl TryFrom<&BenchArgs> for BenchOpts {
             read_ratio: a.read_ratio,
             serializable: a.serializable,
             active_partitions: a.active_partitions,
+            route: a.route,
             verify_keys: a.verify_keys,
             progress: !a.json,
         })
@@ -304,6 +328,10 @@ pub struct Report {
     pub serializable: bool,
     /// 0: every partition; K: only partitions 1..=K got load.
     pub active_partitions: u32,
+    /// Where the calls went: "leader" (each to its partition's leader) or
+    /// "any" (a worker's own connection; always so without
+    /// --active-partitions, when the nodes pick the partition).
+    pub route: &'static str,
 }
 
 /// Runs `multiraft bench`: prints the report, fails if verification did.
@@ -447,6 +475,10 @@ pub async fn run_bench(opts: BenchOpts) -> Result<Report, String> {
         read_ratio: opts.read_ratio,
         serializable: opts.serializable,
         active_partitions: opts.active_partitions,
+        route: match opts.route {
+            Route::Leader if opts.active_partitions > 0 && run.routed => "leader",
+            _ => "any",
+        },
     })
 }
 
@@ -478,7 +510,7 @@ pub fn format_report(r: &Report) -> String {
         },
         match r.active_partitions {
             0 => String::new(),
-            k => format!(", partitions 1..={k} only"),
+            k => format!(", partitions 1..={k} only, calls to {} node", r.route),
         }
     ));
     out.push_str(&format!(
@@ -530,9 +562,11 @@ pub fn format_report(r: &Report) -> String {
 }
 
 mod load;
+mod route;
 mod verify;
 
 use load::*;
+use route::Routes;
 
 #[cfg(test)]
 mod tests {
