@@ -259,31 +259,6 @@ async fn data_commands_write_read_delete_and_compare() {
 }
 
 /// GETs `path` from `addr` with hyper's HTTP/1.1 client: status and body.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use http_body_util::{BodyExt, Empty};
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .expect("HTTP/1.1 handshake");
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", addr.to_string())
-        .body(Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let resp = send.send_request(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
-/// The value of the series `name{labels}` (labels as printed), if present.
-fn series(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn the_series_reader_matches_whole_names_only() {
     let text = "a_total{x=\"1\"} 3\na_total_sum 9\n";
@@ -294,27 +269,11 @@ fn the_series_reader_matches_whole_names_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_the_work() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let cluster = Cluster::start_with(3, 2, Some(FAST_CONFIG), |id| {
-        vec![
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{}", ports[id as usize - 1]),
-        ]
-    })
-    .await;
+    let (cluster, metrics) = cluster_with_metrics(3, 2).await;
     cluster.bootstrap(&cluster.layout(1..=2)).await;
     let (leader, _) = cluster.wait_leader(1, Duration::from_secs(10)).await;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", ports[leader as usize - 1])
-        .parse()
-        .unwrap();
-    // The metrics endpoint starts after the API answers (and Bootstrap
-    // may be done by then).
-    wait_until(
-        Duration::from_secs(10),
-        "the metrics endpoint",
-        async || tokio::net::TcpStream::connect(addr).await.is_ok(),
-    )
-    .await;
+    let addr = metrics[leader as usize - 1];
+    wait_metrics(&[addr]).await;
     // Summed over the shard label (a call is counted by the shard that
     // took its connection).
     let put_ok = |text: &str| -> f64 {
@@ -628,38 +587,14 @@ async fn cluster_events_are_watched_through_bootstrap_and_leave() {
 /// two calls in three are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_sends_each_call_to_its_partitions_leader() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let cluster = Cluster::start_with(3, 1, Some(FAST_CONFIG), |id| {
-        vec![
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{}", ports[id as usize - 1]),
-        ]
-    })
-    .await;
+    let (cluster, metrics) = cluster_with_metrics(3, 1).await;
     let layout: Vec<_> = (1..=3u32)
         .map(|p| cluster.partition(p, &[u64::from(p)]))
         .collect();
     cluster.bootstrap(&layout).await;
-    let metrics: Vec<std::net::SocketAddr> = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
-        .collect();
-    for &addr in &metrics {
-        wait_until(
-            Duration::from_secs(10),
-            "the metrics endpoint",
-            async || tokio::net::TcpStream::connect(addr).await.is_ok(),
-        )
-        .await;
-    }
-    let forwarded = async || {
-        let mut sum = 0.0;
-        for &addr in &metrics {
-            let (_, text) = http_get(addr, "/metrics").await;
-            sum += series(&text, "multiraft_forwarded_calls_total{kind=\"write\"}").unwrap_or(0.0);
-        }
-        sum
-    };
+    wait_metrics(&metrics).await;
+    let forwarded =
+        async || metric_sum(&metrics, "multiraft_forwarded_calls_total{kind=\"write\"}").await;
     let addrs = cluster
         .ids()
         .iter()

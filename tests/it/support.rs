@@ -990,3 +990,66 @@ pub async fn assert_all_readable(node: &Node, acked: &[Acked], serializable: boo
         &missing[..missing.len().min(10)]
     );
 }
+
+/// GET `path` from a node's metrics endpoint: (status, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::{BodyExt, Empty};
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of the series `name{labels}` (labels as printed), if present.
+pub fn series(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A cluster of `n` nodes whose metrics endpoints listen on the returned
+/// addresses (node `i` on the `i-1`th).
+pub async fn cluster_with_metrics(n: usize, shards: u32) -> (Cluster, Vec<SocketAddr>) {
+    let addrs: Vec<SocketAddr> = (0..n)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .collect();
+    let flags = addrs.clone();
+    let cluster = Cluster::start_with(n, shards, Some(FAST_CONFIG), move |id| {
+        vec!["--metrics-addr".into(), flags[id as usize - 1].to_string()]
+    })
+    .await;
+    (cluster, addrs)
+}
+
+/// Waits until every metrics endpoint accepts connections (they start
+/// after the API answers, and after Bootstrap if that came first).
+pub async fn wait_metrics(addrs: &[SocketAddr]) {
+    for &addr in addrs {
+        wait_until(
+            Duration::from_secs(10),
+            "the metrics endpoint",
+            async || tokio::net::TcpStream::connect(addr).await.is_ok(),
+        )
+        .await;
+    }
+}
+
+/// `name{labels}` summed over the metrics of the nodes at `addrs`.
+pub async fn metric_sum(addrs: &[SocketAddr], name_and_labels: &str) -> f64 {
+    let mut sum = 0.0;
+    for &addr in addrs {
+        let (_, text) = http_get(addr, "/metrics").await;
+        sum += series(&text, name_and_labels).unwrap_or(0.0);
+    }
+    sum
+}
