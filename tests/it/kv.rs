@@ -640,18 +640,7 @@ async fn bench_runs_end_to_end() {
         Some(dir.path()),
     )
     .await;
-    assert!(out.status.success(), "bench failed:\n{}", output_text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // The whole of stdout, or else its last line, is the JSON report.
-    let report: serde_json::Value = serde_json::from_str(stdout.trim())
-        .or_else(|_| serde_json::from_str(stdout.trim().lines().last().unwrap_or("")))
-        .unwrap_or_else(|e| panic!("bench --json printed no JSON ({e}):\n{}", output_text(&out)));
-    assert_eq!(
-        report["verified"],
-        serde_json::Value::Bool(true),
-        "{report}"
-    );
-    assert_eq!(json_u64(&report["errors"]), Some(0), "{report}");
+    let report = clean_bench_report(&out);
     let ops = report["ops_per_sec"]
         .as_f64()
         .unwrap_or_else(|| panic!("ops_per_sec is not a number: {report}"));

@@ -628,17 +628,7 @@ async fn bench_sends_each_call_to_its_partitions_leader() {
             None,
         )
         .await;
-        assert!(out.status.success(), "bench failed:\n{}", output_text(&out));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let report: serde_json::Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{}", output_text(&out)));
-        assert_eq!(
-            report["verified"],
-            serde_json::Value::Bool(true),
-            "{report}"
-        );
-        assert_eq!(json_u64(&report["errors"]), Some(0), "{report}");
-        report
+        clean_bench_report(&out)
     };
 
     let before = forwarded().await;

@@ -1053,3 +1053,21 @@ pub async fn metric_sum(addrs: &[SocketAddr], name_and_labels: &str) -> f64 {
     }
     sum
 }
+
+/// The JSON report of a `multiraft bench --json` run that must have
+/// succeeded: verified, and without a failed call.
+pub fn clean_bench_report(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "bench failed:\n{}", output_text(out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The whole of stdout, or else its last line, is the JSON report.
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())
+        .or_else(|_| serde_json::from_str(stdout.trim().lines().last().unwrap_or("")))
+        .unwrap_or_else(|e| panic!("bench --json printed no JSON ({e}):\n{}", output_text(out)));
+    assert_eq!(
+        report["verified"],
+        serde_json::Value::Bool(true),
+        "{report}"
+    );
+    assert_eq!(json_u64(&report["errors"]), Some(0), "{report}");
+    report
+}
