@@ -570,6 +570,11 @@ pub fn answer_by(deadline: Option<Instant>) -> Instant {
 /// disk got its own timeout (CANCELLED, no explanation) instead of the
 /// node's UNAVAILABLE. Only calls with more than a second left give up
 /// all of it.
+///
+/// The margin changes only when a waiting caller is told, never what
+/// happens to its write: whatever reached the log is applied at most once
+/// (its identity, `kv::session`), and the answer says the write may still
+/// be applied.
 pub const MAX_ANSWER_MARGIN: Duration = Duration::from_millis(50);
 
 #[cfg(test)]
