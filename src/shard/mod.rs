@@ -83,7 +83,11 @@ pub struct Shard {
     /// `WalStats::segments_rolled` at the last purge.
     segments_seen: u64,
     /// Readies of a turn whose sync found the disk full, finished by the
-    /// first turn whose retry succeeds.
+    /// first turn whose retry succeeds. Otherwise empty between turns, and
+    /// each turn collects its Readies in it, so that its capacity is
+    /// reused: with a thousand groups busy a turn has a few hundred KiB of
+    /// Readies, and a Vec grown afresh every turn took fresh zeroed pages
+    /// each time (`clear_page_erms` under `Vec::push` in the turn).
     stalled: Vec<(u32, raft::Ready)>,
     retry_at: Option<std::time::Instant>,
     retry_delay: std::time::Duration,

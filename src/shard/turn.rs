@@ -72,13 +72,15 @@ impl Shard {
             if self.retry_at.is_some_and(|t| Instant::now() < t) || !self.sync().await {
                 return;
             }
-            let readies = std::mem::take(&mut self.stalled);
-            self.after_persist(readies, &mut out_ctx, &mut out);
+            let mut readies = std::mem::take(&mut self.stalled);
+            self.after_persist(&mut readies, &mut out_ctx, &mut out);
+            self.stalled = readies;
             self.housekeeping(out).await;
             return;
         }
 
-        let mut readies = Vec::new();
+        // Empty here; its capacity is last turn's (see `Shard::stalled`).
+        let mut readies = std::mem::take(&mut self.stalled);
 
         // 1-4, for the groups with something to do (`Shard::ready`).
         let ids = self.ready.take();
@@ -184,18 +186,20 @@ impl Shard {
             self.stalled = readies;
             return;
         }
-        self.after_persist(readies, &mut out_ctx, &mut out);
+        self.after_persist(&mut readies, &mut out_ctx, &mut out);
+        self.stalled = readies;
         self.housekeeping(out).await;
     }
 
-    /// Step 6 for every Ready of the turn, once it is durable.
+    /// Step 6 for every Ready of the turn, once it is durable; leaves
+    /// `readies` empty.
     fn after_persist(
         &mut self,
-        readies: Vec<(u32, raft::Ready)>,
+        readies: &mut Vec<(u32, raft::Ready)>,
         out_ctx: &mut SendCtx,
         out: &mut Outbox<Event>,
     ) {
-        for (id, rd) in readies {
+        for (id, rd) in readies.drain(..) {
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
             };
