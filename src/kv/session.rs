@@ -31,10 +31,11 @@
 //! the watermark past it, turning a possible re-run into a refusal.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use smallvec::SmallVec;
 
 use super::command::{SessionId, WriteId};
 use super::Applied;
@@ -68,30 +69,97 @@ pub enum Admission {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Session {
     acked: u64,
-    /// seq -> (index, result), for seqs above `acked`.
-    results: BTreeMap<u64, (u64, Applied)>,
+    /// `(seq, index, result)` for seqs above `acked`, ascending by seq.
+    /// Seqs mostly arrive in order and leave from the front, and the
+    /// buffer is kept when it empties (a B-tree freed its node then, and
+    /// allocated a new one for the next write).
+    results: VecDeque<(u64, u64, Applied)>,
     bytes: usize,
 }
+
+/// Buffers of results over this many slots are shrunk once three
+/// quarters of them are free.
+const RESULTS_KEPT_SLOTS: usize = 64;
 
 impl Session {
     fn forget_through(&mut self, seq: u64) {
         self.acked = self.acked.max(seq);
-        while let Some(e) = self.results.first_entry() {
-            if *e.key() > self.acked {
-                break;
+        while self.results.front().is_some_and(|e| e.0 <= self.acked) {
+            if let Some((_, _, applied)) = self.results.pop_front() {
+                self.bytes -= applied_bytes(&applied);
             }
-            self.bytes -= applied_bytes(&e.get().1);
-            e.remove();
+        }
+        let cap = self.results.capacity();
+        if cap > RESULTS_KEPT_SLOTS && self.results.len() < cap / 4 {
+            self.results
+                .shrink_to(RESULTS_KEPT_SLOTS.max(self.results.len() * 2));
+        }
+    }
+
+    fn result(&self, seq: u64) -> Option<&(u64, u64, Applied)> {
+        let i = self.results.binary_search_by_key(&seq, |e| e.0).ok()?;
+        self.results.get(i)
+    }
+
+    /// Keeps the result of `seq` (replacing one kept before, if any).
+    fn keep(&mut self, seq: u64, index: u64, applied: Applied) {
+        self.bytes += applied_bytes(&applied);
+        match self.results.binary_search_by_key(&seq, |e| e.0) {
+            Ok(i) => {
+                let old = std::mem::replace(&mut self.results[i], (seq, index, applied));
+                self.bytes -= applied_bytes(&old.2);
+            }
+            Err(i) => self.results.insert(i, (seq, index, applied)),
         }
     }
 }
 
 /// The session table of one partition.
+///
+/// A partition hears from few proposing nodes and sessions (those of the
+/// nodes that led it or forwarded to it), so both lists are kept sorted
+/// and inline, not in B-trees: with a thousand partitions taking writes
+/// in turn, each B-tree node was a cache miss on every apply, on every
+/// replica. The order (by node, by session) is the one snapshots are
+/// written in.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sessions {
-    /// Newest incarnation seen of every node that proposed.
-    floors: BTreeMap<u64, u64>,
-    live: BTreeMap<SessionId, Session>,
+    /// `(node, incarnation)`: the newest incarnation seen of every node
+    /// that proposed, ascending by node.
+    floors: SmallVec<[(u64, u64); 4]>,
+    /// Ascending by session.
+    live: SmallVec<[(SessionId, Session); 4]>,
+}
+
+impl Sessions {
+    /// The floor of `node`, 0 if it is new.
+    fn floor_mut(&mut self, node: u64) -> &mut u64 {
+        let i = match self.floors.binary_search_by_key(&node, |e| e.0) {
+            Ok(i) => i,
+            Err(i) => {
+                self.floors.insert(i, (node, 0));
+                i
+            }
+        };
+        &mut self.floors[i].1
+    }
+
+    /// Session `id`, empty if it is new.
+    fn session_mut(&mut self, id: SessionId) -> &mut Session {
+        let i = match self.live.binary_search_by(|e| e.0.cmp(&id)) {
+            Ok(i) => i,
+            Err(i) => {
+                self.live.insert(i, (id, Session::default()));
+                i
+            }
+        };
+        &mut self.live[i].1
+    }
+
+    fn session(&mut self, id: SessionId) -> Option<&mut Session> {
+        let i = self.live.binary_search_by(|e| e.0.cmp(&id)).ok()?;
+        Some(&mut self.live[i].1)
+    }
 }
 
 impl Sessions {
@@ -99,7 +167,7 @@ impl Sessions {
     /// copy carries.
     pub fn admit(&mut self, id: WriteId, acked: u64) -> Admission {
         let s = id.session;
-        let floor = self.floors.entry(s.node).or_insert(0);
+        let floor = self.floor_mut(s.node);
         if s.incarnation() < *floor {
             return Admission::Refused(Refusal::Expired);
         }
@@ -107,17 +175,17 @@ impl Sessions {
             *floor = s.incarnation();
             let inc = s.incarnation();
             self.live
-                .retain(|k, _| k.node != s.node || k.incarnation() >= inc);
+                .retain(|(k, _)| k.node != s.node || k.incarnation() >= inc);
         }
-        let session = self.live.entry(s).or_default();
+        let session = self.session_mut(s);
         if acked > session.acked {
             session.forget_through(acked);
         }
         if id.seq <= session.acked {
             return Admission::Refused(Refusal::Finished);
         }
-        match session.results.get(&id.seq) {
-            Some((index, applied)) => Admission::Duplicate {
+        match session.result(id.seq) {
+            Some((_, index, applied)) => Admission::Duplicate {
                 applied: applied.clone(),
                 index: *index,
             },
@@ -127,13 +195,12 @@ impl Sessions {
 
     /// Keeps the result of a write that ran at `index`.
     pub fn record(&mut self, id: WriteId, index: u64, applied: &Applied) {
-        let Some(session) = self.live.get_mut(&id.session) else {
+        let Some(session) = self.session(id.session) else {
             return;
         };
-        session.bytes += applied_bytes(applied);
-        session.results.insert(id.seq, (index, applied.clone()));
+        session.keep(id.seq, index, applied.clone());
         while session.results.len() > MAX_RESULTS || session.bytes > MAX_RESULT_BYTES {
-            let Some((&oldest, _)) = session.results.first_key_value() else {
+            let Some(&(oldest, _, _)) = session.results.front() else {
                 break;
             };
             session.forget_through(oldest);
@@ -158,7 +225,7 @@ impl Sessions {
     /// ```
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u32(self.floors.len() as u32);
-        for (&node, &inc) in &self.floors {
+        for &(node, inc) in &self.floors {
             out.put_u64(node);
             out.put_u64(inc);
         }
@@ -168,8 +235,8 @@ impl Sessions {
             out.put_u64(id.epoch);
             out.put_u64(s.acked);
             out.put_u32(s.results.len() as u32);
-            for (&seq, (index, applied)) in &s.results {
-                out.put_u64(seq);
+            for (seq, index, applied) in &s.results {
+                out.put_u64(*seq);
                 out.put_u64(*index);
                 put_applied(out, applied);
             }
@@ -180,8 +247,8 @@ impl Sessions {
         8 + self.floors.len() * 16
             + self
                 .live
-                .values()
-                .map(|s| 28 + s.results.len() * 23 + s.bytes)
+                .iter()
+                .map(|(_, s)| 28 + s.results.len() * 23 + s.bytes)
                 .sum::<usize>()
     }
 
@@ -192,7 +259,7 @@ impl Sessions {
         for _ in 0..nfloors {
             let node = get_u64(buf).ok_or("session floor truncated")?;
             let inc = get_u64(buf).ok_or("session floor truncated")?;
-            t.floors.insert(node, inc);
+            *t.floor_mut(node) = inc;
         }
         let nlive = get_u32(buf).ok_or("sessions truncated")?;
         for i in 0..nlive {
@@ -201,7 +268,8 @@ impl Sessions {
             let epoch = get_u64(buf).ok_or_else(err)?;
             let acked = get_u64(buf).ok_or_else(err)?;
             let n = get_u32(buf).ok_or_else(err)?;
-            let mut s = Session {
+            let s = t.session_mut(SessionId { node, epoch });
+            *s = Session {
                 acked,
                 ..Default::default()
             };
@@ -209,10 +277,8 @@ impl Sessions {
                 let seq = get_u64(buf).ok_or_else(err)?;
                 let index = get_u64(buf).ok_or_else(err)?;
                 let applied = get_applied(buf).ok_or_else(err)?;
-                s.bytes += applied_bytes(&applied);
-                s.results.insert(seq, (index, applied));
+                s.keep(seq, index, applied);
             }
-            t.live.insert(SessionId { node, epoch }, s);
         }
         Ok(t)
     }
@@ -476,6 +542,69 @@ mod tests {
         drop(a);
         let c = p.begin(7);
         assert_eq!((c.id().seq, c.acked()), (4, 3));
+    }
+
+    /// The table is written in the order the format has always used (by
+    /// node, by session, by seq), whatever order writes came in: replicas
+    /// and older builds read the same snapshot bytes.
+    #[test]
+    fn snapshot_layout_is_sorted_whatever_the_arrival_order() {
+        let mut t = Sessions::default();
+        for (node, seq, index) in [(3, 9, 20), (1, 2, 21), (3, 8, 22)] {
+            assert_eq!(t.admit(id(node, 5, seq), 0), Admission::Run);
+            t.record(id(node, 5, seq), index, &put(None));
+        }
+        // Seq 8 came after 9 and is still found.
+        assert_eq!(
+            t.admit(id(3, 5, 8), 0),
+            Admission::Duplicate {
+                applied: put(None),
+                index: 22
+            }
+        );
+        let mut out = BytesMut::new();
+        t.encode(&mut out);
+        let mut want = BytesMut::new();
+        want.put_u32(2);
+        for node in [1, 3] {
+            want.put_u64(node);
+            want.put_u64(5);
+        }
+        want.put_u32(2);
+        let results: [(u64, &[(u64, u64)]); 2] = [(1, &[(2, 21)]), (3, &[(8, 22), (9, 20)])];
+        for (node, results) in results {
+            let s = SessionId::new(node, 5, 0);
+            want.put_u64(s.node);
+            want.put_u64(s.epoch);
+            want.put_u64(0);
+            want.put_u32(results.len() as u32);
+            for &(seq, index) in results {
+                want.put_u64(seq);
+                want.put_u64(index);
+                put_applied(&mut want, &put(None));
+            }
+        }
+        assert_eq!(out, want);
+        assert!(out.len() <= t.encoded_len());
+    }
+
+    /// A burst of results leaves no big buffer behind once it is acked.
+    #[test]
+    fn a_drained_burst_gives_its_buffer_back() {
+        let mut t = Sessions::default();
+        for seq in 1..=1000 {
+            assert_eq!(t.admit(id(1, 5, seq), 0), Admission::Run);
+            t.record(id(1, 5, seq), seq, &put(None));
+        }
+        assert_eq!(t.admit(id(1, 5, 1001), 1000), Admission::Run);
+        let s = &t.live[0].1;
+        assert!(s.results.is_empty());
+        assert!(
+            s.results.capacity() <= 2 * RESULTS_KEPT_SLOTS,
+            "{}",
+            s.results.capacity()
+        );
+        assert_eq!(s.bytes, 0);
     }
 
     #[test]
