@@ -219,6 +219,54 @@ mod tests {
         assert!(beats.to.is_empty());
     }
 
+    /// The acknowledgement raft-rs itself makes for an append is one a
+    /// beat rebuilds. Should an upgrade of raft-rs add a field to it, the
+    /// acknowledgements would quietly travel one by one again; this test
+    /// says so instead.
+    #[test]
+    fn raft_rs_own_append_acks_travel_as_beats() {
+        use raft::eraftpb::Entry;
+        use raft::storage::MemStorage;
+        let storage = MemStorage::new_with_conf_state((vec![1, 2, 3], vec![]));
+        let cfg = raft::Config {
+            id: 2,
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut follower = raft::RawNode::new(&cfg, storage, &logger).expect("raw node");
+        let entry = Entry {
+            index: 1,
+            term: 1,
+            data: b"x".to_vec().into(),
+            ..Default::default()
+        };
+        let mut append = Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            entries: vec![entry].into(),
+            ..Default::default()
+        };
+        append.set_msg_type(MessageType::MsgAppend);
+        follower.step(append).expect("step");
+        let mut rd = follower.ready();
+        let store = follower.store().clone();
+        store.wl().append(rd.entries()).expect("append");
+        if let Some(hs) = rd.hs() {
+            store.wl().set_hardstate(hs.clone());
+        }
+        let mut msgs = rd.take_messages();
+        msgs.extend(rd.take_persisted_messages());
+        let ack = msgs
+            .into_iter()
+            .find(|m| m.get_msg_type() == MessageType::MsgAppendResponse)
+            .expect("the follower acknowledges the append");
+        assert_eq!((ack.index, ack.reject), (1, false));
+        let mut beats = Beats::default();
+        assert!(beats.take(7, &ack), "{ack:?}");
+        assert_eq!(to_message(2, 1, &beats.to[&1][0]), Some(ack));
+    }
+
     #[test]
     fn the_answer_to_a_commit_notice_is_dropped() {
         let mut beats = Beats::default();
