@@ -15,12 +15,17 @@ impl<S: super::StateMachine> Group<S> {
     /// not yet known to it.
     pub fn step_from(&mut self, from: u64, msg: Message) {
         let me = self.raw.raft.id;
-        let known = self.raw.raft.prs().iter().next().is_some();
+        // One lookup for a member; the emptiness test (a replica with no
+        // configuration yet) only for a sender that is not one.
+        let stranger = || {
+            let prs = self.raw.raft.prs();
+            prs.get(msg.from).is_none() && prs.iter().next().is_some()
+        };
         let reason = if msg.from != from {
             Some("it names another sender than its connection's node")
         } else if msg.to != me {
             Some("it is addressed to another node")
-        } else if known && self.raw.raft.prs().get(msg.from).is_none() {
+        } else if stranger() {
             Some("its sender is not a member of the partition here")
         } else {
             None
@@ -73,7 +78,9 @@ impl<S: super::StateMachine> Group<S> {
     /// panic stops the whole node: see `main.rs`.)
     fn would_panic(&self, msg: &Message) -> Option<String> {
         use raft::eraftpb::MessageType;
-        let last = self.raw.raft.raft_log.last_index();
+        // Only where needed: the log's end is a cache miss per message
+        // when thousands of groups take turns.
+        let last = || self.raw.raft.raft_log.last_index();
         match msg.get_msg_type() {
             // A leader's append carries the entries that follow `index`, in
             // order, none from a later term than its own. raft-rs assumes
@@ -94,9 +101,10 @@ impl<S: super::StateMachine> Group<S> {
             }
             // A leader commits at most what this follower acknowledged,
             // which it had synced.
-            MessageType::MsgHeartbeat if msg.commit > last => Some(format!(
-                "a heartbeat that commits index {} past the end of the log ({last})",
-                msg.commit
+            MessageType::MsgHeartbeat if msg.commit > last() => Some(format!(
+                "a heartbeat that commits index {} past the end of the log ({})",
+                msg.commit,
+                last()
             )),
             // Followers forward proposals with their entries.
             MessageType::MsgPropose if msg.entries.is_empty() => {
