@@ -52,6 +52,11 @@ const SNAPSHOT_IO_IN_FLIGHT: usize = 32;
 /// `record.rs`): a new replica's starting snapshot is well below it.
 const INLINE_SNAPSHOT_MAX: usize = 256;
 
+/// Largest pack buffer kept for the next pack (see `Wal::pack_spare`): a
+/// turn's snapshots usually add up to far less (`shard::turn` caps them
+/// at 8 MiB), and an idle shard should not hold a big one.
+const PACK_SPARE_MAX: usize = 4 << 20;
+
 /// Old segments kept behind the active one from which a purge that cannot
 /// delete them says so (below, it is routine and silent).
 const PILING_UP_SEGMENTS: u64 = 4;
@@ -176,6 +181,10 @@ pub struct Wal {
     /// content)`, written and made durable by the next sync before the
     /// records.
     pack: Option<(String, Vec<u8>)>,
+    /// The buffer of the last pack written, emptied, for the next one: a
+    /// log trimmed under load fills a pack most turns, and a buffer grown
+    /// afresh each time pays for its regrowth and fresh pages.
+    pack_spare: Vec<u8>,
     /// What each snapshot file in `snap/` holds for live groups.
     packs: pack::Packs,
     /// Snapshot files to delete once the buffered records that superseded
@@ -289,6 +298,7 @@ impl Wal {
             next: None,
             snapshot_serial: 0,
             pack: None,
+            pack_spare: Vec::new(),
             packs: pack::Packs::default(),
             doomed_snapshots: Vec::new(),
             poisoned: None,
@@ -344,23 +354,27 @@ impl Wal {
     /// holds the snapshot's own (index, term); otherwise they belong to a
     /// history the snapshot replaced and recovery drops them too.
     pub fn save_snapshot(&mut self, group: u64, snap: &Snapshot) {
-        let (mut r, content) = snapshot::encode(snap);
-        if content.len() <= INLINE_SNAPSHOT_MAX {
+        let r = if snapshot::encoded_len(snap) <= INLINE_SNAPSHOT_MAX {
             // Inside the log record: durable with it, no file (and every
             // segment's checkpoint repeats it, hence the small bound).
+            let (mut r, content) = snapshot::encode(snap);
             r.inline = Some(content);
+            r
         } else {
             // Into this sync's pack, after the snapshots already in it.
             let (name, pack) = self.pack.get_or_insert_with(|| {
                 self.snapshot_serial += 1;
-                (snapshot::pack_name(self.snapshot_serial), Vec::new())
+                let buf = std::mem::take(&mut self.pack_spare);
+                (snapshot::pack_name(self.snapshot_serial), buf)
             });
-            let len = content.len() as u64;
+            let at = pack.len();
+            let mut r = snapshot::encode_into(snap, pack);
+            let len = (pack.len() - at) as u64;
             r.name = name.clone();
-            r.at = Some((pack.len() as u64, len));
-            pack.extend_from_slice(&content);
+            r.at = Some((at as u64, len));
             self.packs.add(&r.name, len);
-        }
+            r
+        };
         self.push(|buf| record::put_snapshot_meta(buf, group, &r));
         let meta = self.groups.entry(group).or_default();
         let old = meta.snapshot.take();
@@ -492,7 +506,11 @@ impl Wal {
         // Only once its directory entry is durable too: a failure before
         // that writes the pack again at the next try.
         io::sync_dir(&self.snap_dir).await?;
-        if let Some((name, _)) = self.pack.take() {
+        if let Some((name, mut buf)) = self.pack.take() {
+            if buf.capacity() <= PACK_SPARE_MAX {
+                buf.clear();
+                self.pack_spare = buf;
+            }
             // Every snapshot in it was replaced before the sync (say its
             // group was removed): it goes once this sync's records are
             // durable, like any pack whose last snapshot was replaced.

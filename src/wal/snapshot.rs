@@ -86,6 +86,14 @@ pub(crate) fn parse_name(name: &str) -> Option<(u64, u64, u64)> {
 /// Encodes `snap` in its stored layout; returns the log's reference to it,
 /// still without a place (the caller puts it inline or into a pack).
 pub(crate) fn encode(snap: &Snapshot) -> (SnapshotRef, Vec<u8>) {
+    let mut content = Vec::new();
+    let r = encode_into(snap, &mut content);
+    (r, content)
+}
+
+/// [`encode`], appending the stored layout to `out` (a pack being filled)
+/// rather than to a buffer of its own, which the pack would copy again.
+pub(crate) fn encode_into(snap: &Snapshot, out: &mut Vec<u8>) -> SnapshotRef {
     let meta = snap.get_metadata();
     let mut meta_bytes = Vec::new();
     super::record::put_message(&mut meta_bytes, meta);
@@ -93,15 +101,15 @@ pub(crate) fn encode(snap: &Snapshot) -> (SnapshotRef, Vec<u8>) {
     let mut crc = crc32c::crc32c(&meta_bytes);
     crc = crc32c::crc32c_append(crc, data);
 
-    let mut content = Vec::with_capacity(HEADER_LEN + meta_bytes.len() + data.len());
-    content.extend_from_slice(&MAGIC.to_le_bytes());
-    content.extend_from_slice(&VERSION.to_le_bytes());
-    content.extend_from_slice(&crc.to_le_bytes());
-    content.extend_from_slice(&(meta_bytes.len() as u32).to_le_bytes());
-    content.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    content.extend_from_slice(&meta_bytes);
-    content.extend_from_slice(data);
-    let r = SnapshotRef {
+    out.reserve(HEADER_LEN + meta_bytes.len() + data.len());
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&(meta_bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    out.extend_from_slice(&meta_bytes);
+    out.extend_from_slice(data);
+    SnapshotRef {
         index: meta.index,
         term: meta.term,
         data_len: data.len() as u64,
@@ -109,8 +117,12 @@ pub(crate) fn encode(snap: &Snapshot) -> (SnapshotRef, Vec<u8>) {
         name: String::new(),
         at: None,
         inline: None,
-    };
-    (r, content)
+    }
+}
+
+/// Bytes [`encode`] makes of `snap`.
+pub(crate) fn encoded_len(snap: &Snapshot) -> usize {
+    HEADER_LEN + snap.get_metadata().compute_size() as usize + snap.get_data().len()
 }
 
 /// Durably writes an encoded snapshot as `dir/{name}`: a temporary file,
@@ -279,6 +291,20 @@ mod tests {
         snap.mut_metadata().mut_conf_state().voters = vec![1, 2];
         snap.set_data(vec![fill; len].into());
         snap
+    }
+
+    /// The log decides inline or packed from `encoded_len` before
+    /// encoding, and packs append in place: both must agree with `encode`.
+    #[test]
+    fn encoding_in_place_matches_encoding_alone() {
+        let mut pack = b"earlier snapshots".to_vec();
+        for s in [snap(3, 1, 0), snap(4, 2, 200), snap(1 << 40, 3, 70_000)] {
+            let (r, alone) = encode(&s);
+            assert_eq!(encoded_len(&s), alone.len());
+            let at = pack.len();
+            assert_eq!(encode_into(&s, &mut pack), r);
+            assert_eq!(&pack[at..], &alone[..]);
+        }
     }
 
     #[test]
