@@ -430,8 +430,16 @@ impl<S: StateMachine> Group<S> {
     /// have gone away, and lets an idle group go quiet (`alive` says which
     /// nodes this node hears from; see `quiet.rs`). The shard does not
     /// tick quiescent groups.
-    pub fn tick(&mut self, alive: &dyn Fn(u64) -> bool) {
-        self.raw.tick();
+    ///
+    /// Returns whether the group now has something for the shard's turn
+    /// (a Ready, or work queued); a follower whose election timer just
+    /// advanced has not, and the turn need not visit it.
+    pub fn tick(&mut self, alive: &dyn Fn(u64) -> bool) -> bool {
+        if self.heartbeat_unneeded() {
+            self.tick_without_heartbeat();
+        } else {
+            self.raw.tick();
+        }
         self.ticks += 1;
         self.note_leader();
         let now = self.ticks;
@@ -461,6 +469,7 @@ impl<S: StateMachine> Group<S> {
             self.repropose_stale();
         }
         self.quiet_tick(alive);
+        self.wants_turn() || self.raw.has_ready()
     }
 
     /// Proposes again, under the same identity, every write that has waited

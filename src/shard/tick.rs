@@ -62,8 +62,7 @@ impl Shard {
                 return false;
             };
             let quiet = g.is_quiescent();
-            if !quiet {
-                g.tick(&alive);
+            if !quiet && g.tick(&alive) {
                 ready.insert(*p);
             }
             // Before a group that went quiet leaves the awake set: the

@@ -132,6 +132,40 @@ impl<S: super::StateMachine> Group<S> {
         }
     }
 
+    /// True when this tick's heartbeats would all be dropped by
+    /// [`Group::prune_heartbeats`]: this replica leads, every other member
+    /// was sent an append since the last heartbeats, and raft-rs would send
+    /// nothing else with them (no ReadIndex context to repeat, no
+    /// leadership transfer, not the tick that checks the quorum). A group
+    /// taking a write or so per tick then builds no heartbeats, no Ready
+    /// and no turn visit only to throw them away.
+    pub(super) fn heartbeat_unneeded(&self) -> bool {
+        let r = &self.raw.raft;
+        r.state == StateRole::Leader
+            && r.heartbeat_timeout() == 1
+            && r.election_elapsed + 1 < r.election_timeout()
+            && r.lead_transferee.is_none()
+            && r.pending_read_count() == 0
+            && r.prs()
+                .iter()
+                .all(|(id, _)| *id == r.id || self.quiet.appended.contains(id))
+    }
+
+    /// A leader's tick when [`Group::heartbeat_unneeded`]: what raft-rs's
+    /// `tick_heartbeat` does on such a tick, less the heartbeats. Its
+    /// heartbeat counter stays at 0, where a heartbeat would have left it
+    /// (heartbeat timeout 1); the election counter, which times the quorum
+    /// check, advances as raft-rs would advance it (the tick on which it
+    /// reaches the timeout goes through raft-rs). The appends since the
+    /// last heartbeats now count as this tick's heartbeats, as pruning
+    /// would have counted them: the next tick beats unless more appends go
+    /// out before it. So followers hear from the leader as often as before,
+    /// and nothing raft decides (terms, votes, commits) changes.
+    pub(super) fn tick_without_heartbeat(&mut self) {
+        self.raw.raft.election_elapsed += 1;
+        self.quiet.appended.clear();
+    }
+
     /// Work queued for the next turn (writes or reads to propose, quiesce
     /// heartbeats to send).
     pub fn wants_turn(&self) -> bool {

@@ -279,6 +279,70 @@ fn a_follower_owed_no_notice_learns_the_commit_within_two_ticks() {
     assert_eq!(heard, write, "node 3 heard of the commit");
 }
 
+/// A leader that sent every follower an append since its last heartbeats
+/// builds none on the next tick (pruning would drop them all), and the
+/// turn need not visit it; with no append before the tick after, that one
+/// beats as usual. The skipped ticks still time raft-rs's quorum check: a
+/// leader whose followers stopped answering steps down, although it kept
+/// appending to them every tick.
+#[test]
+fn a_leader_busy_appending_skips_heartbeats_yet_checks_its_quorum() {
+    use raft::eraftpb::MessageType;
+    let cfg = RaftConfig::default();
+    // Room for every write of the test in flight at once.
+    let mut g = Group::<Counter>::new(1, 1, &cfg, 64, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
+    lead(&mut g);
+    let first = g.raw.raft.raft_log.last_index();
+    ack(&mut g, 2, first);
+    ack(&mut g, 3, first);
+    let alive = |_: u64| true;
+    // Callers kept waiting: a write whose caller has gone is not proposed.
+    let mut callers = Vec::new();
+    let mut append_to_all = |g: &mut Group<Counter>, cmd: u64| {
+        let (tx, rx) = oneshot::channel();
+        callers.push(rx);
+        g.propose(cmd, tx);
+        g.flush();
+        let (_, _, mut msgs) = ready_once(g);
+        g.prune_heartbeats(&mut msgs);
+        let mut to: Vec<u64> = msgs
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgAppend)
+            .map(|m| m.to)
+            .collect();
+        to.sort_unstable();
+        assert_eq!(to, vec![2, 3], "write {cmd} is appended to both: {msgs:?}");
+    };
+    append_to_all(&mut g, 1);
+    let elapsed = g.raw.raft.election_elapsed;
+    assert!(!g.tick(&alive), "nothing for the turn after a silent tick");
+    assert!(!g.raw.has_ready(), "no heartbeats were built");
+    assert_eq!(g.raw.raft.election_elapsed, elapsed + 1);
+    assert!(g.tick(&alive), "no append since: this tick beats");
+    let (_, _, mut msgs) = ready_once(&mut g);
+    g.prune_heartbeats(&mut msgs);
+    let mut beats: Vec<u64> = msgs
+        .iter()
+        .filter(|m| m.get_msg_type() == MessageType::MsgHeartbeat)
+        .map(|m| m.to)
+        .collect();
+    beats.sort_unstable();
+    assert_eq!(beats, vec![2, 3]);
+    // From now on the followers never answer.
+    let mut silent = 0;
+    for cmd in 2..2 + 3 * g.election_ticks as u64 {
+        if !g.is_leader() {
+            break;
+        }
+        append_to_all(&mut g, cmd);
+        if !g.tick(&alive) {
+            silent += 1;
+        }
+    }
+    assert!(silent > 0, "some ticks were silent");
+    assert!(!g.is_leader(), "a leader without a quorum stepped down");
+}
+
 #[test]
 fn followers_send_no_commit_notices() {
     let cfg = RaftConfig::default();
