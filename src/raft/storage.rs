@@ -133,6 +133,11 @@ impl GroupStorage {
         c.memory = memory.clone();
     }
 
+    /// Where the shared state lives, for `Group::prefetch`.
+    pub(crate) fn core_ptr(&self) -> *const u8 {
+        Rc::as_ptr(&self.0).cast()
+    }
+
     /// Bytes the in-memory log holds: entry payloads plus the entry
     /// vector's whole capacity.
     pub fn log_bytes(&self) -> u64 {

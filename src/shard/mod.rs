@@ -439,6 +439,14 @@ impl Shard {
         go_on
     }
 
+    /// Starts fetching group `p`'s state into the cache (see
+    /// `Group::prefetch`).
+    fn prefetch(&self, p: Option<u32>) {
+        if let Some(g) = p.and_then(|p| self.groups.get(&p)) {
+            g.prefetch();
+        }
+    }
+
     /// Group `p` got something to do: the next turn visits it, and ticks
     /// visit it while it is awake. No lookup: the turn skips ids with no
     /// group, and the next tick drops those that are quiescent.
@@ -478,7 +486,8 @@ impl Shard {
             },
             ShardMsg::Beats { from, beats } => {
                 let me = self.node_id();
-                for b in &beats {
+                for (i, b) in beats.iter().enumerate() {
+                    self.prefetch(beats.get(i + 1).map(|n| n.partition_id));
                     let p = b.partition_id;
                     let Some(g) = self.groups.get_mut(&p) else {
                         continue;
@@ -631,19 +640,22 @@ impl Shard {
                 break;
             };
             let mut taken = usize::from(router::counted(&first));
-            if !self.handle(first) {
-                break;
-            }
-            // Bounded, so a flood of messages cannot starve the ready cycle.
+            // One message ahead: its group is fetched into the cache while
+            // this one is served. Bounded, so a flood of messages cannot
+            // starve the ready cycle.
+            let mut current = first;
             for _ in 0..16_384 {
-                match inbox.try_recv() {
-                    Ok(m) => {
-                        taken += usize::from(router::counted(&m));
-                        if !self.handle(m) {
-                            break 'outer;
-                        }
-                    }
-                    _ => break,
+                let next = inbox.try_recv().ok();
+                if let Some(m) = &next {
+                    taken += usize::from(router::counted(m));
+                    self.prefetch(m.partition());
+                }
+                if !self.handle(current) {
+                    break 'outer;
+                }
+                match next {
+                    Some(m) => current = m,
+                    None => break,
                 }
             }
             waiting.fetch_sub(taken, std::sync::atomic::Ordering::Relaxed);

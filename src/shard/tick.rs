@@ -57,7 +57,15 @@ impl Shard {
         let ready = &mut self.ready;
         let events = &mut self.events;
         let mut awake = self.awake.take();
+        // The next group is fetched into the cache while this one ticks
+        // (`retain` visits the ids in order, once each).
+        let order = awake.clone();
+        let mut i = 0;
         awake.retain(|p| {
+            i += 1;
+            if let Some(next) = order.get(i).and_then(|n| groups.get(n)) {
+                next.prefetch();
+            }
             let Some(g) = groups.get_mut(p) else {
                 return false;
             };

@@ -84,7 +84,10 @@ impl Shard {
 
         // 1-4, for the groups with something to do (`Shard::ready`).
         let ids = self.ready.take();
-        for id in &ids {
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(next) = ids.get(i + 1).and_then(|n| self.groups.get(n)) {
+                next.prefetch();
+            }
             let Some(g) = self.groups.get_mut(id) else {
                 continue;
             };
@@ -199,7 +202,11 @@ impl Shard {
         out_ctx: &mut SendCtx,
         out: &mut Outbox<Event>,
     ) {
-        for (id, rd) in readies.drain(..) {
+        let mut readies = readies.drain(..).peekable();
+        while let Some((id, rd)) = readies.next() {
+            if let Some(next) = readies.peek().and_then(|n| self.groups.get(&n.0)) {
+                next.prefetch();
+            }
             let Some(g) = self.groups.get_mut(&id) else {
                 continue;
             };
