@@ -22,7 +22,7 @@ use request::partition_status;
 pub use request::{Answer, ShardMsg};
 pub use router::Shards;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,7 +68,10 @@ pub trait Host: Send + Sync {
 pub struct Shard {
     index: usize,
     node: Arc<dyn Host>,
-    groups: BTreeMap<u32, Group>,
+    /// By partition. A hash map: with thousands of groups, a B-tree
+    /// lookup (every message, every visit) walked nodes that were rarely
+    /// in cache; nothing needs the groups in order.
+    groups: foldhash::HashMap<u32, Group>,
     wal: Wal,
     links: Rc<PeerLinks>,
     /// Forwarded calls waiting for a PeerResponse, by request id.
@@ -184,7 +187,7 @@ impl Shard {
         Shard {
             index,
             node,
-            groups: BTreeMap::new(),
+            groups: Default::default(),
             wal,
             links,
             peer_pending: Default::default(),
@@ -322,11 +325,14 @@ impl Shard {
     /// (partition, leader, term) of every hosted partition with a known
     /// leader.
     fn leaders(&self) -> Vec<(u32, u64, u64)> {
-        self.groups
+        let mut leaders: Vec<_> = self
+            .groups
             .iter()
             .filter(|(_, g)| g.leader() != raft::INVALID_ID)
             .map(|(p, g)| (*p, g.leader(), g.term()))
-            .collect()
+            .collect();
+        leaders.sort_unstable();
+        leaders
     }
 
     /// Those of `partitions` that this shard owns and that have no replica
@@ -346,11 +352,14 @@ impl Shard {
 
     /// Hosted partitions that know no leader (for `/ready`).
     fn leaderless(&self) -> Vec<u32> {
-        self.groups
+        let mut ids: Vec<u32> = self
+            .groups
             .iter()
             .filter(|(_, g)| g.leader() == raft::INVALID_ID)
             .map(|(p, _)| *p)
-            .collect()
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// This shard's WAL and apply counters.
