@@ -234,6 +234,33 @@ fn commit_notices_go_to_followers_waiting_for_their_writes() {
     );
 }
 
+/// Node 1 of voters 1, 2, 3, leading, both followers caught up with its
+/// log; `max_inflight` as in [`Group::new`].
+fn caught_up_leader(max_inflight: usize) -> Group<Counter> {
+    let cfg = RaftConfig::default();
+    let init = GroupInit::bootstrap(vec![1, 2, 3]);
+    let mut g = Group::<Counter>::new(1, 1, &cfg, max_inflight, init).unwrap();
+    lead(&mut g);
+    let first = g.raw.raft.raft_log.last_index();
+    ack(&mut g, 2, first);
+    ack(&mut g, 3, first);
+    g
+}
+
+/// Takes `g`'s Ready as the turn would (heartbeats pruned): to whom
+/// messages of type `kind` go, in order.
+fn sent_after_pruning(g: &mut Group<Counter>, kind: raft::eraftpb::MessageType) -> Vec<u64> {
+    let (_, _, mut msgs) = ready_once(g);
+    g.prune_heartbeats(&mut msgs);
+    let mut to: Vec<u64> = msgs
+        .iter()
+        .filter(|m| m.get_msg_type() == kind)
+        .map(|m| m.to)
+        .collect();
+    to.sort_unstable();
+    to
+}
+
 /// A follower that waits for nothing is sent no commit notice, yet hears
 /// of the last commit from a heartbeat within two ticks once appends stop
 /// (the first tick's heartbeat may be dropped as redundant with the last
@@ -241,12 +268,7 @@ fn commit_notices_go_to_followers_waiting_for_their_writes() {
 #[test]
 fn a_follower_owed_no_notice_learns_the_commit_within_two_ticks() {
     use raft::eraftpb::MessageType;
-    let cfg = RaftConfig::default();
-    let mut g = Group::<Counter>::new(1, 1, &cfg, 16, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
-    lead(&mut g);
-    let first = g.raw.raft.raft_log.last_index();
-    ack(&mut g, 2, first);
-    ack(&mut g, 3, first);
+    let mut g = caught_up_leader(16);
     let (tx, _rx) = oneshot::channel();
     g.propose(7, tx);
     g.flush();
@@ -288,13 +310,8 @@ fn a_follower_owed_no_notice_learns_the_commit_within_two_ticks() {
 #[test]
 fn a_leader_busy_appending_skips_heartbeats_yet_checks_its_quorum() {
     use raft::eraftpb::MessageType;
-    let cfg = RaftConfig::default();
     // Room for every write of the test in flight at once.
-    let mut g = Group::<Counter>::new(1, 1, &cfg, 64, GroupInit::bootstrap(vec![1, 2, 3])).unwrap();
-    lead(&mut g);
-    let first = g.raw.raft.raft_log.last_index();
-    ack(&mut g, 2, first);
-    ack(&mut g, 3, first);
+    let mut g = caught_up_leader(64);
     let alive = |_: u64| true;
     // Callers kept waiting: a write whose caller has gone is not proposed.
     let mut callers = Vec::new();
@@ -303,15 +320,8 @@ fn a_leader_busy_appending_skips_heartbeats_yet_checks_its_quorum() {
         callers.push(rx);
         g.propose(cmd, tx);
         g.flush();
-        let (_, _, mut msgs) = ready_once(g);
-        g.prune_heartbeats(&mut msgs);
-        let mut to: Vec<u64> = msgs
-            .iter()
-            .filter(|m| m.get_msg_type() == MessageType::MsgAppend)
-            .map(|m| m.to)
-            .collect();
-        to.sort_unstable();
-        assert_eq!(to, vec![2, 3], "write {cmd} is appended to both: {msgs:?}");
+        let to = sent_after_pruning(g, MessageType::MsgAppend);
+        assert_eq!(to, vec![2, 3], "write {cmd} is appended to both");
     };
     append_to_all(&mut g, 1);
     let elapsed = g.raw.raft.election_elapsed;
@@ -319,15 +329,10 @@ fn a_leader_busy_appending_skips_heartbeats_yet_checks_its_quorum() {
     assert!(!g.raw.has_ready(), "no heartbeats were built");
     assert_eq!(g.raw.raft.election_elapsed, elapsed + 1);
     assert!(g.tick(&alive), "no append since: this tick beats");
-    let (_, _, mut msgs) = ready_once(&mut g);
-    g.prune_heartbeats(&mut msgs);
-    let mut beats: Vec<u64> = msgs
-        .iter()
-        .filter(|m| m.get_msg_type() == MessageType::MsgHeartbeat)
-        .map(|m| m.to)
-        .collect();
-    beats.sort_unstable();
-    assert_eq!(beats, vec![2, 3]);
+    assert_eq!(
+        sent_after_pruning(&mut g, MessageType::MsgHeartbeat),
+        vec![2, 3]
+    );
     // From now on the followers never answer.
     let mut silent = 0;
     for cmd in 2..2 + 3 * g.election_ticks as u64 {
