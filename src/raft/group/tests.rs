@@ -335,7 +335,7 @@ fn a_leader_busy_appending_skips_heartbeats_yet_checks_its_quorum() {
     );
     // From now on the followers never answer.
     let mut silent = 0;
-    for cmd in 2..2 + 3 * g.election_ticks as u64 {
+    for cmd in 2..2 + 3 * g.election_ticks {
         if !g.is_leader() {
             break;
         }
