@@ -14,7 +14,9 @@
 # client's CPU per Put (the client does the same work for both builds, so
 # that tracks how fast the machine ran for each). Compare node CPU per
 # Put, not Put/s: two clusters sharing the cores split them as the
-# scheduler pleases, so neither build's Put/s is its own.
+# scheduler pleases, so neither build's Put/s is its own. The build in
+# position A has come out about 2% cheaper than the same build in B;
+# for small differences, run again with the two swapped.
 #
 # Usage: benches/pair.sh BIN_A BIN_B   (release builds of the two versions)
 # Each build's cluster is loaded by that build's own `multiraft bench`;
