@@ -19,6 +19,7 @@ use crate::config::RaftConfig;
 use super::storage::GroupStorage;
 
 mod apply;
+mod cache;
 mod first;
 mod inbound;
 mod notice;
@@ -579,14 +580,6 @@ impl<S: StateMachine> Group<S> {
         self.new_leader.take()
     }
 
-    /// Starts loading this group's own state and its log's shared state
-    /// into the cache, so that a loop over many groups can overlap the
-    /// next group's memory reads with the work on this one.
-    pub fn prefetch(&self) {
-        prefetch(std::ptr::from_ref(self).cast(), std::mem::size_of::<Self>());
-        prefetch(self.storage.core_ptr(), 256);
-    }
-
     /// The raft term this replica is in.
     pub fn term(&self) -> u64 {
         self.raw.raft.term
@@ -698,19 +691,3 @@ impl<S: StateMachine> Group<S> {
 
 #[cfg(test)]
 mod tests;
-
-/// Asks the CPU to start loading the `len` bytes at `p` into its caches.
-/// A hint only: it changes no state and never faults, whatever `p` is.
-fn prefetch(p: *const u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for off in (0..len).step_by(64) {
-        // SAFETY: a prefetch reads nothing into the program and cannot
-        // fault, even at an invalid address; `wrapping_add` keeps the
-        // pointer arithmetic defined.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                p.wrapping_add(off).cast(),
-            )
-        };
-    }
-}

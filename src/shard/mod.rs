@@ -639,7 +639,7 @@ impl Shard {
     ///    append and one fdatasync for all of them.
     pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<ShardMsg>, shutdown: Shutdown) {
         let tick = self.node.config().raft.heartbeat_period;
-        spawn_ticker(self.node.shards().inbox(self.index), tick, shutdown.clone());
+        tick::spawn_ticker(self.node.shards().inbox(self.index), tick, shutdown.clone());
         let node = self.node.clone();
         let waiting = node.shards().waiting(self.index);
         // Taken messages are subtracted once per drain, not one by one:
@@ -675,33 +675,4 @@ impl Shard {
         }
         tracing::debug!(shard = self.index, "shard loop stopped");
     }
-}
-
-/// Sends a Tick into the shard's inbox every heartbeat period, then a Stop
-/// at shutdown.
-fn spawn_ticker(inbox: mpsc::UnboundedSender<ShardMsg>, period: Duration, shutdown: Shutdown) {
-    glommio::spawn_local(async move {
-        let mut next = std::time::Instant::now() + period;
-        loop {
-            let now = std::time::Instant::now();
-            let sleep = glommio::timer::sleep(next.saturating_duration_since(now));
-            futures::pin_mut!(sleep);
-            let stop = shutdown.wait();
-            futures::pin_mut!(stop);
-            if let futures::future::Either::Right(_) = futures::future::select(sleep, stop).await {
-                let _ = inbox.unbounded_send(ShardMsg::Stop);
-                return;
-            }
-            if inbox.unbounded_send(ShardMsg::Tick).is_err() {
-                return;
-            }
-            next += period;
-            // After a long stall, don't fire a burst of catch-up ticks (that
-            // would expire election timeouts at once).
-            if next < std::time::Instant::now() {
-                next = std::time::Instant::now() + period;
-            }
-        }
-    })
-    .detach();
 }

@@ -1,10 +1,15 @@
 //! The shard's clock: every tick pings the peer nodes, wakes quiescent
 //! followers of a silent leader's node and ticks the awake groups; every
-//! few seconds leaderships are evened out over the nodes.
+//! few seconds leaderships are evened out over the nodes. The ticks
+//! themselves come from a timer task ([`spawn_ticker`]).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use super::{events, Marks, Shard};
+use futures::channel::mpsc;
+
+use super::{events, Marks, Shard, ShardMsg};
+use crate::shutdown::Shutdown;
 
 /// Ticks between leader-balancing rounds (3 s at the default 100 ms).
 const BALANCE_TICKS: u64 = 30;
@@ -168,4 +173,37 @@ impl Shard {
             );
         }
     }
+}
+
+/// Sends a Tick into the shard's inbox every heartbeat period, then a Stop
+/// at shutdown.
+pub(super) fn spawn_ticker(
+    inbox: mpsc::UnboundedSender<ShardMsg>,
+    period: Duration,
+    shutdown: Shutdown,
+) {
+    glommio::spawn_local(async move {
+        let mut next = std::time::Instant::now() + period;
+        loop {
+            let now = std::time::Instant::now();
+            let sleep = glommio::timer::sleep(next.saturating_duration_since(now));
+            futures::pin_mut!(sleep);
+            let stop = shutdown.wait();
+            futures::pin_mut!(stop);
+            if let futures::future::Either::Right(_) = futures::future::select(sleep, stop).await {
+                let _ = inbox.unbounded_send(ShardMsg::Stop);
+                return;
+            }
+            if inbox.unbounded_send(ShardMsg::Tick).is_err() {
+                return;
+            }
+            next += period;
+            // After a long stall, don't fire a burst of catch-up ticks (that
+            // would expire election timeouts at once).
+            if next < std::time::Instant::now() {
+                next = std::time::Instant::now() + period;
+            }
+        }
+    })
+    .detach();
 }

@@ -33,7 +33,7 @@ use futures::{StreamExt, TryStreamExt};
 use glommio::io::DmaFile;
 use glommio::Task;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
-use tracing::{info, warn};
+use tracing::info;
 
 pub mod failpoints;
 mod group;
@@ -47,15 +47,6 @@ mod snapshot;
 
 /// Snapshot files written or read at once.
 const SNAPSHOT_IO_IN_FLIGHT: usize = 32;
-
-/// Snapshots up to this size (encoded) are kept inside the log (see
-/// `record.rs`): a new replica's starting snapshot is well below it.
-const INLINE_SNAPSHOT_MAX: usize = 256;
-
-/// Largest pack buffer kept for the next pack (see `Wal::pack_spare`): a
-/// turn's snapshots usually add up to far less (`shard::turn` caps them
-/// at 8 MiB), and an idle shard should not hold a big one.
-const PACK_SPARE_MAX: usize = 4 << 20;
 
 /// Old segments kept behind the active one from which a purge that cannot
 /// delete them says so (below, it is routine and silent).
@@ -343,73 +334,6 @@ impl Wal {
         self.groups.entry(group).or_default().conf_state = cs.clone();
     }
 
-    /// Buffers a snapshot of `group`: its metadata record goes into the log
-    /// now, in order with the group's other records, and entries up to the
-    /// snapshot index are dropped for the group. The next `sync` writes the
-    /// pack holding it (with every other snapshot buffered since the last
-    /// sync) and makes it durable before any buffered record, so a synced
-    /// record never names a missing file.
-    ///
-    /// Entries after the snapshot index survive recovery only if the log
-    /// holds the snapshot's own (index, term); otherwise they belong to a
-    /// history the snapshot replaced and recovery drops them too.
-    pub fn save_snapshot(&mut self, group: u64, snap: &Snapshot) {
-        let r = if snapshot::encoded_len(snap) <= INLINE_SNAPSHOT_MAX {
-            // Inside the log record: durable with it, no file (and every
-            // segment's checkpoint repeats it, hence the small bound).
-            let (mut r, content) = snapshot::encode(snap);
-            r.inline = Some(content);
-            r
-        } else {
-            // Into this sync's pack, after the snapshots already in it.
-            let (name, pack) = self.pack.get_or_insert_with(|| {
-                self.snapshot_serial += 1;
-                let buf = std::mem::take(&mut self.pack_spare);
-                (snapshot::pack_name(self.snapshot_serial), buf)
-            });
-            let at = pack.len();
-            let mut r = snapshot::encode_into(snap, pack);
-            let len = (pack.len() - at) as u64;
-            r.name = name.clone();
-            r.at = Some((at as u64, len));
-            self.packs.add(&r.name, len);
-            r
-        };
-        self.push(|buf| record::put_snapshot_meta(buf, group, &r));
-        let meta = self.groups.entry(group).or_default();
-        let old = meta.snapshot.take();
-        meta.on_snapshot(r);
-        if let Some(old) = old {
-            self.doom(old);
-        }
-    }
-
-    /// A replaced snapshot no longer keeps its file: the file goes after the
-    /// next sync once no live snapshot is left in it. (That sync makes
-    /// durable the records that replaced every snapshot in the file, so a
-    /// crash never finds a record naming a deleted file.)
-    fn doom(&mut self, old: record::SnapshotRef) {
-        if old.inline.is_some() || !self.packs.release(&old) {
-            return;
-        }
-        // The pack still being filled may take more snapshots before the
-        // sync: `write_snapshot_files` dooms it if it ends up unused.
-        let filling = self
-            .pack
-            .as_ref()
-            .is_some_and(|(name, _)| *name == old.name);
-        if !filling && self.packs.forget_if_unused(&old.name) {
-            self.doomed_snapshots.push(old.name);
-        }
-    }
-
-    /// Groups whose snapshots sit in pack files that are mostly superseded
-    /// snapshots, to be asked to write theirs anew (into a fresh pack), at
-    /// most `max` (see `pack.rs`).
-    pub fn sparse_pack_groups(&self, max: usize) -> Vec<u64> {
-        self.packs.relocation(&self.groups, max)
-    }
-
     /// Entries of `group` up to `index` are no longer needed. The caller
     /// makes sure what replaces them (a snapshot at or above `index`) was
     /// saved first: records reach the disk in the order they were buffered,
@@ -491,35 +415,6 @@ impl Wal {
             self.active.commit(&self.pending[..n]).await?;
             self.stats.bytes_synced += n as u64;
             self.pending.drain(..n);
-        }
-        Ok(())
-    }
-
-    /// Writes the pack of the buffered snapshot records and makes it and
-    /// its directory entry durable. On failure (ENOSPC) it stays queued for
-    /// the next try.
-    async fn write_snapshot_files(&mut self) -> Result<(), WalError> {
-        let Some((name, content)) = &self.pack else {
-            return Ok(());
-        };
-        snapshot::write(&self.snap_dir, name, content).await?;
-        // Only once its directory entry is durable too: a failure before
-        // that writes the pack again at the next try.
-        io::sync_dir(&self.snap_dir).await?;
-        if let Some((name, mut buf)) = self.pack.take() {
-            if buf.capacity() <= PACK_SPARE_MAX {
-                buf.clear();
-                self.pack_spare = buf;
-            }
-            // Every snapshot in it was replaced before the sync (say its
-            // group was removed): it goes once this sync's records are
-            // durable, like any pack whose last snapshot was replaced.
-            if self.packs.forget_if_unused(&name) {
-                self.doomed_snapshots.push(name);
-            }
-        }
-        if failpoints::is_on("wal::sync::crash_after_snapshot_files") {
-            return Err(failpoints::crash("wal::sync::crash_after_snapshot_files"));
         }
         Ok(())
     }
@@ -671,17 +566,6 @@ impl Wal {
             let _ = task.cancel().await;
         }
         segment::prepare(self.wal_dir.clone(), seq, self.segment_size).await
-    }
-
-    async fn delete_doomed_snapshots(&mut self) {
-        for name in std::mem::take(&mut self.doomed_snapshots) {
-            let path = self.snap_dir.join(&name);
-            // Failing to delete only wastes space: unreferenced snapshot
-            // files are removed again at the next open.
-            if let Err(e) = glommio::io::remove(&path).await {
-                warn!(path = %path.display(), error = %e, "could not delete old snapshot");
-            }
-        }
     }
 }
 

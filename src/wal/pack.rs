@@ -5,15 +5,144 @@
 //! kept whole, so a few groups that never snapshot again could keep many
 //! mostly dead packs: [`Packs::relocation`] names the groups to ask to
 //! write their snapshot anew, into a fresh pack.
+//!
+//! Also how the log fills a pack: [`Wal::save_snapshot`] buffers a
+//! snapshot into the pack of the next sync (or inline, when small), and
+//! the sync writes the pack and makes it durable before the records that
+//! name it (`Wal::write_snapshot_files`).
 
 use std::collections::{BTreeMap, HashMap};
 
+use raft::eraftpb::Snapshot;
+use tracing::warn;
+
 use super::group::GroupMeta;
-use super::record::SnapshotRef;
+use super::record::{self, SnapshotRef};
+use super::{failpoints, io, snapshot, Wal, WalError};
 
 /// Pack files may hold this many bytes of superseded snapshots beyond the
 /// live ones before groups are asked to rewrite theirs elsewhere.
 const PACK_SLACK: u64 = 64 << 20;
+
+/// Snapshots up to this size (encoded) are kept inside the log (see
+/// `record.rs`): a new replica's starting snapshot is well below it.
+const INLINE_SNAPSHOT_MAX: usize = 256;
+
+/// Largest pack buffer kept for the next pack (see `Wal::pack_spare`): a
+/// turn's snapshots usually add up to far less (`shard::turn` caps them
+/// at 8 MiB), and an idle shard should not hold a big one.
+const PACK_SPARE_MAX: usize = 4 << 20;
+
+impl Wal {
+    /// Buffers a snapshot of `group`: its metadata record goes into the log
+    /// now, in order with the group's other records, and entries up to the
+    /// snapshot index are dropped for the group. The next `sync` writes the
+    /// pack holding it (with every other snapshot buffered since the last
+    /// sync) and makes it durable before any buffered record, so a synced
+    /// record never names a missing file.
+    ///
+    /// Entries after the snapshot index survive recovery only if the log
+    /// holds the snapshot's own (index, term); otherwise they belong to a
+    /// history the snapshot replaced and recovery drops them too.
+    pub fn save_snapshot(&mut self, group: u64, snap: &Snapshot) {
+        let r = if snapshot::encoded_len(snap) <= INLINE_SNAPSHOT_MAX {
+            // Inside the log record: durable with it, no file (and every
+            // segment's checkpoint repeats it, hence the small bound).
+            let (mut r, content) = snapshot::encode(snap);
+            r.inline = Some(content);
+            r
+        } else {
+            // Into this sync's pack, after the snapshots already in it.
+            let (name, pack) = self.pack.get_or_insert_with(|| {
+                self.snapshot_serial += 1;
+                let buf = std::mem::take(&mut self.pack_spare);
+                (snapshot::pack_name(self.snapshot_serial), buf)
+            });
+            let at = pack.len();
+            let mut r = snapshot::encode_into(snap, pack);
+            let len = (pack.len() - at) as u64;
+            r.name = name.clone();
+            r.at = Some((at as u64, len));
+            self.packs.add(&r.name, len);
+            r
+        };
+        self.push(|buf| record::put_snapshot_meta(buf, group, &r));
+        let meta = self.groups.entry(group).or_default();
+        let old = meta.snapshot.take();
+        meta.on_snapshot(r);
+        if let Some(old) = old {
+            self.doom(old);
+        }
+    }
+
+    /// A replaced snapshot no longer keeps its file: the file goes after the
+    /// next sync once no live snapshot is left in it. (That sync makes
+    /// durable the records that replaced every snapshot in the file, so a
+    /// crash never finds a record naming a deleted file.)
+    pub(super) fn doom(&mut self, old: SnapshotRef) {
+        if old.inline.is_some() || !self.packs.release(&old) {
+            return;
+        }
+        // The pack still being filled may take more snapshots before the
+        // sync: `write_snapshot_files` dooms it if it ends up unused.
+        let filling = self
+            .pack
+            .as_ref()
+            .is_some_and(|(name, _)| *name == old.name);
+        if !filling && self.packs.forget_if_unused(&old.name) {
+            self.doomed_snapshots.push(old.name);
+        }
+    }
+
+    /// Groups whose snapshots sit in pack files that are mostly superseded
+    /// snapshots, to be asked to write theirs anew (into a fresh pack), at
+    /// most `max` (see `pack.rs`).
+    pub fn sparse_pack_groups(&self, max: usize) -> Vec<u64> {
+        self.packs.relocation(&self.groups, max)
+    }
+
+    /// Writes the pack of the buffered snapshot records and makes it and
+    /// its directory entry durable. On failure (ENOSPC) it stays queued for
+    /// the next try.
+    pub(super) async fn write_snapshot_files(&mut self) -> Result<(), WalError> {
+        let Some((name, content)) = &self.pack else {
+            return Ok(());
+        };
+        snapshot::write(&self.snap_dir, name, content).await?;
+        // Only once its directory entry is durable too: a failure before
+        // that writes the pack again at the next try.
+        io::sync_dir(&self.snap_dir).await?;
+        if let Some((name, mut buf)) = self.pack.take() {
+            if buf.capacity() <= PACK_SPARE_MAX {
+                buf.clear();
+                self.pack_spare = buf;
+            }
+            // Every snapshot in it was replaced before the sync (say its
+            // group was removed): it goes once this sync's records are
+            // durable, like any pack whose last snapshot was replaced.
+            if self.packs.forget_if_unused(&name) {
+                self.doomed_snapshots.push(name);
+            }
+        }
+        if failpoints::is_on("wal::sync::crash_after_snapshot_files") {
+            return Err(failpoints::crash("wal::sync::crash_after_snapshot_files"));
+        }
+        Ok(())
+    }
+
+    /// Deletes the snapshot files whose replacements the last sync made
+    /// durable.
+    pub(super) async fn delete_doomed_snapshots(&mut self) {
+        for name in std::mem::take(&mut self.doomed_snapshots) {
+            let path = self.snap_dir.join(&name);
+            // Failing to delete only wastes space: unreferenced snapshot
+            // files are removed again at the next open.
+            if let Err(e) = glommio::io::remove(&path).await {
+                warn!(path = %path.display(), error = %e, "could not delete old snapshot");
+            }
+        }
+    }
+}
 
 /// How much of one snapshot file live groups still use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
